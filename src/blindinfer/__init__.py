@@ -1,0 +1,1 @@
+"""blindinfer: confidential AI inference with verified remote attestation."""

@@ -1,0 +1,1 @@
+"""TEE evidence providers (server side): where quotes and sealing keys come from."""

@@ -1,0 +1,44 @@
+"""The contract between the server and the TEE it runs in.
+
+The server never builds evidence itself: it asks a `Platform` for evidence over a
+64-byte report_data value that binds its TLS key and the client's nonce. Each TEE kind
+(simulation here; Gramine-SGX, TDX and SEV-SNP later) implements this protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+REPORT_DATA_SIZE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Evidence as a platform produced it, before it is put on the wire.
+
+    `kind` names the evidence format ("intel-sgx" for an SGX DCAP quote v3), never the
+    trust: which root it chains to is decided by the verifier from its pinned roots.
+    `collateral_json` is the dcap-qvl `QuoteCollateralV3` JSON for the quote.
+    """
+
+    kind: str
+    quote: bytes
+    collateral_json: str
+
+
+class Platform(Protocol):
+    """A TEE the server can ask for evidence and for a sealing key."""
+
+    @property
+    def kind(self) -> str:
+        """Short name of the TEE ("simulation", "gramine-sgx", ...)."""
+        ...
+
+    def evidence(self, report_data: bytes) -> Evidence:
+        """Evidence whose report_data is exactly `report_data` (64 bytes)."""
+        ...
+
+    def sealing_key(self) -> bytes:
+        """A 32-byte key that only the same TEE identity can derive."""
+        ...
