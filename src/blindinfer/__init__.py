@@ -1,1 +1,60 @@
-"""blindinfer: confidential AI inference with verified remote attestation."""
+"""blindinfer: confidential AI inference with verified remote attestation.
+
+The public API is the client side: `connect()` verifies the server's TEE evidence against
+a policy before any data is sent. The server lives in `blindinfer.server` and is never
+imported from here.
+"""
+
+__version__ = "0.1.0"
+
+from blindinfer.attestation.policy import MaskedValue, Policy, SgxPolicy, load_policy
+from blindinfer.attestation.report import VerifiedAttestation
+from blindinfer.client.client import Client, attest, connect
+from blindinfer.client.models import ModelInfo, ModelMetadata, TensorMetadata
+from blindinfer.client.tensors import Tensor
+from blindinfer.errors import (
+    AttestationError,
+    BlindInferError,
+    DebugEnclaveError,
+    FreshnessError,
+    KeyBindingError,
+    Mismatch,
+    PolicyError,
+    PolicyMismatchError,
+    ProtocolError,
+    QuoteParseError,
+    QuoteVerificationError,
+    ServerError,
+    SimulationNotAllowedError,
+    SimulationWarning,
+)
+
+__all__ = [
+    "AttestationError",
+    "BlindInferError",
+    "Client",
+    "DebugEnclaveError",
+    "FreshnessError",
+    "KeyBindingError",
+    "MaskedValue",
+    "Mismatch",
+    "ModelInfo",
+    "ModelMetadata",
+    "Policy",
+    "PolicyError",
+    "PolicyMismatchError",
+    "ProtocolError",
+    "QuoteParseError",
+    "QuoteVerificationError",
+    "ServerError",
+    "SgxPolicy",
+    "SimulationNotAllowedError",
+    "SimulationWarning",
+    "Tensor",
+    "TensorMetadata",
+    "VerifiedAttestation",
+    "__version__",
+    "attest",
+    "connect",
+    "load_policy",
+]

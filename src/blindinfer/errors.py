@@ -4,6 +4,7 @@
     ├── AttestationError            the server could not be trusted; nothing was sent
     │   ├── QuoteVerificationError  signature, certificate chain, collateral or TCB
     │   │   ├── QuoteParseError     the evidence bytes are not a well-formed quote
+    │   │   ├── DebugEnclaveError   a debug enclave: its memory is open to the host
     │   │   └── SimulationNotAllowedError  simulation evidence without simulation=True
     │   ├── PolicyMismatchError     authentic evidence, but not what the policy expects
     │   ├── KeyBindingError         the evidence does not bind the TLS key we talk to
@@ -34,6 +35,10 @@ class QuoteVerificationError(AttestationError):
 
 class QuoteParseError(QuoteVerificationError):
     """Evidence bytes that do not parse as the format they claim to be."""
+
+
+class DebugEnclaveError(QuoteVerificationError):
+    """The quote comes from a debug enclave, which never protects data."""
 
 
 class SimulationNotAllowedError(QuoteVerificationError):
@@ -90,3 +95,7 @@ class ServerError(BlindInferError):
         self.code = code
         self.message = message
         super().__init__(f"HTTP {status} {code}: {message}")
+
+
+class SimulationWarning(UserWarning):
+    """Emitted whenever a client trusts the simulation root: there is no TEE behind it."""

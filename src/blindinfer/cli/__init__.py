@@ -1,0 +1,1 @@
+"""The `blindinfer` command line: the one place that composes client and server."""

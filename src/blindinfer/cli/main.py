@@ -1,0 +1,210 @@
+"""`blindinfer` subcommands. Server-side modules are imported only by the commands that
+run a server, so the client commands work where only the client is installed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from blindinfer.errors import BlindInferError, SimulationWarning
+
+DEFAULT_URL = "https://127.0.0.1:9924"
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--simulation", action="store_true", help="run without a TEE (insecure)")
+    parser.add_argument("--max-model-bytes", type=int, default=512 << 20)
+    parser.add_argument("--max-request-bytes", type=int, default=64 << 20)
+    parser.add_argument("--max-models", type=int, default=32)
+    parser.add_argument("--isvprodid", type=int, default=1)
+    parser.add_argument("--isvsvn", type=int, default=1)
+    parser.add_argument(
+        "--simulate-debug-enclave",
+        action="store_true",
+        help="simulation only: produce debug-enclave evidence (clients must refuse it)",
+    )
+
+
+def _client_options(parser: argparse.ArgumentParser, *, policy_required: bool = True) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
+    parser.add_argument("--policy", required=policy_required, help="policy TOML file")
+    parser.add_argument(
+        "--simulation", action="store_true", help="accept a SIMULATION server (no TEE, insecure)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blindinfer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the attested inference server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=9924)
+    _server_options(serve)
+
+    measure = commands.add_parser("measure", help="print the MRENCLAVE a policy should pin")
+    _server_options(measure)
+
+    attest = commands.add_parser("attest", help="verify a server's evidence and print a report")
+    attest.add_argument("url")
+    attest.add_argument("--policy", help="policy TOML (without it: authenticity only)")
+    attest.add_argument("--simulation", action="store_true")
+    attest.add_argument("--json", action="store_true")
+
+    policy = commands.add_parser("policy", help="print a policy from a server's evidence")
+    policy.add_argument("--from", dest="source", required=True, metavar="URL")
+    policy.add_argument("--simulation", action="store_true")
+
+    upload = commands.add_parser("upload", help="upload an ONNX model")
+    upload.add_argument("model", type=Path)
+    upload.add_argument("--name")
+    _client_options(upload)
+
+    run = commands.add_parser("run", help="run a model on inputs from an .npz file")
+    run.add_argument("model", help="model name, model_id or SHA-256")
+    run.add_argument("inputs", type=Path, help=".npz with one array per input name")
+    run.add_argument("--output", type=Path, help="write outputs to this .npz (default: print)")
+    _client_options(run)
+
+    delete = commands.add_parser("delete", help="delete a model")
+    delete.add_argument("model")
+    _client_options(delete)
+
+    models = commands.add_parser("models", help="list the models")
+    _client_options(models)
+
+    commands.add_parser("demo", help="start a simulation server and run the whole flow")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> object:
+    from blindinfer.server.config import Limits, ServerConfig
+
+    return ServerConfig(
+        host=getattr(args, "host", "127.0.0.1"),
+        port=getattr(args, "port", 9924),
+        simulation=args.simulation,
+        limits=Limits(
+            max_model_bytes=args.max_model_bytes,
+            max_request_bytes=args.max_request_bytes,
+            max_models=args.max_models,
+        ),
+        isvprodid=args.isvprodid,
+        isvsvn=args.isvsvn,
+        simulate_debug_enclave=args.simulate_debug_enclave,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from blindinfer.server.config import ServerConfig
+    from blindinfer.server.process import READY_PREFIX
+    from blindinfer.server.serve import serve
+
+    config = _config(args)
+    assert isinstance(config, ServerConfig)
+    if config.simulate_debug_enclave and not config.simulation:
+        raise SystemExit("--simulate-debug-enclave needs --simulation")
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    serve(config, on_ready=lambda port: print(f"{READY_PREFIX}https://{host}:{port}", flush=True))
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from blindinfer.server.config import ServerConfig
+    from blindinfer.server.platforms import simulated_mrenclave
+    from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER
+
+    config = _config(args)
+    assert isinstance(config, ServerConfig)
+    print(f"mrenclave = {simulated_mrenclave(config).hex()}")
+    print(f"mrsigner  = {SIMULATION_MRSIGNER.hex()}  (simulation signer)")
+    return 0
+
+
+def _attest(args: argparse.Namespace) -> int:
+    from blindinfer.attestation.policy import load_policy
+    from blindinfer.client.client import attest
+
+    policy = load_policy(args.policy) if args.policy else None
+    report = attest(args.url, policy=policy, simulation=args.simulation)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "policy_applied": policy is not None}, indent=2))
+    else:
+        print(report.summary())
+        print("  policy        " + ("satisfied" if policy else "NOT CHECKED (authenticity only)"))
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from blindinfer.attestation.policy_toml import suggested_policy
+    from blindinfer.client.client import attest
+
+    report = attest(args.source, policy=None, simulation=args.simulation)
+    print(suggested_policy(report, args.source), end="")
+    return 0
+
+
+def _with_client(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from blindinfer.client.client import connect
+
+    with connect(args.url, policy=args.policy, simulation=args.simulation) as client:
+        if args.command == "upload":
+            info = client.upload_model(args.model, name=args.name)
+            print(json.dumps({"model_id": info.model_id, "name": info.name, "sha256": info.sha256}))
+        elif args.command == "run":
+            with np.load(args.inputs) as archive:
+                inputs = {name: archive[name] for name in archive.files}
+            outputs = client.run_model(args.model, inputs)
+            if args.output:
+                np.savez(args.output, **outputs)  # type: ignore[arg-type]
+            else:
+                for name, array in outputs.items():
+                    print(f"{name} {array.dtype} {list(array.shape)}\n{array}")
+        elif args.command == "delete":
+            info = client.delete_model(args.model)
+            print(json.dumps({"deleted": info.model_id, "name": info.name}))
+        else:
+            for info in client.list_models():
+                print(f"{info.model_id}  {info.sha256[:16]}  {info.size:>12}  {info.name}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from blindinfer.cli.demo import run_demo
+
+    return run_demo()
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "measure": _measure,
+    "attest": _attest,
+    "policy": _policy,
+    "upload": _with_client,
+    "run": _with_client,
+    "delete": _with_client,
+    "models": _with_client,
+    "demo": _demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("always", SimulationWarning)
+    try:
+        return _COMMANDS[args.command](args)
+    except BlindInferError as exc:
+        print(f"blindinfer: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

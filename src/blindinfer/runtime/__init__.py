@@ -1,0 +1,1 @@
+"""Model execution: onnxruntime sessions and the typed signatures of loaded models."""

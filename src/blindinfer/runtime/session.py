@@ -1,0 +1,101 @@
+"""A loaded ONNX model: one onnxruntime session, its signature, and checked execution.
+
+Sessions are created from bytes in memory. Models that reference external data files are
+refused before onnxruntime sees them, so a model can never make the server read a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from blindinfer.protocol.datatypes import dtype_to_datatype, onnx_to_datatype
+from blindinfer.runtime.errors import InvalidModelError, InvalidTensorError
+from blindinfer.runtime.external_data import refuse_external_data
+from blindinfer.runtime.signature import ModelSignature, TensorSpec
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (arg.shape or ()))
+    try:
+        datatype = onnx_to_datatype(arg.type)
+    except Exception as exc:  # any unsupported type names the tensor
+        raise InvalidModelError(
+            f"tensor {arg.name!r} has type {arg.type}, which blindinfer does not serve"
+        ) from exc
+    return TensorSpec(name=arg.name, datatype=datatype, shape=shape)
+
+
+class ModelSession:
+    """An onnxruntime session that only ever runs on inputs matching its signature."""
+
+    def __init__(self, model_bytes: bytes, *, intra_op_threads: int = 0) -> None:
+        refuse_external_data(model_bytes)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3  # onnxruntime logs must not echo model content
+        try:
+            self._session = ort.InferenceSession(
+                model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise InvalidModelError(
+                "onnxruntime cannot load this model: " + _first_line(str(exc))
+            ) from exc
+        self.signature = ModelSignature(
+            inputs=tuple(_spec(arg) for arg in self._session.get_inputs()),
+            outputs=tuple(_spec(arg) for arg in self._session.get_outputs()),
+        )
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Runs the model after checking names, dtypes and shapes against the signature."""
+        self._check_inputs(inputs)
+        names = list(outputs) if outputs else list(self.signature.output_names)
+        unknown = [n for n in names if n not in self.signature.output_names]
+        if unknown:
+            raise InvalidTensorError(
+                "unknown_output",
+                f"the model has no output named {unknown[0]!r}; "
+                f"outputs are {list(self.signature.output_names)}",
+            )
+        try:
+            results = self._session.run(names, dict(inputs))
+        except Exception as exc:
+            raise InvalidTensorError(
+                "inference_failed", "onnxruntime refused these inputs: " + _first_line(str(exc))
+            ) from exc
+        return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+
+    def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        expected = {spec.name for spec in self.signature.inputs}
+        missing = sorted(expected - inputs.keys())
+        extra = sorted(inputs.keys() - expected)
+        if missing or extra:
+            raise InvalidTensorError(
+                "wrong_inputs",
+                f"the model takes inputs {sorted(expected)}; missing {missing}, unexpected {extra}",
+            )
+        for spec in self.signature.inputs:
+            array = inputs[spec.name]
+            got = dtype_to_datatype(array.dtype)
+            if got != spec.datatype:
+                raise InvalidTensorError(
+                    "wrong_datatype",
+                    f"input {spec.name!r} must be {spec.datatype}, got {got}",
+                )
+            if not spec.accepts_shape(tuple(array.shape)):
+                raise InvalidTensorError(
+                    "wrong_shape",
+                    f"input {spec.name!r} must have shape {list(spec.shape)} "
+                    f"(-1 = any), got {list(array.shape)}",
+                )
+
+
+def _first_line(text: str) -> str:
+    """onnxruntime messages can be long; keep the first line, bounded."""
+    line = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    return line[:300]

@@ -1,0 +1,41 @@
+"""Server settings. Those that change what the server accepts are security-relevant and
+go into the simulated measurement (see `security_relevant`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+DEFAULT_PORT = 9924
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_model_bytes: int = 512 * MiB
+    max_request_bytes: int = 64 * MiB
+    max_models: int = 32
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    simulation: bool = False
+    limits: Limits = field(default_factory=Limits)
+    isvprodid: int = 1
+    isvsvn: int = 1
+    simulate_debug_enclave: bool = False
+
+    def security_relevant(self) -> dict[str, object]:
+        """What a client's policy implicitly pins through the measurement."""
+        return {
+            "limits": asdict(self.limits),
+            "isvprodid": self.isvprodid,
+            "isvsvn": self.isvsvn,
+            "debug": self.simulate_debug_enclave,
+        }

@@ -1,0 +1,98 @@
+"""Open Inference Protocol v2: health, server and model metadata, inference."""
+
+from __future__ import annotations
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+import blindinfer
+from blindinfer.protocol.inference import (
+    encode_infer_response,
+    parse_header_length,
+    parse_infer_request,
+)
+from blindinfer.server.bodies import read_bounded
+from blindinfer.server.respond import json_response as _json
+from blindinfer.server.respond import server_state as _state
+from blindinfer.store.errors import UnknownModelError
+from blindinfer.store.memory import StoredModel
+
+MODEL_VERSION = "1"
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "attestation"]
+
+
+def _model(request: Request) -> StoredModel:
+    version = request.path_params.get("version")
+    if version is not None and version != MODEL_VERSION:
+        raise UnknownModelError(f"model version {version[:20]!r} does not exist; use {MODEL_VERSION!r}")
+    return _state(request).store.resolve(request.path_params["ref"])
+
+
+async def server_metadata(request: Request) -> Response:
+    return _json({"name": "blindinfer", "version": blindinfer.__version__, "extensions": EXTENSIONS})
+
+
+async def live(request: Request) -> Response:
+    return _json({"live": True})
+
+
+async def ready(request: Request) -> Response:
+    return _json({"ready": True})
+
+
+async def model_ready(request: Request) -> Response:
+    _model(request)
+    return _json({"name": request.path_params["ref"], "ready": True})
+
+
+async def model_metadata(request: Request) -> Response:
+    model = _model(request)
+    signature = model.session.signature
+    return _json(
+        {
+            "name": model.name,
+            "versions": [MODEL_VERSION],
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+                for s in signature.inputs
+            ],
+            "outputs": [
+                {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+                for s in signature.outputs
+            ],
+            "parameters": {"model_id": model.model_id, "sha256": model.sha256, "size": model.size},
+        }
+    )
+
+
+async def infer(request: Request) -> Response:
+    state = _state(request)
+    model = _model(request)
+    body = await read_bounded(request, state.config.limits.max_request_bytes)
+    parsed = parse_infer_request(body, parse_header_length(request.headers.get(HEADER_LENGTH)), state.tensor_limits)
+    inputs = {tensor.name: tensor.array for tensor in parsed.inputs}
+    wanted = [output.name for output in parsed.outputs] or None
+    results = await run_in_threadpool(model.session.run, inputs, wanted)
+    if parsed.outputs:
+        binary = {o.name for o in parsed.outputs if o.binary or parsed.binary_output_default}
+    else:
+        binary = set(results) if parsed.binary_output_default else set()
+    payload, headers = encode_infer_response(model.name, MODEL_VERSION, parsed.id, results, binary)
+    return Response(payload, headers=headers)
+
+
+routes = [
+    Route("/v2", server_metadata, methods=["GET"]),
+    Route("/v2/health/live", live, methods=["GET"]),
+    Route("/v2/health/ready", ready, methods=["GET"]),
+    Route("/v2/models/{ref}", model_metadata, methods=["GET"]),
+    Route("/v2/models/{ref}/versions/{version}", model_metadata, methods=["GET"]),
+    Route("/v2/models/{ref}/ready", model_ready, methods=["GET"]),
+    Route("/v2/models/{ref}/versions/{version}/ready", model_ready, methods=["GET"]),
+    Route("/v2/models/{ref}/infer", infer, methods=["POST"]),
+    Route("/v2/models/{ref}/versions/{version}/infer", infer, methods=["POST"]),
+]

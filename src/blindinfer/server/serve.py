@@ -1,0 +1,54 @@
+"""Runs the server with uvicorn on the in-memory TLS identity."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+
+import uvicorn
+
+from blindinfer.server.app import build_state, create_app
+from blindinfer.server.config import ServerConfig
+from blindinfer.server.platforms import select_platform
+from blindinfer.server.tls import make_tls_identity
+
+log = logging.getLogger("blindinfer.server")
+
+
+def build_server(config: ServerConfig) -> uvicorn.Server:
+    platform = select_platform(config)
+    identity = make_tls_identity()
+    app = create_app(build_state(config, platform, identity))
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        access_log=False,  # paths carry model names; keep logs free of user data
+        server_header=False,
+        date_header=False,
+        timeout_keep_alive=30,
+    )
+    uv_config.load()
+    # uvicorn only knows key files; ours lives in memory, so hand it the context directly.
+    uv_config.ssl = identity.ssl_context
+    return uvicorn.Server(uv_config)
+
+
+def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
+    """Serves until interrupted; `on_ready(port)` runs once the socket listens."""
+    server = build_server(config)
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    port = int(sock.getsockname()[1])
+    if on_ready is not None:
+        def notify() -> None:
+            while not server.started:
+                threading.Event().wait(0.01)
+            on_ready(port)
+
+        threading.Thread(target=notify, daemon=True).start()
+    server.run(sockets=[sock])

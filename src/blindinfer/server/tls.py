@@ -1,0 +1,78 @@
+"""The server's TLS identity: a key pair made in memory at start-up, never stored.
+
+Python's ssl module only loads keys from paths, so the PEM goes through an anonymous
+memory file (memfd): it never touches a file system and disappears when closed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import ssl
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+CERTIFICATE_COMMON_NAME = "blindinfer-server"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsIdentity:
+    certificate_der: bytes
+    spki_sha256: bytes
+    ssl_context: ssl.SSLContext
+
+
+def spki_sha256(certificate: x509.Certificate) -> bytes:
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()
+
+
+def make_tls_identity() -> TlsIdentity:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CERTIFICATE_COMMON_NAME)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(CERTIFICATE_COMMON_NAME)]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_from_memory(context, cert_pem + key_pem)
+    return TlsIdentity(
+        certificate_der=certificate.public_bytes(serialization.Encoding.DER),
+        spki_sha256=spki_sha256(certificate),
+        ssl_context=context,
+    )
+
+
+def _load_from_memory(context: ssl.SSLContext, pem: bytes) -> None:
+    fd = os.memfd_create("blindinfer-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, pem)
+        path = f"/proc/self/fd/{fd}"
+        context.load_cert_chain(certfile=path, keyfile=path)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""The model store: which models exist, under which names, ids and hashes."""
