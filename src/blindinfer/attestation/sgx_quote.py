@@ -215,9 +215,7 @@ class SgxReportBody:
         return bool(self.flags & ATTR_FLAG_DEBUG)
 
 
-_PEM_CERT = re.compile(
-    rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]*?)-----END CERTIFICATE-----"
-)
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]*?)-----END CERTIFICATE-----")
 _PEM_FILLER = re.compile(rb"[\s\x00]*")
 
 
@@ -282,7 +280,9 @@ class QuoteSignatureData:
         parts = [values[f.name] for f in _SIG_FIXED_HEAD]
         for name, fmt, prefixed in _SIG_VARIABLE:
             value = getattr(self, name)
-            parts.append(struct.pack(fmt, len(value)) + value if prefixed else struct.pack(fmt, value))
+            parts.append(
+                struct.pack(fmt, len(value)) + value if prefixed else struct.pack(fmt, value)
+            )
         return b"".join(parts)
 
     @property
@@ -375,9 +375,7 @@ def parse_sgx_quote(data: bytes) -> SgxQuote:
     if header.version != QUOTE_VERSION_SGX:
         raise QuoteParseError(f"quote version {header.version} is not 3 (SGX DCAP)")
     if header.att_key_type != ATT_KEY_TYPE_ECDSA_P256:
-        raise QuoteParseError(
-            f"attestation key type {header.att_key_type} is not 2 (ECDSA-P256)"
-        )
+        raise QuoteParseError(f"attestation key type {header.att_key_type} is not 2 (ECDSA-P256)")
     if header.tee_type != TEE_TYPE_SGX:
         raise QuoteParseError(f"TEE type {header.tee_type:#x} is not 0 (SGX)")
     body = SgxReportBody(**_decode(REPORT_BODY_FIELDS, raw, HEADER_SIZE))

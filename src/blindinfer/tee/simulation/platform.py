@@ -115,4 +115,3 @@ class SimulationPlatform:
             if c is None or now < c.issue_date or now > c.next_update - COLLATERAL_REFRESH_MARGIN:
                 c = self._collateral = self._pki.collateral(now)
             return c.json
-

@@ -80,6 +80,8 @@ class QuoteBuilder:
 
     def build(self, body: SgxReportBody) -> SgxQuote:
         """A quote over `body`, signed by this platform's attestation key."""
-        signature = sim_pki.raw_signature(self._attestation_key, self._header_bytes + body.to_bytes())
+        signature = sim_pki.raw_signature(
+            self._attestation_key, self._header_bytes + body.to_bytes()
+        )
         sig_data = dataclasses.replace(self._unsigned, signature=signature)
         return SgxQuote.assemble(self._header, body, sig_data)

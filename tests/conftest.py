@@ -1,0 +1,9 @@
+"""Shared fixtures: the project root and the shared attestation vectors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
