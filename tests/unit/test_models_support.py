@@ -22,10 +22,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from tests.support import onnx_models as om
-from tests.support import thirdparty as tp
 
 from blindinfer.cli.demo_model import demo_input, demo_model
+from support import onnx_models as om
+from support import thirdparty as tp
 
 CPU = ["CPUExecutionProvider"]
 ORT_LOAD_ERRORS = (
@@ -283,6 +283,7 @@ def test_silero_model_runs(with_context: bool) -> None:
     assert session.run(None, feed)[0].shape == (1, 1)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # silero's importlib.resources.path
 def test_silero_context_feed_matches_silero_wrapper() -> None:
     path, feed = _silero(with_context=True)
     silero_vad = pytest.importorskip("silero_vad")
@@ -306,7 +307,7 @@ TEXTS = [
 
 @pytest.mark.slow
 def test_minilm_onnx_matches_sentence_transformers() -> None:
-    minilm = pytest.importorskip("tests.support.minilm")
+    minilm = pytest.importorskip("support.minilm")
     path = minilm.minilm_onnx_path()
     assert path.is_file()
     assert minilm.minilm_onnx_path() == path  # cached
@@ -338,7 +339,7 @@ def test_minilm_onnx_matches_sentence_transformers() -> None:
 @pytest.mark.slow
 def test_minilm_latency_report(capsys: pytest.CaptureFixture[str]) -> None:
     """Not an assertion on speed: records the in-process baseline the benchmarks compare to."""
-    minilm = pytest.importorskip("tests.support.minilm")
+    minilm = pytest.importorskip("support.minilm")
     path = minilm.minilm_onnx_path()
     session = _session(path)
     feed = minilm.minilm_inputs(TEXTS[:1], seq_len=128)

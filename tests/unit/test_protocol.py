@@ -413,6 +413,8 @@ ERROR_CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("invalid_tensor", "input #0 must be", _json_req(_doc(["x"]))),
     ("invalid_tensor", "input #0 name", _json_req(_doc([_tensor(name=_MISSING)]))),
     ("invalid_tensor", "input #0 name", _json_req(_doc([_tensor(name="")]))),
+    ("invalid_tensor", "got [[[[...]]]]", _raw_req(
+        b'{"inputs": [{"name": ' + b"[" * 900 + b"]" * 900 + b"}]}")),
     ("invalid_tensor", "longer than 8", _json_req(_doc([_tensor(name="n" * 9)]), SMALL)),
     ("invalid_tensor", "not valid Unicode", _raw_req(
         b'{"inputs": [{"name": "\\ud800", "datatype": "BOOL", "shape": [], "data": [true]}]}')),
@@ -639,7 +641,7 @@ _fields = {
 _tensor_objects = st.fixed_dictionaries({}, optional=_fields)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(
     tensors=st.lists(_tensor_objects, max_size=5),
     extra=st.fixed_dictionaries(

@@ -13,6 +13,7 @@ rejected with "invalid_datatype", so a caller can tell "not yet" from "nonsense"
 
 from __future__ import annotations
 
+import reprlib
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -71,9 +72,14 @@ _BY_KIND_SIZE: Final[dict[tuple[str, int], str]] = {
 }
 
 
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 6, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 48, 40, 48
+
+
 def _shown(value: object) -> str:
-    """A bounded repr, so that hostile input cannot blow up an error message."""
-    text = repr(value)
+    """A bounded repr: hostile input (huge or deeply nested) cannot blow up a message."""
+    text = _REPR.repr(value)
     return text if len(text) <= 64 else text[:61] + "..."
 
 

@@ -67,7 +67,7 @@ def parse_evidence_document(body: bytes) -> EvidenceDocument:
     if document.get("version") != 1:
         raise ProtocolError("unsupported_evidence", "evidence version must be 1")
     kind = document.get("kind")
-    if kind not in KNOWN_KINDS:
+    if not isinstance(kind, str) or kind not in KNOWN_KINDS:
         raise ProtocolError("unsupported_evidence", f"unknown evidence kind {str(kind)[:40]!r}")
     platform = document.get("platform")
     if not isinstance(platform, str) or len(platform) > 64:

@@ -41,6 +41,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -164,9 +165,14 @@ class ErrorBody:
 # --------------------------------------------------------------------------- parsing
 
 
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 6, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 48, 40, 48
+
+
 def _shown(value: object) -> str:
-    """A bounded repr, so that hostile input cannot blow up an error message."""
-    text = repr(value)
+    """A bounded repr: hostile input (huge or deeply nested) cannot blow up a message."""
+    text = _REPR.repr(value)
     return text if len(text) <= 64 else text[:61] + "..."
 
 

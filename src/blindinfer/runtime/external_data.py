@@ -26,12 +26,22 @@ def refuse_external_data(model_bytes: bytes) -> None:
         raise InvalidModelError("the file is not a valid ONNX model (protobuf decoding failed)") from exc
     if not model.HasField("graph"):
         raise InvalidModelError("the file is not a valid ONNX model (it has no graph)")
-    for tensor in _tensors(model.graph):
+    graphs = [model.graph, *(_FunctionNodes(f) for f in model.functions)]
+    for tensor in (t for graph in graphs for t in _tensors(graph)):
         if tensor.data_location == _EXTERNAL or len(tensor.external_data) > 0:
             raise InvalidModelError(
                 f"tensor {tensor.name!r} refers to external data; blindinfer only serves "
                 "self-contained models"
             )
+
+
+class _FunctionNodes:
+    """A model-local function seen as a graph: nodes only, no initializers."""
+
+    def __init__(self, function: Any) -> None:
+        self.node = function.node
+        self.initializer: list[Any] = []
+        self.sparse_initializer: list[Any] = []
 
 
 def _tensors(graph: Any) -> Iterator[Any]:

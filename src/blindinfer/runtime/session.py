@@ -62,8 +62,9 @@ class ModelSession:
                 f"the model has no output named {unknown[0]!r}; "
                 f"outputs are {list(self.signature.output_names)}",
             )
+        native = {name: _native_byte_order(array) for name, array in inputs.items()}
         try:
-            results = self._session.run(names, dict(inputs))
+            results = self._session.run(names, native)
         except Exception as exc:
             raise InvalidTensorError(
                 "inference_failed", "onnxruntime refused these inputs: " + _first_line(str(exc))
@@ -93,6 +94,13 @@ class ModelSession:
                     f"input {spec.name!r} must have shape {list(spec.shape)} "
                     f"(-1 = any), got {list(array.shape)}",
                 )
+
+
+def _native_byte_order(array: np.ndarray) -> np.ndarray:
+    """onnxruntime reads raw buffers in native order; a big-endian array must be converted."""
+    if array.dtype.byteorder in ("=", "|"):
+        return array
+    return array.astype(array.dtype.newbyteorder("="))
 
 
 def _first_line(text: str) -> str:
