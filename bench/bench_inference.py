@@ -57,7 +57,12 @@ def connect(url: str, policy: blindinfer.Policy) -> blindinfer.Client:
 
 
 def concurrent_throughput(
-    url: str, policy: blindinfer.Policy, model: str, feed: dict[str, np.ndarray], clients: int, seconds: float
+    url: str,
+    policy: blindinfer.Policy,
+    model: str,
+    feed: dict[str, np.ndarray],
+    clients: int,
+    seconds: float,
 ) -> float:
     connections = [connect(url, policy) for _ in range(clients)]
     for c in connections:
@@ -84,7 +89,13 @@ def concurrent_throughput(
 
 def models(include_minilm: bool) -> list[tuple[str, bytes, dict[str, np.ndarray]]]:
     mlp = onnx_models.model_bytes(onnx_models.mlp_model())
-    chosen = [("mlp-64-256-10", mlp, {"x": np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)})]
+    chosen = [
+        (
+            "mlp-64-256-10",
+            mlp,
+            {"x": np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)},
+        )
+    ]
     if include_minilm:
         from support import minilm
 
@@ -103,7 +114,8 @@ def main() -> None:
     seconds = 3.0 if args.quick else 10.0
     policy = blindinfer.Policy(
         sgx=blindinfer.SgxPolicy(
-            mrenclave=(simulated_mrenclave(ServerConfig(simulation=True)),), mrsigner=(SIMULATION_MRSIGNER,)
+            mrenclave=(simulated_mrenclave(ServerConfig(simulation=True)),),
+            mrsigner=(SIMULATION_MRSIGNER,),
         )
     )
     rows = []
@@ -113,21 +125,27 @@ def main() -> None:
             for label, model, feed in models(not args.no_minilm):
                 session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
                 info = client.upload_model(model, name=label.split()[0])
-                a = timed(lambda: session.run(None, feed), n)
-                b = timed(lambda: client.run_model(info.model_id, feed), n)
+                a = timed(lambda s=session, f=feed: s.run(None, f), n)
+                b = timed(lambda m=info.model_id, f=feed: client.run_model(m, f), n)
                 in_process_rps = 1000 / statistics.median(a)
                 c = concurrent_throughput(server.url, policy, info.model_id, feed, 8, seconds)
                 rows.append((label, a, b, c, in_process_rps))
                 client.delete_model(info.model_id)
-    print(f"{'model':<18} {'(a) ORT med/p99 ms':>20} {'(b) blindinfer med/p99 ms':>26} {'b/a':>6} "
-          f"{'(c) 8 clients req/s':>20} {'c / in-process req/s':>22}")
+    print(
+        f"{'model':<18} {'(a) ORT med/p99 ms':>20} {'(b) blindinfer med/p99 ms':>26} {'b/a':>6} "
+        f"{'(c) 8 clients req/s':>20} {'c / in-process req/s':>22}"
+    )
     for label, a, b, c, rps in rows:
         ratio = statistics.median(b) / statistics.median(a)
-        print(f"{label:<18} {statistics.median(a):>9.3f} / {percentile(a, 99):<8.3f} "
-              f"{statistics.median(b):>12.3f} / {percentile(b, 99):<11.3f} {ratio:>6.2f} "
-              f"{c:>20.1f} {c / rps:>15.2f} (in-process {rps:.1f}/s)")
-    print(f"(d) connect incl. attestation: median {statistics.median(connect_ms):.2f} ms, "
-          f"p99 {percentile(connect_ms, 99):.2f} ms")
+        print(
+            f"{label:<18} {statistics.median(a):>9.3f} / {percentile(a, 99):<8.3f} "
+            f"{statistics.median(b):>12.3f} / {percentile(b, 99):<11.3f} {ratio:>6.2f} "
+            f"{c:>20.1f} {c / rps:>15.2f} (in-process {rps:.1f}/s)"
+        )
+    print(
+        f"(d) connect incl. attestation: median {statistics.median(connect_ms):.2f} ms, "
+        f"p99 {percentile(connect_ms, 99):.2f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -45,14 +45,18 @@ def test_connect_verifies_and_reports_the_server(
         assert report.certificate_der  # pinned for every later request
 
 
-def test_each_connection_uses_a_fresh_nonce(server: ServerProcess, policy: blindinfer.Policy) -> None:
+def test_each_connection_uses_a_fresh_nonce(
+    server: ServerProcess, policy: blindinfer.Policy
+) -> None:
     with _connect(server.url, policy) as first, _connect(server.url, policy) as second:
         assert first.attestation.nonce != second.attestation.nonce
         assert first.attestation.report_data[:32] == second.attestation.report_data[:32]
         assert first.attestation.report_data[32:] == first.attestation.nonce
 
 
-def test_simulation_is_warned_about_loudly(server: ServerProcess, policy: blindinfer.Policy) -> None:
+def test_simulation_is_warned_about_loudly(
+    server: ServerProcess, policy: blindinfer.Policy
+) -> None:
     with pytest.warns(blindinfer.SimulationWarning, match="SIMULATION MODE"):
         blindinfer.connect(server.url, policy=policy, simulation=True).close()
 
@@ -64,7 +68,9 @@ def test_simulation_server_refused_without_simulation_flag(
         blindinfer.connect(server.url, policy=policy)
 
 
-def test_wrong_mrenclave_gives_a_field_diff(server: ServerProcess, policy: blindinfer.Policy) -> None:
+def test_wrong_mrenclave_gives_a_field_diff(
+    server: ServerProcess, policy: blindinfer.Policy
+) -> None:
     wrong = dataclasses.replace(policy.sgx, mrenclave=(bytes(32),))
     with pytest.raises(blindinfer.PolicyMismatchError) as caught:
         _connect(server.url, blindinfer.Policy(sgx=wrong))

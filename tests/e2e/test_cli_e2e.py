@@ -49,7 +49,9 @@ def test_policy_discovery_then_attest_with_it(server: ServerProcess, tmp_path: P
     assert f'mrenclave = ["{mrenclave}"]' in text
     policy = tmp_path / "policy.toml"
     policy.write_text(text)
-    report = json.loads(cli("attest", server.url, "--policy", str(policy), "--simulation", "--json").stdout)
+    report = json.loads(
+        cli("attest", server.url, "--policy", str(policy), "--simulation", "--json").stdout
+    )
     assert report["mrenclave"] == mrenclave
     assert report["tcb_status"] == "UpToDate"
     assert report["simulation"] is True and report["policy_applied"] is True

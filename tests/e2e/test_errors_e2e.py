@@ -36,7 +36,9 @@ def small() -> Iterator[tuple[blindinfer.Client, httpx.Client]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", blindinfer.SimulationWarning)
             client = blindinfer.connect(server.url, policy=policy, simulation=True)
-        raw = httpx.Client(base_url=server.url, verify=pinned_context(client.attestation.certificate_der))
+        raw = httpx.Client(
+            base_url=server.url, verify=pinned_context(client.attestation.certificate_der)
+        )
         with client, raw:
             yield client, raw
 
@@ -66,14 +68,18 @@ def test_not_an_onnx_model(small: tuple[blindinfer.Client, httpx.Client]) -> Non
 def test_model_over_the_size_limit(small: tuple[blindinfer.Client, httpx.Client]) -> None:
     _, raw = small
     big = bytes(LIMITS.max_model_bytes + 1)
-    message = expect_error(raw.put("/v2/repository/models/big/upload", content=big), 413, "payload_too_large")
+    message = expect_error(
+        raw.put("/v2/repository/models/big/upload", content=big), 413, "payload_too_large"
+    )
     assert str(LIMITS.max_model_bytes) in message
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the bound holds while streaming
         for _ in range(LIMITS.max_model_bytes // 10_000 + 2):
             yield bytes(10_000)
 
-    expect_error(raw.put("/v2/repository/models/big/upload", content=chunks()), 413, "payload_too_large")
+    expect_error(
+        raw.put("/v2/repository/models/big/upload", content=chunks()), 413, "payload_too_large"
+    )
 
 
 def test_unknown_model_and_route(small: tuple[blindinfer.Client, httpx.Client]) -> None:
@@ -100,7 +106,9 @@ def test_wrong_inputs_dtypes_and_shapes(small: tuple[blindinfer.Client, httpx.Cl
                 client.run_model("mlp", feed)
             assert (caught.value.status, caught.value.code) == (400, code)
         expect_error(raw.post("/v2/models/mlp/infer", content=b"{not json"), 400, "malformed_json")
-        too_big = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 20000}]}
+        too_big = {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 20000}]
+        }
         expect_error(raw.post("/v2/models/mlp/infer", json=too_big), 413, "payload_too_large")
         lying = raw.post(
             "/v2/models/mlp/infer",
@@ -117,12 +125,16 @@ def test_model_count_limit_and_name_conflict(small: tuple[blindinfer.Client, htt
     uploaded = [client.upload_model(zoo.mlp_model(seed=s), name=f"m{s}") for s in range(3)]
     try:
         expect_error(
-            raw.put("/v2/repository/models/m1/upload", content=zoo.model_bytes(zoo.mlp_model(seed=9))),
+            raw.put(
+                "/v2/repository/models/m1/upload", content=zoo.model_bytes(zoo.mlp_model(seed=9))
+            ),
             409,
             "model_name_conflict",
         )
         expect_error(
-            raw.put("/v2/repository/models/m3/upload", content=zoo.model_bytes(zoo.mlp_model(seed=3))),
+            raw.put(
+                "/v2/repository/models/m3/upload", content=zoo.model_bytes(zoo.mlp_model(seed=3))
+            ),
             507,
             "store_full",
         )

@@ -39,6 +39,7 @@ def assert_bit_identical(got: dict[str, np.ndarray], want: dict[str, np.ndarray]
 def test_every_dtype_round_trips_bit_exactly(client: blindinfer.Client) -> None:
     model = zoo.model_bytes(zoo.dtype_identity_model())
     info = client.upload_model(model, name="dtypes")
+    assert info.name == "dtypes"
     try:
         for rows, cols in [(3, 5), (1, 1), (7, 2)]:  # dynamic shapes
             feed = zoo.dtype_identity_feed(rows, cols)
@@ -52,7 +53,7 @@ def test_every_dtype_round_trips_bit_exactly(client: blindinfer.Client) -> None:
 
 def test_several_inputs_and_outputs_with_dynamic_batch(client: blindinfer.Client) -> None:
     model = zoo.model_bytes(zoo.multi_io_model())
-    info = client.upload_model(model, name="multi-io")
+    client.upload_model(model, name="multi-io")
     try:
         for batch in (1, 4, 33):
             feed = zoo.multi_io_feed(batch=batch)
@@ -139,14 +140,20 @@ def test_open_inference_protocol_json_over_the_pinned_channel(client: blindinfer
         with httpx.Client(base_url=client.url, verify=context) as raw:
             request: dict[str, Any] = {
                 "id": "r-1",
-                "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": x.ravel().tolist()}],
+                "inputs": [
+                    {"name": "x", "datatype": "FP32", "shape": [2, 4], "data": x.ravel().tolist()}
+                ],
             }
             reply = raw.post("/v2/models/json-mlp/infer", json=request)
             assert reply.status_code == 200
             document = json.loads(reply.content)
             assert document["id"] == "r-1" and document["model_name"] == "json-mlp"
             (output,) = document["outputs"]
-            assert (output["name"], output["datatype"], output["shape"]) == ("probabilities", "FP32", [2, 3])
+            assert (output["name"], output["datatype"], output["shape"]) == (
+                "probabilities",
+                "FP32",
+                [2, 3],
+            )
             got = np.asarray(output["data"], dtype=np.float32).reshape(2, 3)
             assert got.tobytes() == want["probabilities"].tobytes()
             meta = raw.get("/v2/models/json-mlp").json()

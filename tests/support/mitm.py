@@ -69,7 +69,9 @@ def start_mitm(mitm: Mitm) -> uvicorn.Server:
         }
         return Response(body, status_code=reply.status_code, headers=headers)
 
-    app = Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "DELETE"])])
+    app = Starlette(
+        routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "DELETE"])]
+    )
     identity = make_tls_identity()
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     config.load()

@@ -51,12 +51,12 @@ def test_client_side_does_not_import_the_server_side() -> None:
         "import json, sys, blindinfer, blindinfer.client.client, blindinfer.attestation.verifier;"
         "print(json.dumps(sorted(sys.modules)))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     loaded = json.loads(result.stdout)
     offenders = [
-        m
-        for m in loaded
-        if m.startswith(SERVER_SIDE) or m.split(".")[0] in SERVER_LIBRARIES
+        m for m in loaded if m.startswith(SERVER_SIDE) or m.split(".")[0] in SERVER_LIBRARIES
     ]
     assert offenders == []
     assert "blindinfer.client.client" in loaded  # the probe did import the client

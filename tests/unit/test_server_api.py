@@ -613,13 +613,71 @@ _HEADER_VALUES = st.one_of(
 )
 
 
+_DATATYPE_ELEMENTS = {
+    "FP32": ("<f4", st.floats(-1e6, 1e6, width=32)),
+    "FP64": ("<f8", st.floats(-1e6, 1e6)),
+    "INT32": ("<i4", st.integers(-(1 << 31), (1 << 31) - 1)),
+    "INT64": ("<i8", st.integers(-(1 << 63), (1 << 63) - 1)),
+    "BOOL": ("?", st.booleans()),
+}
+
+
+@st.composite
+def _near_valid(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    """Mostly well-formed requests for the fuzz model, some fields perturbed: these reach
+    the signature checks and onnxruntime, not only the JSON parser."""
+    rows = draw(st.integers(0, 3))
+    specs = [("x", "FP32", [rows, 2]), ("i", "INT32", [3])]
+    specs = draw(st.permutations(specs))
+    if draw(st.booleans()):
+        specs = specs[: draw(st.integers(0, 2))]
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, datatype, shape in specs:
+        if draw(st.integers(0, 4)) == 0:
+            datatype = draw(st.sampled_from(sorted(_DATATYPE_ELEMENTS)))
+        if draw(st.integers(0, 4)) == 0:
+            shape = draw(st.lists(st.integers(0, 3), max_size=3))
+        dtype, elements = _DATATYPE_ELEMENTS[datatype]
+        count = int(np.prod(shape)) if shape else 1
+        values = draw(st.lists(elements, min_size=count, max_size=count))
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        if draw(st.booleans()):
+            raw = np.array(values, dtype=dtype).tobytes()
+            blobs.append(raw)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+        else:
+            entry["data"] = values
+        entries.append(entry)
+    document: dict[str, Any] = {"inputs": entries}
+    if draw(st.booleans()):
+        document["outputs"] = [
+            {"name": n, "parameters": {"binary_data": draw(st.booleans())}}
+            for n in draw(st.lists(st.sampled_from(["y", "j", "x"]), max_size=2, unique=True))
+        ]
+    if draw(st.booleans()):
+        document["parameters"] = {"binary_data_output": draw(st.booleans())}
+    header = json.dumps(document).encode()
+    body = header + b"".join(blobs)
+    length: str | None = str(len(header)) if blobs or draw(st.booleans()) else None
+    if draw(st.integers(0, 5)) == 0:
+        body = body[: draw(st.integers(0, len(body)))]
+    if draw(st.integers(0, 5)) == 0:
+        length = str(draw(st.integers(0, len(body) + 2)))
+    return body, length
+
+
+_CASES = st.one_of(st.tuples(_BODIES, _HEADER_VALUES), _near_valid(), _near_valid())
+
+
 @settings(
     max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(body=_BODIES, header=_HEADER_VALUES)
-def test_fuzzed_infer_requests_never_cause_500(body: bytes, header: str | None) -> None:
+@given(case=_CASES)
+def test_fuzzed_infer_requests_never_cause_500(case: tuple[bytes, str | None]) -> None:
+    body, header = case
     headers: dict[str, bytes] = {}
     if header is not None:
         headers["Inference-Header-Content-Length"] = header.encode("utf-8")

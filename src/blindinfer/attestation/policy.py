@@ -75,7 +75,10 @@ class SgxPolicy:
                 "sgx.allow_debug = true is not supported: a debug enclave's memory is open "
                 "to the host, and dcap-qvl refuses debug quotes"
             )
-        for name, masked, size in (("attributes", self.attributes, 16), ("miscselect", self.miscselect, 4)):
+        for name, masked, size in (
+            ("attributes", self.attributes, 16),
+            ("miscselect", self.miscselect, 4),
+        ):
             if masked is not None and (len(masked.value) != size or len(masked.mask) != size):
                 raise PolicyError(f"sgx.{name} value and mask are {size} bytes")
         unknown = self.tcb_statuses - TCB_STATUSES
@@ -143,7 +146,9 @@ def _sgx(table: Mapping[str, Any]) -> SgxPolicy:
         mrenclave=tuple(_hex(v, "sgx.mrenclave") for v in _list(table.get("mrenclave"))),
         mrsigner=tuple(_hex(v, "sgx.mrsigner") for v in _list(table.get("mrsigner"))),
         isvprodid=tuple(_int(v, "sgx.isvprodid") for v in _list(table.get("isvprodid"))),
-        min_isvsvn=None if "min_isvsvn" not in table else _int(table["min_isvsvn"], "sgx.min_isvsvn"),
+        min_isvsvn=None
+        if "min_isvsvn" not in table
+        else _int(table["min_isvsvn"], "sgx.min_isvsvn"),
         allow_debug=_bool(table.get("allow_debug", False), "sgx.allow_debug"),
         attributes=_masked(table.get("attributes"), "sgx.attributes", 16),
         miscselect=_masked(table.get("miscselect"), "sgx.miscselect", 4),

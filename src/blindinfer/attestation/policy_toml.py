@@ -12,6 +12,7 @@ def suggested_policy(report: VerifiedAttestation, source: str) -> str:
         if report.simulation
         else ""
     )
+    advisories = ", ".join(f'"{a}"' for a in report.advisory_ids)
     return (
         f"# blindinfer policy suggested from the evidence of {source}\n"
         "# Review every value against what you built and measured yourself before trusting it:\n"
@@ -24,5 +25,5 @@ def suggested_policy(report: VerifiedAttestation, source: str) -> str:
         f"min_isvsvn = {report.isvsvn}\n"
         "allow_debug = false\n"
         f'tcb_statuses = ["{report.tcb_status}"]\n'
-        f"accepted_advisories = [{', '.join(repr(a).replace(chr(39), chr(34)) for a in report.advisory_ids)}]\n"
+        f"accepted_advisories = [{advisories}]\n"
     )

@@ -45,7 +45,9 @@ class VerifiedAttestation:
 
     def summary(self) -> str:
         lines = [
-            "SIMULATION (no TEE, no confidentiality)" if self.simulation else "verified TEE evidence",
+            "SIMULATION (no TEE, no confidentiality)"
+            if self.simulation
+            else "verified TEE evidence",
             f"  evidence      {self.kind}, chain to {self.root}",
             f"  TCB status    {self.tcb_status}"
             + (f" (advisories: {', '.join(self.advisory_ids)})" if self.advisory_ids else ""),

@@ -38,5 +38,7 @@ def validate_sgx(
     unaccepted = [a for a in advisory_ids if a not in policy.accepted_advisories]
     if unaccepted:
         accepted = ", ".join(sorted(policy.accepted_advisories)) or "none"
-        found.append(Mismatch("advisory_ids", f"only accepted ones ({accepted})", ", ".join(unaccepted)))
+        found.append(
+            Mismatch("advisory_ids", f"only accepted ones ({accepted})", ", ".join(unaccepted))
+        )
     return found

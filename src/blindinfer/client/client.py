@@ -105,7 +105,9 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def upload_model(self, model: str | Path | bytes | Any, *, name: str | None = None) -> ModelInfo:
+    def upload_model(
+        self, model: str | Path | bytes | Any, *, name: str | None = None
+    ) -> ModelInfo:
         """Uploads a model from a path, bytes or an onnx.ModelProto (streamed from a path)."""
         content: bytes | Iterator[bytes]
         if isinstance(model, bytes | bytearray | memoryview):

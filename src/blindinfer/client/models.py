@@ -40,7 +40,9 @@ class ModelMetadata:
     def from_json(cls, document: Any) -> ModelMetadata:
         def specs(items: Any) -> tuple[TensorMetadata, ...]:
             return tuple(
-                TensorMetadata(str(i["name"]), str(i["datatype"]), tuple(int(d) for d in i["shape"]))
+                TensorMetadata(
+                    str(i["name"]), str(i["datatype"]), tuple(int(d) for d in i["shape"])
+                )
                 for i in items
             )
 

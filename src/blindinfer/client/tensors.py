@@ -27,7 +27,7 @@ def to_array(value: object) -> np.ndarray:
     if isinstance(value, Mapping) and {"data", "dtype", "shape"} <= value.keys():
         return _from_parts(value["data"], str(value["dtype"]), value["shape"])
     if type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach"):
-        array = value.detach().cpu().numpy()  # type: ignore[attr-defined]
+        array = value.detach().cpu().numpy()
         return np.asarray(array)
     if isinstance(value, np.generic):
         return np.asarray(value)

@@ -65,24 +65,26 @@ def transport(context: ssl.SSLContext) -> httpx.HTTPTransport:
 
 def fetch_evidence(url: str, nonce: bytes, timeout: float) -> DiscoveredEvidence:
     """POSTs the nonce and returns the evidence with the certificate of THIS connection."""
-    with httpx.Client(transport=transport(_discovery_context()), timeout=timeout) as client:
-        with client.stream(
+    with (
+        httpx.Client(transport=transport(_discovery_context()), timeout=timeout) as client,
+        client.stream(
             "POST",
             url + "/v2/attestation",
             content=encode_nonce_request(nonce),
             headers={"content-type": "application/json"},
-        ) as response:
-            ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
-            certificate = ssl_object.getpeercert(True) if ssl_object else None
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_EVIDENCE_BYTES:
-                    raise ProtocolError("too_large", "the server's evidence is too large")
-            if response.status_code != 200:
-                raise ProtocolError(
-                    "no_evidence", f"the server answered HTTP {response.status_code} for evidence"
-                )
+        ) as response,
+    ):
+        ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
+        certificate = ssl_object.getpeercert(True) if ssl_object else None
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > MAX_EVIDENCE_BYTES:
+                raise ProtocolError("too_large", "the server's evidence is too large")
+        if response.status_code != 200:
+            raise ProtocolError(
+                "no_evidence", f"the server answered HTTP {response.status_code} for evidence"
+            )
     if not certificate:
         raise ProtocolError("no_certificate", "the TLS handshake presented no certificate")
     return DiscoveredEvidence(bytes(body), certificate)

@@ -43,7 +43,9 @@ def parse_nonce_request(body: bytes) -> bytes:
     document = _json_object(body, 4096, "attestation request")
     nonce = _hex(document.get("nonce"), "nonce")
     if len(nonce) != NONCE_SIZE:
-        raise ProtocolError("invalid_nonce", f"the nonce must be {NONCE_SIZE} bytes (64 hex digits)")
+        raise ProtocolError(
+            "invalid_nonce", f"the nonce must be {NONCE_SIZE} bytes (64 hex digits)"
+        )
     return nonce
 
 
@@ -111,7 +113,9 @@ def _hex(value: object, field: str) -> bytes:
 
 def _base64(value: object, field: str, limit: int) -> bytes:
     if not isinstance(value, str) or len(value) > limit * 4 // 3 + 4:
-        raise ProtocolError("malformed_evidence", f"{field} must be base64 of at most {limit} bytes")
+        raise ProtocolError(
+            "malformed_evidence", f"{field} must be base64 of at most {limit} bytes"
+        )
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -23,7 +23,9 @@ def refuse_external_data(model_bytes: bytes) -> None:
     try:
         model = onnx.load_model_from_string(model_bytes)
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise InvalidModelError("the file is not a valid ONNX model (protobuf decoding failed)") from exc
+        raise InvalidModelError(
+            "the file is not a valid ONNX model (protobuf decoding failed)"
+        ) from exc
     if not model.HasField("graph"):
         raise InvalidModelError("the file is not a valid ONNX model (it has no graph)")
     graphs = [model.graph, *(_FunctionNodes(f) for f in model.functions)]

@@ -45,13 +45,13 @@ class ServerProcess:
         self.stop()
 
 
-def start_server(args: Sequence[str] = ("--simulation",), *, timeout: float = 60.0) -> ServerProcess:
+def start_server(
+    args: Sequence[str] = ("--simulation",), *, timeout: float = 60.0
+) -> ServerProcess:
     """Runs `blindinfer serve --port 0 ARGS` and returns once it prints its address."""
     command = [sys.executable, "-m", "blindinfer.cli.main", "serve", "--port", "0", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=None, text=True, env=env
-    )
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
     deadline = time.monotonic() + timeout
     assert process.stdout is not None
     while time.monotonic() < deadline:

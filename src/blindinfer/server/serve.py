@@ -48,6 +48,7 @@ def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -
     sock.bind((config.host, config.port))
     port = int(sock.getsockname()[1])
     if on_ready is not None:
+
         def notify() -> None:
             while not server.started:
                 threading.Event().wait(0.01)

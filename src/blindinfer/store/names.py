@@ -35,7 +35,5 @@ def check_name(name: str) -> str:
             "starting with a letter or digit"
         )
     if is_model_id(name) or is_sha256(name):
-        raise InvalidModelNameError(
-            "a model name must not look like a model_id or a SHA-256 hash"
-        )
+        raise InvalidModelNameError("a model name must not look like a model_id or a SHA-256 hash")
     return name

@@ -27,12 +27,16 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "attestation"]
 def _model(request: Request) -> StoredModel:
     version = request.path_params.get("version")
     if version is not None and version != MODEL_VERSION:
-        raise UnknownModelError(f"model version {version[:20]!r} does not exist; use {MODEL_VERSION!r}")
+        raise UnknownModelError(
+            f"model version {version[:20]!r} does not exist; use {MODEL_VERSION!r}"
+        )
     return _state(request).store.resolve(request.path_params["ref"])
 
 
 async def server_metadata(request: Request) -> Response:
-    return _json({"name": "blindinfer", "version": blindinfer.__version__, "extensions": EXTENSIONS})
+    return _json(
+        {"name": "blindinfer", "version": blindinfer.__version__, "extensions": EXTENSIONS}
+    )
 
 
 async def live(request: Request) -> Response:
@@ -73,7 +77,9 @@ async def infer(request: Request) -> Response:
     state = _state(request)
     model = _model(request)
     body = await read_bounded(request, state.config.limits.max_request_bytes)
-    parsed = parse_infer_request(body, parse_header_length(request.headers.get(HEADER_LENGTH)), state.tensor_limits)
+    parsed = parse_infer_request(
+        body, parse_header_length(request.headers.get(HEADER_LENGTH)), state.tensor_limits
+    )
     inputs = {tensor.name: tensor.array for tensor in parsed.inputs}
     wanted = [output.name for output in parsed.outputs] or None
     results = await run_in_threadpool(model.session.run, inputs, wanted)
