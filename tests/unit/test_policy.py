@@ -132,47 +132,137 @@ _OK = f'mrenclave = "{MRE_HEX}"\n'
 MALFORMED: list[tuple[str, str, str]] = [
     # (id, toml text, regex the PolicyError message must match)
     ("missing-sgx", "", r"no \[sgx\] section"),
-    ("unknown-top-level", f"[sgx]\n{_OK}[tdx]\nx = 1\n", r"unknown field\(s\) in policy: \['tdx'\]"),
-    ("unknown-sgx-field", f"[sgx]\n{_OK}mrenclav = 'x'\n", r"unknown field\(s\) in sgx: \['mrenclav'\]"),
+    (
+        "unknown-top-level",
+        f"[sgx]\n{_OK}[tdx]\nx = 1\n",
+        r"unknown field\(s\) in policy: \['tdx'\]",
+    ),
+    (
+        "unknown-sgx-field",
+        f"[sgx]\n{_OK}mrenclav = 'x'\n",
+        r"unknown field\(s\) in sgx: \['mrenclav'\]",
+    ),
     ("sgx-not-a-table", "sgx = 1\n", r"^sgx must be a table"),
     ("no-pin", "[sgx]\nisvprodid = 1\n", r"must pin mrenclave or mrsigner"),
-    ("empty-pin-lists", "[sgx]\nmrenclave = []\nmrsigner = []\n", r"must pin mrenclave or mrsigner"),
+    (
+        "empty-pin-lists",
+        "[sgx]\nmrenclave = []\nmrsigner = []\n",
+        r"must pin mrenclave or mrsigner",
+    ),
     ("mrenclave-short", "[sgx]\nmrenclave = 'abcd'\n", r"sgx\.mrenclave values are 32 bytes"),
-    ("mrenclave-long", f"[sgx]\nmrenclave = '{'00' * 33}'\n", r"sgx\.mrenclave values are 32 bytes"),
-    ("mrsigner-short", f"[sgx]\n{_OK}mrsigner = ['{'00' * 31}']\n", r"sgx\.mrsigner values are 32 bytes"),
-    ("mrenclave-non-hex", f"[sgx]\nmrenclave = '{'zz' * 32}'\n", r"sgx\.mrenclave: 'zz.*' is not hex"),
+    (
+        "mrenclave-long",
+        f"[sgx]\nmrenclave = '{'00' * 33}'\n",
+        r"sgx\.mrenclave values are 32 bytes",
+    ),
+    (
+        "mrsigner-short",
+        f"[sgx]\n{_OK}mrsigner = ['{'00' * 31}']\n",
+        r"sgx\.mrsigner values are 32 bytes",
+    ),
+    (
+        "mrenclave-non-hex",
+        f"[sgx]\nmrenclave = '{'zz' * 32}'\n",
+        r"sgx\.mrenclave: 'zz.*' is not hex",
+    ),
     ("mrsigner-non-hex", f"[sgx]\n{_OK}mrsigner = '0'\n", r"sgx\.mrsigner: '0' is not hex"),
     ("mrenclave-int", "[sgx]\nmrenclave = 5\n", r"sgx\.mrenclave values are hex strings"),
-    ("mrsigner-table", f"[sgx]\n{_OK}mrsigner = {{a = 1}}\n", r"sgx\.mrsigner values are hex strings"),
-    ("allow-debug-true", f"[sgx]\n{_OK}allow_debug = true\n", r"sgx\.allow_debug = true is not supported"),
-    ("allow-debug-string", f"[sgx]\n{_OK}allow_debug = 'no'\n", r"sgx\.allow_debug is true or false"),
+    (
+        "mrsigner-table",
+        f"[sgx]\n{_OK}mrsigner = {{a = 1}}\n",
+        r"sgx\.mrsigner values are hex strings",
+    ),
+    (
+        "allow-debug-true",
+        f"[sgx]\n{_OK}allow_debug = true\n",
+        r"sgx\.allow_debug = true is not supported",
+    ),
+    (
+        "allow-debug-string",
+        f"[sgx]\n{_OK}allow_debug = 'no'\n",
+        r"sgx\.allow_debug is true or false",
+    ),
     ("isvprodid-string", f"[sgx]\n{_OK}isvprodid = '1'\n", r"sgx\.isvprodid values are integers"),
     ("isvprodid-bool", f"[sgx]\n{_OK}isvprodid = true\n", r"sgx\.isvprodid values are integers"),
     ("isvprodid-float", f"[sgx]\n{_OK}isvprodid = [1.0]\n", r"sgx\.isvprodid values are integers"),
     ("isvprodid-range", f"[sgx]\n{_OK}isvprodid = 65536\n", r"sgx\.isvprodid values are 16-bit"),
     ("isvprodid-negative", f"[sgx]\n{_OK}isvprodid = -1\n", r"sgx\.isvprodid values are 16-bit"),
-    ("min-isvsvn-string", f"[sgx]\n{_OK}min_isvsvn = '3'\n", r"sgx\.min_isvsvn values are integers"),
+    (
+        "min-isvsvn-string",
+        f"[sgx]\n{_OK}min_isvsvn = '3'\n",
+        r"sgx\.min_isvsvn values are integers",
+    ),
     ("min-isvsvn-range", f"[sgx]\n{_OK}min_isvsvn = 70000\n", r"sgx\.min_isvsvn is a 16-bit"),
-    ("tcb-unknown", f"[sgx]\n{_OK}tcb_statuses = ['UpToDate', 'Revoked']\n", r"sgx\.tcb_statuses must be a non-empty subset"),
-    ("tcb-wrong-case", f"[sgx]\n{_OK}tcb_statuses = 'uptodate'\n", r"sgx\.tcb_statuses must be a non-empty subset"),
-    ("tcb-empty", f"[sgx]\n{_OK}tcb_statuses = []\n", r"sgx\.tcb_statuses must be a non-empty subset"),
+    (
+        "tcb-unknown",
+        f"[sgx]\n{_OK}tcb_statuses = ['UpToDate', 'Revoked']\n",
+        r"sgx\.tcb_statuses must be a non-empty subset",
+    ),
+    (
+        "tcb-wrong-case",
+        f"[sgx]\n{_OK}tcb_statuses = 'uptodate'\n",
+        r"sgx\.tcb_statuses must be a non-empty subset",
+    ),
+    (
+        "tcb-empty",
+        f"[sgx]\n{_OK}tcb_statuses = []\n",
+        r"sgx\.tcb_statuses must be a non-empty subset",
+    ),
     ("tcb-int", f"[sgx]\n{_OK}tcb_statuses = [1]\n", r"sgx\.tcb_statuses values are strings"),
-    ("advisory-int", f"[sgx]\n{_OK}accepted_advisories = [334]\n", r"sgx\.accepted_advisories values are strings"),
-    ("attributes-not-table", f"[sgx]\n{_OK}attributes = '{'00' * 16}'\n", r"sgx\.attributes must be a table"),
-    ("attributes-no-value", f"[sgx]\n{_OK}attributes = {{ mask = '{'00' * 16}' }}\n", r"sgx\.attributes needs a value"),
-    ("attributes-unknown-key", f"[sgx]\n{_OK}attributes = {{ value = '{'00' * 16}', bits = 1 }}\n", r"unknown field\(s\) in sgx\.attributes: \['bits'\]"),
-    ("attributes-short", f"[sgx]\n{_OK}attributes = {{ value = '00' }}\n", r"sgx\.attributes value and mask are 16 bytes"),
-    ("attributes-mask-short", f"[sgx]\n{_OK}attributes = {{ value = '{'00' * 16}', mask = 'ff' }}\n", r"sgx\.attributes value and mask are 16 bytes"),
-    ("attributes-non-hex", f"[sgx]\n{_OK}attributes = {{ value = '{'xy' * 16}' }}\n", r"sgx\.attributes\.value: .* is not hex"),
-    ("attributes-mask-int", f"[sgx]\n{_OK}attributes = {{ value = '{'00' * 16}', mask = 3 }}\n", r"sgx\.attributes\.mask values are hex strings"),
-    ("miscselect-long", f"[sgx]\n{_OK}miscselect = {{ value = '0000000000' }}\n", r"sgx\.miscselect value and mask are 4 bytes"),
+    (
+        "advisory-int",
+        f"[sgx]\n{_OK}accepted_advisories = [334]\n",
+        r"sgx\.accepted_advisories values are strings",
+    ),
+    (
+        "attributes-not-table",
+        f"[sgx]\n{_OK}attributes = '{'00' * 16}'\n",
+        r"sgx\.attributes must be a table",
+    ),
+    (
+        "attributes-no-value",
+        f"[sgx]\n{_OK}attributes = {{ mask = '{'00' * 16}' }}\n",
+        r"sgx\.attributes needs a value",
+    ),
+    (
+        "attributes-unknown-key",
+        f"[sgx]\n{_OK}attributes = {{ value = '{'00' * 16}', bits = 1 }}\n",
+        r"unknown field\(s\) in sgx\.attributes: \['bits'\]",
+    ),
+    (
+        "attributes-short",
+        f"[sgx]\n{_OK}attributes = {{ value = '00' }}\n",
+        r"sgx\.attributes value and mask are 16 bytes",
+    ),
+    (
+        "attributes-mask-short",
+        f"[sgx]\n{_OK}attributes = {{ value = '{'00' * 16}', mask = 'ff' }}\n",
+        r"sgx\.attributes value and mask are 16 bytes",
+    ),
+    (
+        "attributes-non-hex",
+        f"[sgx]\n{_OK}attributes = {{ value = '{'xy' * 16}' }}\n",
+        r"sgx\.attributes\.value: .* is not hex",
+    ),
+    (
+        "attributes-mask-int",
+        f"[sgx]\n{_OK}attributes = {{ value = '{'00' * 16}', mask = 3 }}\n",
+        r"sgx\.attributes\.mask values are hex strings",
+    ),
+    (
+        "miscselect-long",
+        f"[sgx]\n{_OK}miscselect = {{ value = '0000000000' }}\n",
+        r"sgx\.miscselect value and mask are 4 bytes",
+    ),
     ("miscselect-not-table", f"[sgx]\n{_OK}miscselect = 0\n", r"sgx\.miscselect must be a table"),
     ("not-toml", "[sgx\nmrenclave=", r"not valid TOML"),
     ("duplicate-key", f"[sgx]\n{_OK}{_OK}", r"not valid TOML"),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize(("text", "pattern"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
+@pytest.mark.parametrize(
+    ("text", "pattern"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED]
+)
 def test_malformed_policy_raises_policy_error_naming_the_field(text: str, pattern: str) -> None:
     with pytest.raises(PolicyError) as info:
         Policy.from_toml(text)
@@ -339,7 +429,12 @@ _TOML_FRAGMENTS = st.sampled_from(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(max_size=200), st.lists(st.one_of(_TOML_FRAGMENTS, st.text(max_size=5)), max_size=12).map("".join)))
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.lists(st.one_of(_TOML_FRAGMENTS, st.text(max_size=5)), max_size=12).map("".join),
+    )
+)
 def test_from_toml_raises_only_policy_error(text: str) -> None:
     try:
         policy = Policy.from_toml(text)

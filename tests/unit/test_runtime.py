@@ -133,22 +133,13 @@ def test_non_contiguous_input_gives_exact_results() -> None:
     np.testing.assert_array_equal(out["y"], np.array([[1, 4, 7], [7, 10, 13]], np.float32))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: runtime/session.py ModelSession._check_inputs accepts a non-native "
-    "byte-order array (dtype_to_datatype ignores byte order) and run() hands it to "
-    "onnxruntime unconverted, which reads the raw bytes as little-endian: silently "
-    "wrong outputs instead of a conversion or a wrong_datatype refusal",
-)
+# Regression (fixed in runtime/session.py): big-endian arrays were read as little-endian.
 @pytest.mark.parametrize("which", ["x", "k"])
-def test_big_endian_input_is_converted_or_refused(which: str) -> None:
-    feed = {"x": X, "k": K}
+def test_big_endian_input_gives_exact_results(which: str) -> None:
+    feed: dict[str, np.ndarray] = {"x": X, "k": K}
     feed[which] = feed[which].astype(feed[which].dtype.newbyteorder(">"))
-    try:
-        out = SESSION.run(feed)
-    except InvalidTensorError as exc:
-        assert exc.code == "wrong_datatype"
-        return
+    assert feed[which].dtype.byteorder == ">"
+    out = SESSION.run(feed)
     np.testing.assert_array_equal(out["y"], X + np.array([1, 2, 3], dtype=np.float32))
     np.testing.assert_array_equal(out["z"], -K)
 
@@ -349,7 +340,11 @@ def test_the_if_model_without_external_data_loads() -> None:
     graph = helper.make_graph(
         [
             helper.make_node(
-                "If", ["cond"], ["y"], then_branch=_const_branch("t"), else_branch=_const_branch("e")
+                "If",
+                ["cond"],
+                ["y"],
+                then_branch=_const_branch("t"),
+                else_branch=_const_branch("e"),
             )
         ],
         "if",
@@ -376,13 +371,7 @@ def test_external_sparse_initializer_is_refused() -> None:
         ModelSession(_model(graph))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: runtime/external_data.py _tensors() walks model.graph only, not "
-    "model.functions; an external tensor in a model-local function passes "
-    "refuse_external_data and is only stopped by onnxruntime's own check "
-    "(message does not mention external data)",
-)
+# Regression (fixed in runtime/external_data.py): model.functions were not walked.
 def test_external_tensor_inside_a_model_local_function_is_refused() -> None:
     function = helper.make_function(
         "local",
@@ -401,5 +390,6 @@ def test_external_tensor_inside_a_model_local_function_is_refused() -> None:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
     )
-    with pytest.raises(InvalidModelError, match="external data"):
+    with pytest.raises(InvalidModelError, match="external data") as info:
         ModelSession(_model(graph, functions=[function]))
+    assert "'in_function'" in str(info.value)

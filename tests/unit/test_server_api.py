@@ -10,7 +10,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -87,7 +86,7 @@ def client() -> Iterator[TestClient]:
         yield c
 
 
-def _error(response: httpx.Response, status: int, code: str) -> str:
+def _error(response: Any, status: int, code: str) -> str:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     body = response.json()
@@ -98,7 +97,7 @@ def _error(response: httpx.Response, status: int, code: str) -> str:
     return str(body["error"])
 
 
-def _upload(client: TestClient, name: str, data: bytes = MODEL) -> httpx.Response:
+def _upload(client: TestClient, name: str, data: bytes = MODEL) -> Any:
     return client.put(f"/v2/repository/models/{name}/upload", content=data)
 
 
@@ -375,7 +374,9 @@ def test_json_inference_exact_outputs(client: TestClient) -> None:
     }
     versioned = client.post("/v2/models/double/versions/1/infer", json=JSON_REQUEST)
     assert versioned.json() == response.json()
-    _error(client.post("/v2/models/double/versions/7/infer", json=JSON_REQUEST), 404, "unknown_model")
+    _error(
+        client.post("/v2/models/double/versions/7/infer", json=JSON_REQUEST), 404, "unknown_model"
+    )
 
 
 def test_json_inference_selected_output(client: TestClient) -> None:
@@ -394,8 +395,18 @@ def test_binary_inference_round_trip(client: TestClient) -> None:
     header = json.dumps(
         {
             "inputs": [
-                {"name": "x", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}},
-                {"name": "i", "datatype": "INT32", "shape": [3], "parameters": {"binary_data_size": 12}},
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [1, 2],
+                    "parameters": {"binary_data_size": 8},
+                },
+                {
+                    "name": "i",
+                    "datatype": "INT32",
+                    "shape": [3],
+                    "parameters": {"binary_data_size": 12},
+                },
             ],
             "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
         }
@@ -424,7 +435,11 @@ def test_binary_inference_round_trip(client: TestClient) -> None:
         (b"\xff\xfe", {}, "malformed_json"),
         (b'{"inputs": [], "inputs": []}', {}, "malformed_json"),
         (b"[]", {}, "invalid_request"),
-        (b'{"inputs": [{"name": "x", "datatype": "FP99", "shape": [1], "data": [1]}]}', {}, "invalid_datatype"),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP99", "shape": [1], "data": [1]}]}',
+            {},
+            "invalid_datatype",
+        ),
         (b"{}", {"Inference-Header-Content-Length": "abc"}, "invalid_header_length"),
         (b"{}", {"Inference-Header-Content-Length": "3"}, "invalid_header_length"),
         (b"{}", {"Inference-Header-Content-Length": "-1"}, "invalid_header_length"),
@@ -538,9 +553,13 @@ def test_oversized_attestation_request(client: TestClient) -> None:
 
 # ----------------------------------------------------------------------------- fuzz
 
-_FUZZ_CLIENT = _client()
-_FUZZ_CLIENT.__enter__()
-assert _upload(_FUZZ_CLIENT, "fuzz").status_code == 201
+
+@pytest.fixture(scope="module")
+def fuzz_client() -> Iterator[TestClient]:
+    with _client() as c:
+        assert _upload(c, "fuzz").status_code == 201
+        yield c
+
 
 _SCALARS = st.one_of(
     st.none(),
@@ -560,9 +579,7 @@ _TENSOR = st.fixed_dictionaries(
     {
         "name": st.sampled_from(["x", "i", "y", "j", "", "zz"]),
         "datatype": st.sampled_from(["FP32", "INT32", "FP64", "BOOL", "BYTES", "fp32", "X"]),
-        "shape": st.one_of(
-            st.lists(st.integers(min_value=-2, max_value=4), max_size=3), _JSONISH
-        ),
+        "shape": st.one_of(st.lists(st.integers(min_value=-2, max_value=4), max_size=3), _JSONISH),
     },
     optional={
         "data": st.one_of(
@@ -659,7 +676,8 @@ def _near_valid(draw: st.DrawFn) -> tuple[bytes, str | None]:
         document["parameters"] = {"binary_data_output": draw(st.booleans())}
     header = json.dumps(document).encode()
     body = header + b"".join(blobs)
-    length: str | None = str(len(header)) if blobs or draw(st.booleans()) else None
+    declared = bool(blobs) or draw(st.booleans())
+    length = str(len(header)) if declared else None
     if draw(st.integers(0, 5)) == 0:
         body = body[: draw(st.integers(0, len(body)))]
     if draw(st.integers(0, 5)) == 0:
@@ -676,21 +694,28 @@ _CASES = st.one_of(st.tuples(_BODIES, _HEADER_VALUES), _near_valid(), _near_vali
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(case=_CASES)
-def test_fuzzed_infer_requests_never_cause_500(case: tuple[bytes, str | None]) -> None:
+def test_fuzzed_infer_requests_never_cause_500(
+    fuzz_client: TestClient, case: tuple[bytes, str | None]
+) -> None:
     body, header = case
-    headers: dict[str, bytes] = {}
+    headers: dict[bytes, bytes] = {}
     if header is not None:
-        headers["Inference-Header-Content-Length"] = header.encode("utf-8")
-    response = _FUZZ_CLIENT.post("/v2/models/fuzz/infer", content=body, headers=headers)
+        headers[b"Inference-Header-Content-Length"] = header.encode("utf-8")
+    response = fuzz_client.post("/v2/models/fuzz/infer", content=body, headers=headers)
     if response.status_code == 200:
         length = response.headers.get("inference-header-content-length")
         meta = json.loads(response.content[: int(length)] if length else response.content)
         assert meta["model_name"] == "fuzz"
         assert {o["name"] for o in meta["outputs"]} <= {"y", "j"}
     else:
-        assert 400 <= response.status_code < 500, (response.status_code, response.text, body, header)
+        assert 400 <= response.status_code < 500, (
+            response.status_code,
+            response.text,
+            body,
+            header,
+        )
         assert response.headers["content-type"] == "application/json"
         assert set(response.json()) == {"error", "code"}
-    ready = _FUZZ_CLIENT.get("/v2/health/ready")
+    ready = fuzz_client.get("/v2/health/ready")
     assert ready.status_code == 200
     assert ready.json() == {"ready": True}

@@ -158,6 +158,7 @@ def test_max_models(store: ModelStore) -> None:
     store.delete("b")
     d, created = store.add(HALF, HALF_SHA, "d")
     assert created
+    assert store.resolve("d") is d
     np.testing.assert_array_equal(_run(store, "d"), X * 0.5)
 
 
@@ -231,4 +232,3 @@ def test_invalid_model_is_not_stored(store: ModelStore) -> None:
     assert store.distinct_sessions == 0
     with pytest.raises(UnknownModelError):
         store.resolve("bogus")
-

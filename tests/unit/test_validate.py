@@ -244,7 +244,9 @@ def test_masks_ignore_bits_outside_them() -> None:
     assert validate_sgx(BODY, "UpToDate", (), policy) == []
     assert validate_sgx(DEBUG_BODY, "UpToDate", (), policy) == [
         Mismatch("debug", "a production enclave (DEBUG attribute clear)", "DEBUG set"),
-        Mismatch("attributes", f"fd{'00' * 15} under mask 02{'00' * 15}", DEBUG_BODY.attributes.hex()),
+        Mismatch(
+            "attributes", f"fd{'00' * 15} under mask 02{'00' * 15}", DEBUG_BODY.attributes.hex()
+        ),
     ]
 
 

@@ -16,13 +16,21 @@ from blindinfer.store.memory import ModelStore
 from blindinfer.tee.platform import Platform
 
 
+MAX_JSON_REQUEST_BYTES = 8 << 20
+
+
 def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity) -> ServerState:
     return ServerState(
         config=config,
         platform=platform,
         identity=identity,
         store=ModelStore(max_models=config.limits.max_models),
-        tensor_limits=TensorLimits(max_total_bytes=config.limits.max_request_bytes),
+        tensor_limits=TensorLimits(
+            max_total_bytes=config.limits.max_request_bytes,
+            # JSON costs ~40 bytes of Python objects per number: bound it well below the
+            # binary limit, larger tensors go as binary data.
+            max_header_bytes=min(config.limits.max_request_bytes, MAX_JSON_REQUEST_BYTES),
+        ),
     )
 
 

@@ -83,10 +83,7 @@ async def infer(request: Request) -> Response:
     inputs = {tensor.name: tensor.array for tensor in parsed.inputs}
     wanted = [output.name for output in parsed.outputs] or None
     results = await run_in_threadpool(model.session.run, inputs, wanted)
-    if parsed.outputs:
-        binary = {o.name for o in parsed.outputs if o.binary or parsed.binary_output_default}
-    else:
-        binary = set(results) if parsed.binary_output_default else set()
+    binary = {name for name in results if parsed.wants_binary(name)}
     payload, headers = encode_infer_response(model.name, MODEL_VERSION, parsed.id, results, binary)
     return Response(payload, headers=headers)
 
