@@ -290,7 +290,7 @@ def test_sgx_policy_direct_construction_is_checked() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="bug: Policy.from_toml (attestation/policy.py) catches only TOMLDecodeError; "
+    reason="bug: Policy.from_toml (attestation/policy.py:101) catches only TOMLDecodeError; "
     "tomllib recurses per nesting level, so deeply nested arrays/inline tables in a "
     "policy raise RecursionError instead of PolicyError",
 )

@@ -18,6 +18,7 @@ from typing import Final
 import dcap_qvl  # type: ignore[import-untyped]  # has a .pyi but no py.typed marker
 
 from blindinfer.attestation.roots import INTEL_SGX_ROOT, TrustRoot, root_for_der
+from blindinfer.attestation.tcb import TCB_STATUSES
 from blindinfer.errors import QuoteVerificationError
 
 MAX_COLLATERAL_JSON_SIZE: Final = 256 * 1024
@@ -36,16 +37,6 @@ COLLATERAL_FIELDS: Final = frozenset(
         "qe_identity_signature",
     }
 )
-
-TCB_STATUSES: Final = (
-    "UpToDate",
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-)
-"""Intel's canonical TCB statuses that leave the decision to policy (Revoked is an error)."""
 
 # dcap-qvl 0.7.0 returns the canonical names; older bindings documented upper-snake
 # aliases, which are mapped so a binding change cannot silently change policy matching.

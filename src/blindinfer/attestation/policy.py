@@ -15,18 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blindinfer.attestation.tcb import TCB_STATUSES as ALL_TCB_STATUSES
 from blindinfer.errors import PolicyError
 
-TCB_STATUSES = frozenset(
-    {
-        "UpToDate",
-        "SWHardeningNeeded",
-        "ConfigurationNeeded",
-        "ConfigurationAndSWHardeningNeeded",
-        "OutOfDate",
-        "OutOfDateConfigurationNeeded",
-    }
-)
+TCB_STATUSES = frozenset(ALL_TCB_STATUSES)
 MAX_POLICY_BYTES = 1 << 20
 
 
@@ -98,7 +90,7 @@ class Policy:
             raise PolicyError("the policy file is too large")
         try:
             document = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, RecursionError) as exc:
             raise PolicyError(f"the policy is not valid TOML: {exc}") from exc
         return cls.from_dict(document)
 

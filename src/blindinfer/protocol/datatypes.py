@@ -13,7 +13,6 @@ rejected with "invalid_datatype", so a caller can tell "not yet" from "nonsense"
 
 from __future__ import annotations
 
-import reprlib
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -21,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from blindinfer.errors import ProtocolError
+from blindinfer.protocol.shown import shown as _shown
 
 __all__ = [
     "DATATYPES",
@@ -70,17 +70,6 @@ _KNOWN_UNSUPPORTED: Final = frozenset({"BYTES", "BF16"})
 _BY_KIND_SIZE: Final[dict[tuple[str, int], str]] = {
     (dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()
 }
-
-
-_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 6, 4
-_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 48, 40, 48
-
-
-def _shown(value: object) -> str:
-    """A bounded repr: hostile input (huge or deeply nested) cannot blow up a message."""
-    text = _REPR.repr(value)
-    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def datatype_to_dtype(datatype: str) -> np.dtype[Any]:

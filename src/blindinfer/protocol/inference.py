@@ -41,7 +41,6 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import json
-import reprlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -52,6 +51,7 @@ import numpy.typing as npt
 from blindinfer.errors import ProtocolError
 from blindinfer.protocol.datatypes import DATATYPES, datatype_to_dtype, dtype_to_datatype
 from blindinfer.protocol.limits import TensorLimits
+from blindinfer.protocol.shown import shown as _shown
 
 __all__ = [
     "CONTENT_TYPE_BINARY",
@@ -163,17 +163,6 @@ class ErrorBody:
 
 
 # --------------------------------------------------------------------------- parsing
-
-
-_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 6, 4
-_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 48, 40, 48
-
-
-def _shown(value: object) -> str:
-    """A bounded repr: hostile input (huge or deeply nested) cannot blow up a message."""
-    text = _REPR.repr(value)
-    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def parse_header_length(value: str | None) -> int | None:

@@ -15,7 +15,6 @@ from blindinfer.server.tls import TlsIdentity
 from blindinfer.store.memory import ModelStore
 from blindinfer.tee.platform import Platform
 
-
 MAX_JSON_REQUEST_BYTES = 8 << 20
 
 
