@@ -537,9 +537,9 @@ def test_boot_evidence_has_zero_nonce(client: TestClient) -> None:
     [
         (b'{"nonce": "00"}', "invalid_nonce"),
         (b'{"nonce": "' + b"0" * 66 + b'"}', "invalid_nonce"),
-        (b'{"nonce": "' + b"z" * 64 + b'"}', "malformed_evidence"),
-        (b'{"nonce": 1}', "malformed_evidence"),
-        (b"{}", "malformed_evidence"),
+        (b'{"nonce": "' + b"z" * 64 + b'"}', "invalid_nonce"),
+        (b'{"nonce": 1}', "invalid_nonce"),
+        (b"{}", "invalid_nonce"),
         (b"nonce", "malformed_json"),
     ],
 )

@@ -359,9 +359,9 @@ def test_nonce_request_round_trip() -> None:
     [
         (b'{"nonce": "00"}', "invalid_nonce"),
         (b'{"nonce": "' + b"00" * 33 + b'"}', "invalid_nonce"),
-        (b'{"nonce": "zz"}', "malformed_evidence"),
-        (b'{"nonce": 5}', "malformed_evidence"),
-        (b"{}", "malformed_evidence"),
+        (b'{"nonce": "zz"}', "invalid_nonce"),
+        (b'{"nonce": 5}', "invalid_nonce"),
+        (b"{}", "invalid_nonce"),
         (b"[]", "malformed_json"),
         (b"{", "malformed_json"),
         (b"\xff", "malformed_json"),

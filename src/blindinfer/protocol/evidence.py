@@ -41,7 +41,10 @@ def encode_nonce_request(nonce: bytes) -> bytes:
 
 def parse_nonce_request(body: bytes) -> bytes:
     document = _json_object(body, 4096, "attestation request")
-    nonce = _hex(document.get("nonce"), "nonce")
+    try:
+        nonce = _hex(document.get("nonce"), "nonce")
+    except ProtocolError as exc:
+        raise ProtocolError("invalid_nonce", exc.message) from exc
     if len(nonce) != NONCE_SIZE:
         raise ProtocolError(
             "invalid_nonce", f"the nonce must be {NONCE_SIZE} bytes (64 hex digits)"
