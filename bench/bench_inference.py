@@ -50,6 +50,18 @@ def timed(fn: Callable[[], object], iterations: int, warmup: int = 5) -> list[fl
     return samples
 
 
+def side_by_side(
+    first: Callable[[], object], second: Callable[[], object], iterations: int, block: int = 25
+) -> tuple[list[float], list[float]]:
+    """Alternates blocks of the two, so that drift in machine load hits both equally."""
+    a: list[float] = []
+    b: list[float] = []
+    while len(a) < iterations:
+        a += timed(first, block, warmup=2)
+        b += timed(second, block, warmup=2)
+    return a, b
+
+
 def connect(url: str, policy: blindinfer.Policy) -> blindinfer.Client:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", blindinfer.SimulationWarning)
@@ -125,8 +137,11 @@ def main() -> None:
             for label, model, feed in models(not args.no_minilm):
                 session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
                 info = client.upload_model(model, name=label.split()[0])
-                a = timed(lambda s=session, f=feed: s.run(None, f), n)
-                b = timed(lambda m=info.model_id, f=feed: client.run_model(m, f), n)
+                a, b = side_by_side(
+                    lambda s=session, f=feed: s.run(None, f),
+                    lambda m=info.model_id, f=feed: client.run_model(m, f),
+                    n,
+                )
                 in_process_rps = 1000 / statistics.median(a)
                 c = concurrent_throughput(server.url, policy, info.model_id, feed, 8, seconds)
                 rows.append((label, a, b, c, in_process_rps))
