@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import blindinfer
-from blindinfer.client.client import Client
+from blindinfer.client.client import Client, capture, verify_bundle
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.platforms import simulated_mrenclave
 from blindinfer.server.process import ServerProcess, start_server
@@ -126,15 +126,27 @@ def test_tampered_quote_is_refused(mitm: Mitm, policy: blindinfer.Policy) -> Non
     assert mitm.seen == ["/v2/attestation"]
 
 
-def test_replayed_evidence_for_a_stale_nonce_is_refused(
+def test_replayed_evidence_through_a_middleman_is_refused(
     mitm: Mitm, policy: blindinfer.Policy
 ) -> None:
     mitm.mode = "replay"
-    with pytest.raises(blindinfer.KeyBindingError):
-        _connect(mitm.url, policy)  # first: fresh but wrong key
-    with pytest.raises(blindinfer.FreshnessError, match="nonce"):
-        _connect(mitm.url, policy)
+    for _ in range(2):  # fresh, then stale: both made for the server's key, not the MITM's
+        with pytest.raises(blindinfer.KeyBindingError):
+            _connect(mitm.url, policy)
     assert mitm.seen == ["/v2/attestation", "/v2/attestation"]
+
+
+def test_evidence_for_a_stale_nonce_is_refused(
+    server: ServerProcess, policy: blindinfer.Policy
+) -> None:
+    """Real evidence from the real server, bound to its real key, but for an older nonce."""
+    old = capture(server.url)
+    new = capture(server.url)
+    assert old.tls_certificate_der == new.tls_certificate_der
+    stale = dataclasses.replace(new, evidence=old.evidence)
+    with pytest.raises(blindinfer.FreshnessError, match="nonce"):
+        verify_bundle(stale, policy=policy, simulation=True)
+    assert verify_bundle(new, policy=policy, simulation=True).nonce == new.nonce
 
 
 def test_pinned_client_never_talks_to_another_key(

@@ -52,7 +52,7 @@ def test_policy_discovery_then_attest_with_it(server: ServerProcess, tmp_path: P
     report = json.loads(
         cli("attest", server.url, "--policy", str(policy), "--simulation", "--json").stdout
     )
-    assert report["mrenclave"] == mrenclave
+    assert report["claims"]["mrenclave"] == mrenclave
     assert report["tcb_status"] == "UpToDate"
     assert report["simulation"] is True and report["policy_applied"] is True
     human = cli("attest", server.url, "--policy", str(policy), "--simulation")

@@ -131,11 +131,11 @@ _OK = f'mrenclave = "{MRE_HEX}"\n'
 
 MALFORMED: list[tuple[str, str, str]] = [
     # (id, toml text, regex the PolicyError message must match)
-    ("missing-sgx", "", r"no \[sgx\] section"),
+    ("missing-sgx", "", r"at least one of the \[sgx\], \[tdx\], \[snp\] sections"),
     (
         "unknown-top-level",
-        f"[sgx]\n{_OK}[tdx]\nx = 1\n",
-        r"unknown field\(s\) in policy: \['tdx'\]",
+        f"[sgx]\n{_OK}[sev]\nx = 1\n",
+        r"unknown field\(s\) in policy: \['sev'\]",
     ),
     (
         "unknown-sgx-field",

@@ -100,20 +100,25 @@ def test_success_returns_exact_fields() -> None:
         simulation=True,
         tcb_status="UpToDate",
         advisory_ids=(),
-        mrenclave=MRE,
-        mrsigner=SIMULATION_MRSIGNER,
-        isvprodid=5,
-        isvsvn=2,
-        attributes=bytes([0x05]) + bytes(7) + bytes([0x03]) + bytes(7),
-        miscselect=bytes(4),
-        debug=False,
+        claims={
+            "mrenclave": MRE.hex(),
+            "mrsigner": SIMULATION_MRSIGNER.hex(),
+            "isvprodid": 5,
+            "isvsvn": 2,
+            "attributes": (bytes([0x05]) + bytes(7) + bytes([0x03]) + bytes(7)).hex(),
+            "miscselect": bytes(4).hex(),
+            "cpusvn": result.claims["cpusvn"],
+            "config_id": bytes(64).hex(),
+            "config_svn": 0,
+            "debug": False,
+        },
         report_data=IDENTITY.spki_sha256 + NONCE,
         certificate_der=IDENTITY.certificate_der,
         nonce=NONCE,
         verified_at=NOW,
     )
     assert result.root == "Blindinfer SIMULATION SGX Root CA"
-    assert result.to_dict()["mrenclave"] == MRE.hex()
+    assert result.to_dict()["claims"]["mrenclave"] == MRE.hex()
     assert result.summary().startswith("SIMULATION (no TEE, no confidentiality)")
 
 
@@ -336,7 +341,9 @@ def test_evidence_document_round_trip() -> None:
         "nonce",
         "quote",
         "collateral",
+        "certificates",
         "certificate",
+        "gpus",
     }
     assert document["version"] == 1
     assert document["kind"] == "intel-sgx"
@@ -391,7 +398,11 @@ _DROP = object()
     [
         ({"version": 2}, "unsupported_evidence"),
         ({"version": _DROP}, "unsupported_evidence"),
-        ({"kind": "intel-tdx"}, "unsupported_evidence"),
+        ({"kind": "arm-cca"}, "unsupported_evidence"),
+        ({"certificates": {"root": "AAAA"}}, "malformed_evidence"),
+        ({"certificates": []}, "malformed_evidence"),
+        ({"gpus": [{"kind": "amd-mi300"}]}, "malformed_evidence"),
+        ({"gpus": {}}, "malformed_evidence"),
         ({"kind": None}, "unsupported_evidence"),
         ({"platform": 5}, "malformed_evidence"),
         ({"platform": "x" * 65}, "malformed_evidence"),
@@ -413,7 +424,7 @@ def test_evidence_document_errors(changes: dict[str, object], code: str) -> None
 
 def test_evidence_document_too_large() -> None:
     with pytest.raises(ProtocolError) as info:
-        parse_evidence_document(b" " * (512 * 1024 + 1))
+        parse_evidence_document(b" " * (1024 * 1024 + 1))
     assert info.value.code == "too_large"
 
 

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blindinfer.attestation.blindai_manifest import BLINDAI_MANIFEST_KEYS, load_blindai_manifest
+from blindinfer.attestation.nvidia_policy import NvidiaGpuPolicy
+from blindinfer.attestation.snp_policy import SnpPolicy
 from blindinfer.attestation.tcb import TCB_STATUSES as ALL_TCB_STATUSES
+from blindinfer.attestation.tdx_policy import TdxPolicy
 from blindinfer.errors import PolicyError
 
 TCB_STATUSES = frozenset(ALL_TCB_STATUSES)
@@ -82,17 +86,32 @@ class SgxPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    sgx: SgxPolicy
+    """One section per evidence kind the client accepts; evidence of a kind without a
+    section is refused. `gpu` adds requirements on NVIDIA GPU evidence (same nonce)."""
+
+    sgx: SgxPolicy | None = None
+    tdx: TdxPolicy | None = None
+    snp: SnpPolicy | None = None
+    gpu: NvidiaGpuPolicy | None = None
+    max_collateral_age_days: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sgx is None and self.tdx is None and self.snp is None:
+            raise PolicyError("a policy needs at least one of the [sgx], [tdx], [snp] sections")
+        if self.max_collateral_age_days is not None and self.max_collateral_age_days <= 0:
+            raise PolicyError("max_collateral_age_days must be a positive integer")
 
     @classmethod
-    def from_toml(cls, text: str) -> Policy:
+    def from_toml(cls, text: str, *, base_dir: Path | None = None) -> Policy:
         if len(text) > MAX_POLICY_BYTES:
             raise PolicyError("the policy file is too large")
         try:
             document = tomllib.loads(text)
         except (tomllib.TOMLDecodeError, RecursionError) as exc:
             raise PolicyError(f"the policy is not valid TOML: {exc}") from exc
-        return cls.from_dict(document)
+        if looks_like_blindai_manifest(document):
+            return cls.from_dict({"sgx": load_blindai_manifest(text)})
+        return cls.from_dict(document, base_dir=base_dir)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
@@ -100,14 +119,29 @@ class Policy:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise PolicyError(f"cannot read the policy file {path}: {exc}") from exc
-        return cls.from_toml(text)
+        return cls.from_toml(text, base_dir=Path(path).parent)
 
     @classmethod
-    def from_dict(cls, document: Mapping[str, Any]) -> Policy:
-        _no_unknown(document, {"sgx"}, "policy")
-        if "sgx" not in document:
-            raise PolicyError("the policy has no [sgx] section")
-        return cls(sgx=_sgx(_table(document["sgx"], "sgx")))
+    def from_dict(cls, document: Mapping[str, Any], *, base_dir: Path | None = None) -> Policy:
+        """`base_dir` resolves relative file names (GPU reference values) in the policy."""
+        _no_unknown(document, {"sgx", "tdx", "snp", "gpu", "max_collateral_age_days"}, "policy")
+        age = document.get("max_collateral_age_days")
+        return cls(
+            sgx=_sgx(_table(document["sgx"], "sgx")) if "sgx" in document else None,
+            tdx=TdxPolicy.from_dict(_table(document["tdx"], "tdx")) if "tdx" in document else None,
+            snp=SnpPolicy.from_dict(_table(document["snp"], "snp")) if "snp" in document else None,
+            gpu=NvidiaGpuPolicy.from_dict(_table(document["gpu"], "gpu"), base_dir=base_dir)
+            if "gpu" in document
+            else None,
+            max_collateral_age_days=None if age is None else _int(age, "max_collateral_age_days"),
+        )
+
+
+def looks_like_blindai_manifest(document: Mapping[str, Any]) -> bool:
+    """BlindAI Core's manifest.toml has top-level SGX keys and none of our sections."""
+    return not ({"sgx", "tdx", "snp"} & document.keys()) and bool(
+        BLINDAI_MANIFEST_KEYS & document.keys()
+    )
 
 
 def load_policy(source: Policy | str | Path | Mapping[str, Any]) -> Policy:

@@ -1,38 +1,40 @@
 """The whole client-side verification of one evidence document, in order:
 
-1. parse the quote (bounded, typed);
-2. pick the root from the PINNED roots by the chain's last certificate; the simulation
-   root only when the caller asked for simulation;
-3. dcap-qvl: quote signature, QE report, PCK chain, CRLs, TCB info and QE identity, at `now`;
-4. freshness: report_data[32:64] is the nonce this client just sent;
-5. key binding: report_data[0:32] is SHA-256 of the SubjectPublicKeyInfo of the certificate
+1. authenticity (`authenticate.py`): parse the evidence (bounded, typed); chain to a PINNED
+   root (the simulation root only when the caller asked for simulation); signatures,
+   collateral, CRLs and validity at `now` (dcap-qvl for Intel, our own for AMD);
+2. key binding: report_data[0:32] is SHA-256 of the SubjectPublicKeyInfo of the certificate
    seen in the TLS handshake (not the one the document carries);
-6. policy: every field, all mismatches reported together.
+3. freshness: report_data[32:64] is the nonce this client just sent;
+4. GPU evidence, if any: authentic, chained to NVIDIA's pinned root, answering the same nonce;
+5. policy: the section for this evidence kind, every field, all mismatches reported together.
 Nothing is trusted because the evidence says so about itself.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
+import json
 import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from blindinfer.attestation.dcap import verify_dcap
+from blindinfer.attestation.authenticate import Authentic, authenticate
+from blindinfer.attestation.nvidia import GpuVerified, verify_nvidia_gpu
 from blindinfer.attestation.policy import Policy
-from blindinfer.attestation.report import VerifiedAttestation
-from blindinfer.attestation.roots import TrustRoot, root_for_der
-from blindinfer.attestation.sgx_quote import SgxQuote, parse_sgx_quote
+from blindinfer.attestation.report import GpuSummary, VerifiedAttestation
+from blindinfer.attestation.sgx_quote import SgxReportBody
+from blindinfer.attestation.snp_report import SnpReport
+from blindinfer.attestation.tdx_quote import TdReportBody
 from blindinfer.attestation.validate import validate_sgx
 from blindinfer.errors import (
-    DebugEnclaveError,
     FreshnessError,
     KeyBindingError,
+    Mismatch,
     PolicyMismatchError,
-    QuoteVerificationError,
-    SimulationNotAllowedError,
 )
 from blindinfer.protocol.evidence import EvidenceDocument
 
@@ -48,22 +50,92 @@ def certificate_key_hash(certificate_der: bytes) -> bytes:
     return hashlib.sha256(spki).digest()
 
 
-def select_root(quote: SgxQuote, *, allow_simulation: bool) -> TrustRoot:
-    chain = quote.signature.certificates
-    if not chain:
-        raise QuoteVerificationError("the quote carries no PCK certificate chain")
-    root = root_for_der(chain[-1])
-    if root is None:
-        raise QuoteVerificationError(
-            "the quote's certificate chain does not end at a pinned root (Intel SGX Root CA)"
+def authenticate_document(
+    document: EvidenceDocument, *, allow_simulation: bool, now: int
+) -> Authentic:
+    return authenticate(
+        document.kind,
+        document.quote,
+        collateral_json=document.collateral_json,
+        chip_certificates=dict(document.chip_certificates),
+        allow_simulation=allow_simulation,
+        now=now,
+    )
+
+
+def check_binding(authentic: Authentic, tls_certificate_der: bytes) -> None:
+    if not hmac.compare_digest(
+        authentic.report_data[:32], certificate_key_hash(tls_certificate_der)
+    ):
+        raise KeyBindingError(
+            "the evidence does not bind the TLS key of this connection: someone between the "
+            "client and the TEE presented its own certificate, or the evidence was made for "
+            "another key"
         )
-    if root.simulation and not allow_simulation:
-        raise SimulationNotAllowedError(
-            "this server runs in SIMULATION mode (its evidence chains to the blindinfer "
-            "simulation root, not to Intel): it offers no confidentiality. Pass "
-            "simulation=True only if you accept that."
+
+
+def check_freshness(authentic: Authentic, expected_nonce: bytes) -> None:
+    if not hmac.compare_digest(authentic.report_data[32:64], expected_nonce):
+        raise FreshnessError(
+            "the evidence does not answer this client's nonce (replayed or stale evidence)"
         )
-    return root
+
+
+def evaluate_policy(
+    authentic: Authentic,
+    gpus: tuple[GpuVerified, ...],
+    policy: Policy,
+    *,
+    collateral_json: str = "",
+    now: int,
+) -> list[Mismatch]:
+    """Every mismatch between authentic evidence and `policy`, in section order."""
+    found: list[Mismatch] = []
+    body = authentic.body
+    if isinstance(body, SgxReportBody) and policy.sgx is not None:
+        found += validate_sgx(body, authentic.tcb_status, authentic.advisory_ids, policy.sgx)
+    elif isinstance(body, TdReportBody) and policy.tdx is not None:
+        found += policy.tdx.validate(body, authentic.tcb_status, authentic.advisory_ids)
+    elif isinstance(body, SnpReport) and policy.snp is not None:
+        found += policy.snp.validate(body)
+    else:
+        sections = [k for k in ("sgx", "tdx", "snp") if getattr(policy, k) is not None]
+        found.append(Mismatch("kind", f"evidence for [{'], ['.join(sections)}]", authentic.kind))
+    if policy.max_collateral_age_days is not None and collateral_json:
+        found += _collateral_age(collateral_json, policy.max_collateral_age_days, now)
+    if policy.gpu is not None:
+        if not gpus:
+            found.append(Mismatch("gpu", "NVIDIA GPU evidence", "none"))
+        for gpu in gpus:
+            found += policy.gpu.validate(gpu)
+    return found
+
+
+def _collateral_age(collateral_json: str, max_days: int, now: int) -> list[Mismatch]:
+    document = json.loads(collateral_json)
+    found = []
+    for name in ("tcb_info", "qe_identity"):
+        issued = json.loads(document[name])["issueDate"]
+        at = datetime.datetime.fromisoformat(issued.replace("Z", "+00:00")).timestamp()
+        if now - at > max_days * 86400:
+            age = (now - at) / 86400
+            found.append(
+                Mismatch(
+                    f"collateral.{name}.issueDate",
+                    f"at most {max_days} days old",
+                    f"{age:.1f} days old",
+                )
+            )
+    return found
+
+
+def verify_gpus(
+    document: EvidenceDocument, expected_nonce: bytes, now: int
+) -> tuple[GpuVerified, ...]:
+    return tuple(
+        verify_nvidia_gpu(g.report, g.certificates_pem, expected_nonce=expected_nonce, now=now)
+        for g in document.gpus
+    )
 
 
 def verify_evidence(
@@ -75,47 +147,38 @@ def verify_evidence(
     allow_simulation: bool,
     now: int | None = None,
 ) -> VerifiedAttestation:
-    """Verifies `document`; `policy=None` checks authenticity only (for policy discovery)."""
+    """Verifies `document`; `policy=None` checks authenticity, binding and freshness only."""
     at = int(time.time()) if now is None else now
-    quote = parse_sgx_quote(document.quote)  # step 1
-    root = select_root(quote, allow_simulation=allow_simulation)  # step 2
-    body = quote.body
-    try:  # step 3
-        verdict = verify_dcap(document.quote, document.collateral_json, root=root, now=at)
-    except QuoteVerificationError as exc:
-        if body.debug and "debug" in str(exc).lower():  # dcap-qvl's own reason, not ours
-            raise DebugEnclaveError(
-                f"the quote comes from a debug enclave, which offers no confidentiality ({exc})"
-            ) from exc
-        raise
-    if not hmac.compare_digest(body.report_data[32:64], expected_nonce):  # step 4
-        raise FreshnessError(
-            "the evidence does not answer this client's nonce (replayed or stale evidence)"
+    authentic = authenticate_document(document, allow_simulation=allow_simulation, now=at)  # 1
+    check_binding(authentic, tls_certificate_der)  # 2
+    check_freshness(authentic, expected_nonce)  # 3
+    gpus = verify_gpus(document, expected_nonce, at)  # 4
+    if policy is not None:  # 5
+        mismatches = evaluate_policy(
+            authentic, gpus, policy, collateral_json=document.collateral_json, now=at
         )
-    if not hmac.compare_digest(body.report_data[:32], certificate_key_hash(tls_certificate_der)):
-        raise KeyBindingError(  # step 5
-            "the evidence does not bind the TLS key of this connection: someone between the "
-            "client and the TEE presented its own certificate"
-        )
-    if policy is not None:  # step 6
-        mismatches = validate_sgx(body, verdict.status, verdict.advisory_ids, policy.sgx)
         if mismatches:
             raise PolicyMismatchError(mismatches)
+    return attestation_from(authentic, gpus, tls_certificate_der, expected_nonce, at)
+
+
+def attestation_from(
+    authentic: Authentic,
+    gpus: tuple[GpuVerified, ...],
+    tls_certificate_der: bytes,
+    nonce: bytes,
+    at: int,
+) -> VerifiedAttestation:
     return VerifiedAttestation(
-        kind=document.kind,
-        root=root.name,
-        simulation=root.simulation,
-        tcb_status=verdict.status,
-        advisory_ids=verdict.advisory_ids,
-        mrenclave=body.mrenclave,
-        mrsigner=body.mrsigner,
-        isvprodid=body.isvprodid,
-        isvsvn=body.isvsvn,
-        attributes=body.attributes,
-        miscselect=body.miscselect.to_bytes(4, "little"),
-        debug=body.debug,
-        report_data=body.report_data,
+        kind=authentic.kind,
+        root=authentic.root,
+        simulation=authentic.simulation,
+        tcb_status=authentic.tcb_status,
+        advisory_ids=authentic.advisory_ids,
+        claims=authentic.claims,
+        report_data=authentic.report_data,
         certificate_der=tls_certificate_der,
-        nonce=expected_nonce,
+        nonce=nonce,
         verified_at=at,
+        gpus=tuple(GpuSummary("nvidia-h100", len(g.measurements)) for g in gpus),
     )

@@ -23,15 +23,16 @@ from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER
 
 
 def run_demo() -> int:
+    mrenclave = simulated_mrenclave(ServerConfig(simulation=True))
     policy = Policy(
         sgx=SgxPolicy(
-            mrenclave=(simulated_mrenclave(ServerConfig(simulation=True)),),
+            mrenclave=(mrenclave,),
             mrsigner=(SIMULATION_MRSIGNER,),
             isvprodid=(1,),
             min_isvsvn=1,
         )
     )
-    print("1. measured this server build: mrenclave", policy.sgx.mrenclave[0].hex())
+    print("1. measured this server build: mrenclave", mrenclave.hex())
     with start_server(["--simulation"]) as server:
         print(f"2. started a SIMULATION server at {server.url}")
         with warnings.catch_warnings():

@@ -16,7 +16,21 @@ DEFAULT_URL = "https://127.0.0.1:9924"
 
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--simulation", action="store_true", help="run without a TEE (insecure)")
+    parser.add_argument(
+        "--platform",
+        choices=("auto", "simulation", "gramine-sgx", "tdx", "snp"),
+        default="auto",
+        help="TEE to take evidence from (default: auto-detect; never simulation unless asked)",
+    )
+    parser.add_argument(
+        "--simulation",
+        action="store_true",
+        help="run without a TEE (insecure); = --platform simulation",
+    )
+    parser.add_argument("--pccs-url", help="Intel PCCS/PCS base URL for DCAP collateral")
+    parser.add_argument("--kds-url", help="AMD KDS base URL, if the host does not supply the VCEK")
+    parser.add_argument("--snp-product", choices=("Milan", "Genoa", "Turin"))
+    parser.add_argument("--snp-vmpl", type=int, choices=(0, 1, 2, 3))
     parser.add_argument("--max-model-bytes", type=int, default=512 << 20)
     parser.add_argument("--max-request-bytes", type=int, default=64 << 20)
     parser.add_argument("--max-models", type=int, default=32)
@@ -54,6 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
     attest.add_argument("--policy", help="policy TOML (without it: authenticity only)")
     attest.add_argument("--simulation", action="store_true")
     attest.add_argument("--json", action="store_true")
+    attest.add_argument("--save", type=Path, metavar="BUNDLE", help="write the evidence bundle")
+
+    verify = commands.add_parser(
+        "verify",
+        help="verify evidence offline (a bundle, or raw Intel/AMD/NVIDIA evidence)",
+        description="Exit status: 0 authentic (and policy satisfied, if given); "
+        "1 not authentic; 3 authentic but the policy is not satisfied.",
+    )
+    verify.add_argument("bundle", nargs="?", type=Path, help="bundle from `attest --save`")
+    verify.add_argument("--intel-quote", type=Path, help="SGX or TDX DCAP quote (binary)")
+    verify.add_argument("--collateral", type=Path, help="dcap-qvl collateral JSON")
+    verify.add_argument("--snp-report", type=Path, help="SEV-SNP attestation report (binary)")
+    verify.add_argument("--vcek", type=Path, help="VCEK or VLEK certificate (DER or PEM)")
+    verify.add_argument("--ask-ark", type=Path, help="PEM with the ASK/ASVK and the ARK")
+    verify.add_argument("--nvidia-report", type=Path, help="H100 SPDM report (hex text or binary)")
+    verify.add_argument("--nvidia-certs", type=Path, help="GPU device certificate chain (PEM)")
+    verify.add_argument("--nonce", help="expected nonce (hex) of the NVIDIA report")
+    verify.add_argument("--at", help="verification time: Unix seconds or ISO 8601 (default: now)")
+    verify.add_argument("--policy", help="policy TOML (without it: authenticity only)")
+    verify.add_argument("--simulation", action="store_true", help="accept the simulation root")
+    verify.add_argument("--json", action="store_true")
 
     policy = commands.add_parser("policy", help="print a policy from a server's evidence")
     policy.add_argument("--from", dest="source", required=True, metavar="URL")
@@ -96,6 +131,11 @@ def _config(args: argparse.Namespace) -> object:
         isvprodid=args.isvprodid,
         isvsvn=args.isvsvn,
         simulate_debug_enclave=args.simulate_debug_enclave,
+        platform=args.platform,
+        pccs_url=args.pccs_url,
+        kds_url=args.kds_url,
+        snp_product=args.snp_product,
+        snp_vmpl=args.snp_vmpl,
     )
 
 
@@ -106,7 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     assert isinstance(config, ServerConfig)
-    if config.simulate_debug_enclave and not config.simulation:
+    if config.simulate_debug_enclave and config.platform_choice != "simulation":
         raise SystemExit("--simulate-debug-enclave needs --simulation")
     host = f"[{config.host}]" if ":" in config.host else config.host
     serve(config, on_ready=lambda port: print(f"{READY_PREFIX}https://{host}:{port}", flush=True))
@@ -127,16 +167,27 @@ def _measure(args: argparse.Namespace) -> int:
 
 def _attest(args: argparse.Namespace) -> int:
     from blindinfer.attestation.policy import load_policy
-    from blindinfer.client.client import attest
+    from blindinfer.client.client import SIMULATION_BANNER, capture, verify_bundle
 
     policy = load_policy(args.policy) if args.policy else None
-    report = attest(args.url, policy=policy, simulation=args.simulation)
+    if args.simulation:
+        warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=1)
+    bundle = capture(args.url)
+    if args.save:
+        bundle.save(args.save)  # saved before verification, so a refusal can be audited
+    report = verify_bundle(bundle, policy=policy, simulation=args.simulation)
     if args.json:
         print(json.dumps({**report.to_dict(), "policy_applied": policy is not None}, indent=2))
     else:
         print(report.summary())
         print("  policy        " + ("satisfied" if policy else "NOT CHECKED (authenticity only)"))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from blindinfer.cli.verify import run_verify
+
+    return run_verify(args)
 
 
 def _policy(args: argparse.Namespace) -> int:
@@ -186,6 +237,7 @@ _COMMANDS = {
     "measure": _measure,
     "attest": _attest,
     "policy": _policy,
+    "verify": _verify,
     "upload": _with_client,
     "run": _with_client,
     "delete": _with_client,

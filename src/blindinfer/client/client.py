@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
+from blindinfer.attestation.bundle import EvidenceBundle
 from blindinfer.attestation.policy import Policy, load_policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.attestation.verifier import verify_evidence
@@ -41,6 +43,33 @@ SIMULATION_BANNER = (
 )
 
 
+def capture(url: str, *, timeout: float = 30.0) -> EvidenceBundle:
+    """Fetches evidence over a fresh nonce; returns it unverified, with what verifies it."""
+    base = check_url(url)
+    nonce = secrets.token_bytes(NONCE_SIZE)
+    discovered = fetch_evidence(base, nonce, timeout)
+    return EvidenceBundle(
+        source=base,
+        captured_at=int(time.time()),
+        nonce=nonce,
+        tls_certificate_der=discovered.certificate_der,
+        evidence=parse_evidence_document(discovered.body),
+    )
+
+
+def verify_bundle(
+    bundle: EvidenceBundle, *, policy: Policy | None, simulation: bool, now: int | None = None
+) -> VerifiedAttestation:
+    return verify_evidence(
+        bundle.evidence,
+        policy=policy,
+        expected_nonce=bundle.nonce,
+        tls_certificate_der=bundle.tls_certificate_der,
+        allow_simulation=simulation,
+        now=now,
+    )
+
+
 def attest(
     url: str,
     *,
@@ -50,18 +79,10 @@ def attest(
     now: int | None = None,
 ) -> VerifiedAttestation:
     """Asks for evidence over a fresh nonce and verifies it; raises on any failure."""
-    base = check_url(url)
     if simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=3)
-    nonce = secrets.token_bytes(NONCE_SIZE)
-    discovered = fetch_evidence(base, nonce, timeout)
-    return verify_evidence(
-        parse_evidence_document(discovered.body),
-        policy=policy,
-        expected_nonce=nonce,
-        tls_certificate_der=discovered.certificate_der,
-        allow_simulation=simulation,
-        now=now,
+    return verify_bundle(
+        capture(url, timeout=timeout), policy=policy, simulation=simulation, now=now
     )
 
 

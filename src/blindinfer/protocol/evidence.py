@@ -1,11 +1,17 @@
 """The attestation message: what `POST /v2/attestation` carries each way.
 
 Request: `{"nonce": "<64 hex>"}`. Response:
-`{"version": 1, "kind": "intel-sgx", "platform": "<informative>", "nonce": "<hex>",
-"quote": "<base64>", "collateral": {<dcap-qvl QuoteCollateralV3 JSON>},
-"certificate": "<base64 DER>"}`.
+
+    {"version": 1, "kind": "intel-sgx" | "intel-tdx" | "amd-snp",
+     "platform": "<informative>", "nonce": "<hex>",
+     "quote": "<base64: DCAP quote, or SNP attestation report>",
+     "collateral": {<dcap-qvl QuoteCollateralV3 JSON>} | null,
+     "certificates": {"vcek" | "vlek" | "ask" | "asvk" | "ark": "<base64 DER>"},
+     "certificate": "<base64 DER of the server's TLS certificate>",
+     "gpus": [{"kind": "nvidia-h100", "report": "<base64>", "certificates": "<PEM>"}]}
+
 `platform` and `certificate` are informative: the verifier decides trust from the
-quote's chain to a pinned root and binds the certificate it saw in the TLS handshake.
+evidence's chain to a pinned root and binds the certificate it saw in the TLS handshake.
 """
 
 from __future__ import annotations
@@ -19,10 +25,21 @@ from typing import Any
 from blindinfer.errors import ProtocolError
 
 NONCE_SIZE = 32
-MAX_EVIDENCE_BYTES = 512 * 1024
+MAX_EVIDENCE_BYTES = 1024 * 1024
 MAX_QUOTE_BYTES = 64 * 1024
 MAX_COLLATERAL_BYTES = 256 * 1024
-KNOWN_KINDS = frozenset({"intel-sgx"})
+MAX_CERTIFICATE_BYTES = 16 * 1024
+MAX_GPUS = 8
+KNOWN_KINDS = frozenset({"intel-sgx", "intel-tdx", "amd-snp"})
+CHIP_CERTIFICATE_ROLES = frozenset({"vcek", "vlek", "ask", "asvk", "ark"})
+GPU_KINDS = frozenset({"nvidia-h100"})
+
+
+@dataclass(frozen=True, slots=True)
+class GpuEvidence:
+    kind: str
+    report: bytes
+    certificates_pem: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +50,11 @@ class EvidenceDocument:
     quote: bytes
     collateral_json: str
     certificate_der: bytes
+    chip_certificates: tuple[tuple[str, bytes], ...] = ()
+    gpus: tuple[GpuEvidence, ...] = ()
+
+    def chip_certificate(self, role: str) -> bytes | None:
+        return next((der for name, der in self.chip_certificates if name == role), None)
 
 
 def encode_nonce_request(nonce: bytes) -> bytes:
@@ -52,23 +74,38 @@ def parse_nonce_request(body: bytes) -> bytes:
     return nonce
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def evidence_document_json(document: EvidenceDocument) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "kind": document.kind,
+        "platform": document.platform,
+        "nonce": document.nonce.hex(),
+        "quote": _b64(document.quote),
+        "collateral": json.loads(document.collateral_json) if document.collateral_json else None,
+        "certificates": {role: _b64(der) for role, der in document.chip_certificates},
+        "certificate": _b64(document.certificate_der),
+        "gpus": [
+            {"kind": g.kind, "report": _b64(g.report), "certificates": g.certificates_pem.decode()}
+            for g in document.gpus
+        ],
+    }
+
+
 def encode_evidence_document(document: EvidenceDocument) -> bytes:
-    return json.dumps(
-        {
-            "version": 1,
-            "kind": document.kind,
-            "platform": document.platform,
-            "nonce": document.nonce.hex(),
-            "quote": base64.b64encode(document.quote).decode(),
-            "collateral": json.loads(document.collateral_json),
-            "certificate": base64.b64encode(document.certificate_der).decode(),
-        },
-        separators=(",", ":"),
-    ).encode()
+    return json.dumps(evidence_document_json(document), separators=(",", ":")).encode()
 
 
 def parse_evidence_document(body: bytes) -> EvidenceDocument:
-    document = _json_object(body, MAX_EVIDENCE_BYTES, "evidence")
+    return evidence_document_from_json(_json_object(body, MAX_EVIDENCE_BYTES, "evidence"))
+
+
+def evidence_document_from_json(document: Any) -> EvidenceDocument:
+    if not isinstance(document, dict):
+        raise ProtocolError("malformed_evidence", "evidence must be a JSON object")
     if document.get("version") != 1:
         raise ProtocolError("unsupported_evidence", "evidence version must be 1")
     kind = document.get("kind")
@@ -77,20 +114,58 @@ def parse_evidence_document(body: bytes) -> EvidenceDocument:
     platform = document.get("platform")
     if not isinstance(platform, str) or len(platform) > 64:
         raise ProtocolError("malformed_evidence", "platform must be a short string")
-    collateral = document.get("collateral")
-    if not isinstance(collateral, dict):
-        raise ProtocolError("malformed_evidence", "collateral must be a JSON object")
-    collateral_json = json.dumps(collateral)
-    if len(collateral_json) > MAX_COLLATERAL_BYTES:
-        raise ProtocolError("malformed_evidence", "collateral is too large")
     return EvidenceDocument(
-        kind=str(kind),
+        kind=kind,
         platform=platform,
         nonce=_hex(document.get("nonce"), "nonce"),
         quote=_base64(document.get("quote"), "quote", MAX_QUOTE_BYTES),
-        collateral_json=collateral_json,
-        certificate_der=_base64(document.get("certificate"), "certificate", 16 * 1024),
+        collateral_json=_collateral(document.get("collateral"), kind),
+        certificate_der=_base64(document.get("certificate"), "certificate", MAX_CERTIFICATE_BYTES),
+        chip_certificates=_chip_certificates(document.get("certificates", {})),
+        gpus=_gpus(document.get("gpus", [])),
     )
+
+
+def _collateral(value: object, kind: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, dict) or not kind.startswith("intel-"):
+        raise ProtocolError("malformed_evidence", "collateral must be a JSON object (Intel only)")
+    collateral_json = json.dumps(value)
+    if len(collateral_json) > MAX_COLLATERAL_BYTES:
+        raise ProtocolError("malformed_evidence", "collateral is too large")
+    return collateral_json
+
+
+def _chip_certificates(value: object) -> tuple[tuple[str, bytes], ...]:
+    if not isinstance(value, dict) or len(value) > len(CHIP_CERTIFICATE_ROLES):
+        raise ProtocolError("malformed_evidence", "certificates must be an object by role")
+    found = []
+    for role, encoded in value.items():
+        if role not in CHIP_CERTIFICATE_ROLES:
+            raise ProtocolError("malformed_evidence", f"unknown certificate role {role[:20]!r}")
+        found.append((role, _base64(encoded, f"certificates.{role}", MAX_CERTIFICATE_BYTES)))
+    return tuple(found)
+
+
+def _gpus(value: object) -> tuple[GpuEvidence, ...]:
+    if not isinstance(value, list) or len(value) > MAX_GPUS:
+        raise ProtocolError("malformed_evidence", f"gpus must be a list of at most {MAX_GPUS}")
+    gpus = []
+    for item in value:
+        if not isinstance(item, dict) or item.get("kind") not in GPU_KINDS:
+            raise ProtocolError("malformed_evidence", "each gpu needs a known kind")
+        pem = item.get("certificates")
+        if not isinstance(pem, str) or len(pem) > 8 * MAX_CERTIFICATE_BYTES:
+            raise ProtocolError("malformed_evidence", "gpu certificates must be PEM text")
+        gpus.append(
+            GpuEvidence(
+                kind=str(item["kind"]),
+                report=_base64(item.get("report"), "gpu report", MAX_QUOTE_BYTES),
+                certificates_pem=pem.encode(),
+            )
+        )
+    return tuple(gpus)
 
 
 def _json_object(body: bytes, limit: int, what: str) -> dict[str, Any]:

@@ -30,6 +30,15 @@ class ServerConfig:
     isvprodid: int = 1
     isvsvn: int = 1
     simulate_debug_enclave: bool = False
+    platform: str = "auto"  # auto | simulation | gramine-sgx | tdx | snp
+    pccs_url: str | None = None
+    kds_url: str | None = None
+    snp_product: str | None = None  # Milan | Genoa | Turin (for SNP reports older than v3)
+    snp_vmpl: int | None = None
+
+    @property
+    def platform_choice(self) -> str:
+        return "simulation" if self.simulation else self.platform
 
     def security_relevant(self) -> dict[str, object]:
         """What a client's policy implicitly pins through the measurement."""

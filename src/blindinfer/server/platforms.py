@@ -21,13 +21,26 @@ def simulated_mrenclave(config: ServerConfig) -> bytes:
     return measure(config.security_relevant())
 
 
+PLATFORMS = ("auto", "simulation", "gramine-sgx", "tdx", "snp")
+
+
 def select_platform(config: ServerConfig) -> Platform:
-    if not config.simulation:
-        raise NoPlatformError(
-            "no TEE platform is available to this server (no Gramine /dev/attestation, no "
-            "/sys/kernel/config/tsm/report); start it with --simulation to run without "
-            "confidentiality guarantees"
-        )
+    choice = config.platform_choice
+    if choice == "auto":
+        from blindinfer.tee.detect import describe_missing, detect_platform
+
+        choice = detect_platform() or ""
+        if not choice:
+            raise NoPlatformError(
+                describe_missing() + "; start with --simulation to run without "
+                "confidentiality guarantees"
+            )
+    if choice == "simulation":
+        return _simulation(config)
+    return _hardware(choice, config)
+
+
+def _simulation(config: ServerConfig) -> Platform:
     from blindinfer.tee.simulation.platform import SimulationPlatform
 
     log.warning(
@@ -40,3 +53,27 @@ def select_platform(config: ServerConfig) -> Platform:
         isvsvn=config.isvsvn,
         debug=config.simulate_debug_enclave,
     )
+
+
+def _hardware(choice: str, config: ServerConfig) -> Platform:
+    from blindinfer.tee.collateral import CollateralError, PccsCollateral
+    from blindinfer.tee.configfs_tsm import ConfigfsTsmPlatform, KdsVcekSource, TsmError
+    from blindinfer.tee.gramine import GramineError, GramineSgxPlatform
+
+    if config.simulate_debug_enclave:
+        raise NoPlatformError("--simulate-debug-enclave only exists in simulation")
+    pccs = PccsCollateral(config.pccs_url) if config.pccs_url else None
+    try:
+        if choice == "gramine-sgx":
+            if pccs is None:
+                raise NoPlatformError("gramine-sgx needs --pccs-url for DCAP collateral")
+            return GramineSgxPlatform(collateral=pccs)
+        kds = KdsVcekSource(config.kds_url, product=config.snp_product) if config.kds_url else None
+        platform = ConfigfsTsmPlatform(collateral=pccs, vcek_source=kds, privlevel=config.snp_vmpl)
+    except (GramineError, TsmError, CollateralError, ValueError) as exc:
+        raise NoPlatformError(str(exc)) from exc
+    if platform.kind != choice:
+        raise NoPlatformError(
+            f"--platform {choice}, but configfs-tsm's provider is {platform.provider!r}"
+        )
+    return platform

@@ -32,4 +32,5 @@ class ServerState:
             quote=evidence.quote,
             collateral_json=evidence.collateral_json,
             certificate_der=self.identity.certificate_der,
+            chip_certificates=evidence.certificates,
         )

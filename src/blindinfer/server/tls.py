@@ -1,7 +1,11 @@
 """The server's TLS identity: a key pair made in memory at start-up, never stored.
 
 Python's ssl module only loads keys from paths, so the PEM goes through an anonymous
-memory file (memfd): it never touches a file system and disappears when closed.
+memory file (memfd): it never touches a file system and disappears when closed. Where
+memfd_create is missing (Gramine does not implement it), the key goes through a file in
+the directory named by BLINDINFER_TLS_TMPDIR, which must be an in-enclave tmpfs (the
+Gramine manifest template mounts one at /tmp and sets the variable), and is unlinked at
+once. Without memfd and without that variable the server refuses to start.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import datetime
 import hashlib
 import os
 import ssl
+import tempfile
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -68,11 +73,40 @@ def make_tls_identity() -> TlsIdentity:
     )
 
 
+TMPDIR_VARIABLE = "BLINDINFER_TLS_TMPDIR"
+
+
 def _load_from_memory(context: ssl.SSLContext, pem: bytes) -> None:
-    fd = os.memfd_create("blindinfer-tls", os.MFD_CLOEXEC)
     try:
-        os.write(fd, pem)
+        fd = os.memfd_create("blindinfer-tls", os.MFD_CLOEXEC)
+    except OSError:
+        _load_through_enclave_tmpfs(context, pem)
+        return
+    try:
+        _write_all(fd, pem)
         path = f"/proc/self/fd/{fd}"
         context.load_cert_chain(certfile=path, keyfile=path)
     finally:
         os.close(fd)
+
+
+def _load_through_enclave_tmpfs(context: ssl.SSLContext, pem: bytes) -> None:
+    directory = os.environ.get(TMPDIR_VARIABLE)
+    if not directory:
+        raise RuntimeError(
+            f"memfd_create is unavailable and {TMPDIR_VARIABLE} is not set: refusing to write "
+            "the TLS key to a file system that may be visible to the host"
+        )
+    fd, path = tempfile.mkstemp(dir=directory, prefix=".tls-")
+    try:
+        _write_all(fd, pem)
+        context.load_cert_chain(certfile=path, keyfile=path)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

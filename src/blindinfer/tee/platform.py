@@ -17,14 +17,18 @@ REPORT_DATA_SIZE = 64
 class Evidence:
     """Evidence as a platform produced it, before it is put on the wire.
 
-    `kind` names the evidence format ("intel-sgx" for an SGX DCAP quote v3), never the
+    `kind` names the evidence format ("intel-sgx", "intel-tdx", "amd-snp"), never the
     trust: which root it chains to is decided by the verifier from its pinned roots.
-    `collateral_json` is the dcap-qvl `QuoteCollateralV3` JSON for the quote.
+    `quote` is the raw evidence (a DCAP quote, or an SNP attestation report).
+    `collateral_json` is the dcap-qvl `QuoteCollateralV3` JSON for Intel quotes ("" if the
+    client must fetch collateral itself). `certificates` carries AMD's chip certificates
+    by role ("vcek" or "vlek", and "ask"/"asvk"/"ark" when the platform supplies them).
     """
 
     kind: str
     quote: bytes
-    collateral_json: str
+    collateral_json: str = ""
+    certificates: tuple[tuple[str, bytes], ...] = ()
 
 
 class Platform(Protocol):

@@ -1,0 +1,107 @@
+"""`blindinfer verify` offline, on the real vectors and on bundles saved from a real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blindinfer.server.process import ServerProcess
+from support import vectors
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blindinfer.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("case", vectors.case_params("intel-dcap"))
+def test_intel_vectors_reach_their_expected_outcome(case: dict[str, Any]) -> None:
+    quote = vectors.path(case, "evidence")
+    if case.get("evidence_encoding") == "hex":
+        pytest.skip("hex-encoded quotes are covered by the unit tests")
+    result = cli(
+        "verify",
+        "--intel-quote",
+        str(quote),
+        "--collateral",
+        str(vectors.path(case, "collateral")),
+        "--at",
+        str(case["verify_at_unix"]),
+        "--json",
+    )
+    document = json.loads(result.stdout)
+    if case["expect"] == "ok":
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert document["authentic"] is True
+        assert document["tcb_status"] == case["tcb_status"]
+        assert document["advisory_ids"] == case["advisory_ids"]
+        assert document["policy_applied"] is False
+    else:
+        assert result.returncode == 1
+        assert document["authentic"] is False
+        assert case["error_mentions"].lower() in document["reason"].lower()
+
+
+def test_at_accepts_iso_8601() -> None:
+    (case,) = [c for c in vectors.cases("intel-dcap") if c["id"] == "tdx_v4_phala"] or [None]
+    if case is None:
+        pytest.skip(f"attestation vectors not present at {vectors.VECTORS}")
+    args = [
+        "verify",
+        "--intel-quote",
+        str(vectors.path(case, "evidence")),
+        "--collateral",
+        str(vectors.path(case, "collateral")),
+        "--json",
+    ]
+    assert cli(*args, "--at", "2025-07-19T10:00:34Z").returncode == 0
+    late = cli(*args, "--at", "2025-09-17T10:00:34Z")
+    assert late.returncode == 1
+    assert "expired" in json.loads(late.stdout)["reason"].lower()
+
+
+def test_bundle_saved_from_a_server_verifies_offline(server: ServerProcess, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.json"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(cli("policy", "--from", server.url, "--simulation").stdout)
+    saved = cli(
+        "attest", server.url, "--policy", str(policy), "--simulation", "--save", str(bundle)
+    )
+    assert saved.returncode == 0, saved.stderr
+    ok = cli("verify", str(bundle), "--policy", str(policy), "--simulation", "--json")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["bound_to_tls_key"] is True and report["kind"] == "intel-sgx"
+    assert report["claims"]["mrenclave"] in policy.read_text()
+    # without --simulation the same bundle is refused
+    refused = cli("verify", str(bundle), "--policy", str(policy))
+    assert refused.returncode == 1 and "SimulationNotAllowedError" in refused.stdout
+    # a policy the server does not satisfy: exit 3, with the diff
+    strict = tmp_path / "strict.toml"
+    strict.write_text(policy.read_text().replace("min_isvsvn = 1", "min_isvsvn = 5"))
+    mismatch = cli("verify", str(bundle), "--policy", str(strict), "--simulation")
+    assert mismatch.returncode == 3
+    assert "isvsvn: expected >= 5, got 1" in mismatch.stdout
+    # a tampered bundle: the nonce no longer matches
+    document = json.loads(bundle.read_text())
+    document["nonce"] = "00" * 32
+    bundle.write_text(json.dumps(document))
+    stale = cli("verify", str(bundle), "--policy", str(policy), "--simulation")
+    assert stale.returncode == 1 and "FreshnessError" in stale.stdout
+    # outside the collateral window (60 days after capture) the evidence is refused
+    fresh = tmp_path / "fresh.json"
+    assert cli("attest", server.url, "--simulation", "--save", str(fresh)).returncode == 0
+    later = str(json.loads(fresh.read_text())["captured_at"] + 60 * 86400)
+    expired = cli("verify", str(fresh), "--simulation", "--at", later)
+    assert expired.returncode == 1 and "expired" in expired.stdout.lower()

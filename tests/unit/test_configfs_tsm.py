@@ -1,0 +1,450 @@
+"""ConfigfsTsmPlatform against a fake configfs-tsm that behaves like the kernel's and serves
+REAL evidence: a TDX quote from GCP and an SEV-SNP report with its VCEK.
+
+`FakeConfigfs` is a `TsmFs` over a real temporary folder: mkdir creates the entry's
+attributes (provider, generation 0, outblob, auxblob) the way configfs does, writes to
+inblob/privlevel bump `generation`, write-only attributes cannot be read, and rmdir
+removes the entry. Tests then look at the bytes left on disk and at what was removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dcap_qvl  # type: ignore[import-untyped]
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blindinfer.errors import QuoteParseError
+from blindinfer.tee.collateral import HttpResponse
+from blindinfer.tee.configfs_tsm import (
+    ConfigfsTsmPlatform,
+    KdsVcekSource,
+    OsTsmFs,
+    SealingKeyUnavailableError,
+    TsmError,
+    parse_cert_table,
+    probe_provider,
+)
+from blindinfer.tee.detect import detect_platform
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Parsed a serial number:cryptography.utils.CryptographyDeprecationWarning"
+)  # AMD chip certificates carry serial number 0 (see the vectors' README)
+
+VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "attestation-vectors"
+VCEK_GUID = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd")
+VLEK_GUID = uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1")
+ASK_GUID = uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782")
+ARK_GUID = uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae")
+
+
+def manifest_case(case_id: str) -> dict[str, Any]:
+    manifest = VECTORS / "manifest.json"
+    if not manifest.is_file():
+        pytest.skip(f"attestation vectors not present at {VECTORS}")
+    return next(c for c in json.loads(manifest.read_text()) if c["id"] == case_id)
+
+
+def vector(rel: str) -> bytes:
+    if not (VECTORS / rel).is_file():
+        pytest.skip(f"attestation vectors not present at {VECTORS}")
+    return (VECTORS / rel).read_bytes()
+
+
+def cert_table(entries: list[tuple[uuid.UUID, bytes]], pad_to: int = 0) -> bytes:
+    """A GHCB cert_table written independently of the parser: header, zero entry, blobs."""
+    header_size = 24 * (len(entries) + 1)
+    header, body = b"", b""
+    for guid, der in entries:
+        header += guid.bytes + struct.pack("<II", header_size + len(body), len(der))
+        body += der
+    blob = header + bytes(24) + body
+    return blob + bytes(max(0, pad_to - len(blob)))
+
+
+def ask_ark() -> tuple[bytes, bytes]:
+    ask, ark = x509.load_pem_x509_certificates(vector("files/go-sev-guest/ask_ark_milan.pem"))
+    return ask.public_bytes(Encoding.DER), ark.public_bytes(Encoding.DER)
+
+
+class FakeConfigfs:
+    """A `TsmFs` that behaves like configfs-tsm for one provider."""
+
+    def __init__(self, provider: str, outblob: bytes, auxblob: bytes | None = None) -> None:
+        self.provider = provider
+        self.outblob = outblob
+        self.auxblob = auxblob
+        self.created: list[str] = []
+        self.removed: dict[str, dict[str, bytes]] = {}
+        self.interfere = 0  # how many entries get a concurrent write while generating
+
+    def make_entry(self, root: Path, name: str) -> Path:
+        entry = root / name
+        entry.mkdir()  # raises FileNotFoundError like mkdir(2) if root is missing
+        (entry / "provider").write_text(self.provider + "\n")
+        (entry / "generation").write_text("0\n")
+        (entry / "privlevel_floor").write_text("0\n")
+        (entry / "outblob").write_bytes(self.outblob)
+        if self.auxblob is not None:
+            (entry / "auxblob").write_bytes(self.auxblob)
+        self.created.append(name)
+        return entry
+
+    def remove_entry(self, entry: Path) -> None:
+        self.removed[entry.name] = {p.name: p.read_bytes() for p in entry.iterdir()}
+        shutil.rmtree(entry)
+
+    def _bump(self, entry: Path) -> None:
+        gen = entry / "generation"
+        gen.write_text(f"{int(gen.read_text()) + 1}\n")
+
+    def read(self, path: Path, limit: int) -> bytes:
+        if path.name in ("inblob", "privlevel"):
+            raise PermissionError(errno.EACCES, "write-only attribute", str(path))
+        if path.name == "outblob" and self.interfere > 0:
+            self.interfere -= 1
+            self._bump(path.parent)  # another process wrote inblob meanwhile
+        data = path.read_bytes()
+        assert len(data) <= limit
+        return data
+
+    def write(self, path: Path, data: bytes) -> None:
+        if path.name not in ("inblob", "privlevel"):
+            raise PermissionError(errno.EACCES, "read-only attribute", str(path))
+        if path.name == "inblob" and len(data) > 64:
+            raise OSError(errno.EINVAL, "inblob too large", str(path))
+        path.write_bytes(data)
+        self._bump(path.parent)
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+
+class VectorCollateral:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.quotes: list[bytes] = []
+
+    def collateral_json(self, quote: bytes) -> str:
+        self.quotes.append(quote)
+        return self.text
+
+
+@pytest.fixture
+def tdx(tmp_path: Path) -> tuple[ConfigfsTsmPlatform, FakeConfigfs, Path, bytes, dict[str, Any]]:
+    case = manifest_case("tdx_v4_gcp_cos113")
+    quote = vector(case["evidence"])
+    fs = FakeConfigfs("tdx_guest", quote)
+    collateral = VectorCollateral((VECTORS / case["collateral"]).read_text())
+    return ConfigfsTsmPlatform(tmp_path, collateral=collateral, fs=fs), fs, tmp_path, quote, case
+
+
+def snp_platform(
+    tmp_path: Path, auxblob: bytes | None, **kwargs: Any
+) -> tuple[ConfigfsTsmPlatform, FakeConfigfs]:
+    fs = FakeConfigfs("sev_guest", vector("files/trustee/test-report.bin"), auxblob)
+    return ConfigfsTsmPlatform(tmp_path, collateral=None, fs=fs, **kwargs), fs
+
+
+# -- TDX ------------------------------------------------------------------------------
+
+
+def test_tdx_writes_exactly_the_report_data_and_returns_the_kernel_quote(tdx: Any) -> None:
+    platform, fs, root, quote, _ = tdx
+    report_data = bytes(range(100, 164))
+    evidence = platform.evidence(report_data)
+    request = fs.created[-1]
+    assert fs.removed[request]["inblob"] == report_data
+    assert evidence.quote == quote
+    assert evidence.kind == "intel-tdx"
+    assert evidence.certificates == ()
+    assert platform.kind == "tdx" and platform.provider == "tdx_guest"
+    assert list(root.iterdir()) == []  # every entry, probe included, was removed
+
+
+def test_tdx_evidence_verifies_with_dcap_qvl(tdx: Any) -> None:
+    platform, _, _, _, case = tdx
+    evidence = platform.evidence(bytes(range(64)))
+    collateral = dcap_qvl.QuoteCollateralV3.from_json(evidence.collateral_json)
+    report = dcap_qvl.verify(evidence.quote, collateral, int(case["verify_at_unix"]))
+    assert report.status == case["tcb_status"]
+
+
+def test_each_request_uses_a_new_entry(tdx: Any) -> None:
+    platform, fs, root, _, _ = tdx
+    for _ in range(5):
+        platform.evidence(bytes(64))
+    assert len(fs.created) == 6  # the provider probe, then one per request
+    assert len(set(fs.created)) == 6
+    assert all(name.startswith("blindinfer-") for name in fs.created)
+    assert list(root.iterdir()) == []
+
+
+def test_probe_never_writes_inblob(tdx: Any) -> None:
+    _, fs, _, _, _ = tdx
+    probe = fs.created[0]
+    assert "inblob" not in fs.removed[probe]
+    assert fs.removed[probe]["generation"] == b"0\n"
+
+
+def test_generation_mismatch_is_retried_with_a_fresh_entry(tdx: Any) -> None:
+    platform, fs, root, quote, _ = tdx
+    fs.interfere = 1
+    before = len(fs.created)
+    assert platform.evidence(bytes(64)).quote == quote
+    assert len(fs.created) == before + 2
+    assert list(root.iterdir()) == []
+
+
+def test_persistent_generation_mismatch_is_an_error(tdx: Any) -> None:
+    platform, fs, root, _, _ = tdx
+    fs.interfere = 100
+    with pytest.raises(TsmError, match="generation mismatch"):
+        platform.evidence(bytes(64))
+    assert list(root.iterdir()) == []
+
+
+def test_privlevel_is_written_and_counted_in_the_generation(tmp_path: Path) -> None:
+    platform, fs = snp_platform(
+        tmp_path, cert_table([(VCEK_GUID, vector("files/trustee/test-vcek.der"))]), privlevel=2
+    )
+    platform.evidence(bytes(64))
+    files = fs.removed[fs.created[-1]]
+    assert files["privlevel"] == b"2\n"
+    assert files["generation"] == b"2\n"
+
+
+@pytest.mark.parametrize("size", [0, 63, 65])
+def test_report_data_must_be_64_bytes(tdx: Any, size: int) -> None:
+    platform, fs, _, _, _ = tdx
+    with pytest.raises(ValueError, match="64"):
+        platform.evidence(bytes(size))
+    assert len(fs.created) == 1
+
+
+def test_tdx_requires_collateral(tmp_path: Path) -> None:
+    with pytest.raises(TsmError, match="PCCS"):
+        ConfigfsTsmPlatform(tmp_path, collateral=None, fs=FakeConfigfs("tdx_guest", b"q"))
+
+
+def test_unknown_provider_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TsmError, match="'arm_cca_guest' is not supported"):
+        ConfigfsTsmPlatform(tmp_path, collateral=None, fs=FakeConfigfs("arm_cca_guest", b"q"))
+
+
+def test_oversized_tdx_quote_is_a_cwt_error(tmp_path: Path) -> None:
+    fs = FakeConfigfs("tdx_guest", bytes(9000))
+    platform = ConfigfsTsmPlatform(tmp_path, collateral=VectorCollateral(""), fs=fs)
+    with pytest.raises(TsmError, match="CWT"):
+        platform.evidence(bytes(64))
+
+
+def test_sealing_keys_are_not_available_with_clear_reasons(tdx: Any, tmp_path: Path) -> None:
+    platform = tdx[0]
+    with pytest.raises(SealingKeyUnavailableError, match="key broker"):
+        platform.sealing_key()
+    snp, _ = snp_platform(tmp_path / "snp", None, provider="sev_guest")
+    with pytest.raises(SealingKeyUnavailableError, match="/dev/sev-guest"):
+        snp.sealing_key()
+
+
+# -- SEV-SNP --------------------------------------------------------------------------
+
+
+def verify_snp_signature(report: bytes, vcek_der: bytes) -> None:
+    """ECDSA P-384 over report[0:0x2A0]; r and s are 72-byte little-endian at 0x2A0."""
+    r = int.from_bytes(report[0x2A0 : 0x2A0 + 72], "little")
+    s = int.from_bytes(report[0x2E8 : 0x2E8 + 72], "little")
+    key = x509.load_der_x509_certificate(vcek_der).public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key.verify(encode_dss_signature(r, s), report[:0x2A0], ec.ECDSA(hashes.SHA384()))
+
+
+def test_snp_returns_the_report_and_the_certificates_from_auxblob(tmp_path: Path) -> None:
+    vcek = vector("files/trustee/test-vcek.der")
+    ask, ark = ask_ark()
+    auxblob = cert_table([(ARK_GUID, ark), (VCEK_GUID, vcek), (ASK_GUID, ask)], pad_to=16384)
+    platform, fs = snp_platform(tmp_path, auxblob)
+    report_data = bytes(range(64, 128))
+    evidence = platform.evidence(report_data)
+    assert fs.removed[fs.created[-1]]["inblob"] == report_data
+    assert evidence.kind == "amd-snp" and platform.kind == "snp"
+    assert evidence.quote == vector("files/trustee/test-report.bin")
+    assert evidence.collateral_json == ""
+    assert evidence.certificates == (("vcek", vcek), ("ask", ask), ("ark", ark))
+    verify_snp_signature(evidence.quote, dict(evidence.certificates)["vcek"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_snp_without_certificates_and_without_kds_is_a_clear_error(tmp_path: Path) -> None:
+    platform, _ = snp_platform(tmp_path, bytes(4096))
+    with pytest.raises(TsmError, match=r"no VCEK in the certificate table.*--kds-url"):
+        platform.evidence(bytes(64))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_snp_without_certificates_fetches_the_vcek_from_kds(tmp_path: Path) -> None:
+    vcek = vector("files/trustee/test-vcek.der")
+    ask, ark = ask_ark()
+    pem = b"".join(x509.load_der_x509_certificate(d).public_bytes(Encoding.PEM) for d in (ask, ark))
+    # The URL KDS would serve this VCEK at, from the VCEK's own extensions (AMD OIDs).
+    cert = x509.load_der_x509_certificate(vcek)
+
+    def ext(oid: str) -> bytes:
+        value = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value
+        assert isinstance(value, x509.UnrecognizedExtension)
+        return value.value
+
+    def spl(n: int) -> str:
+        return f"{ext(f'1.3.6.1.4.1.3704.1.3.{n}')[-1]:02d}"
+
+    hwid = ext("1.3.6.1.4.1.3704.1.4").hex()
+    vcek_url = (
+        f"https://kds.test/vcek/v1/Milan/{hwid}?blSPL={spl(1)}&teeSPL={spl(2)}"
+        f"&snpSPL={spl(3)}&ucodeSPL={spl(8)}"
+    )
+    served = {
+        vcek_url: HttpResponse(200, {}, vcek),
+        "https://kds.test/vcek/v1/Milan/cert_chain": HttpResponse(200, {}, pem),
+    }
+    fetched: list[str] = []
+
+    def fetch(url: str) -> HttpResponse:
+        fetched.append(url)
+        return served.get(url, HttpResponse(404, {}, b""))
+
+    kds = KdsVcekSource("https://kds.test/", product="Milan", fetch=fetch)
+    platform, _ = snp_platform(tmp_path, b"", vcek_source=kds)
+    evidence = platform.evidence(bytes(64))
+    assert evidence.certificates == (("vcek", vcek), ("ask", ask), ("ark", ark))
+    verify_snp_signature(evidence.quote, vcek)
+    platform.evidence(bytes(64))
+    assert fetched == [vcek_url, "https://kds.test/vcek/v1/Milan/cert_chain"]  # cached
+
+
+def test_kds_needs_a_product_for_v2_reports() -> None:
+    report = vector("files/trustee/test-report.bin")
+    with pytest.raises(TsmError, match="Milan/Genoa/Turin"):
+        KdsVcekSource("https://kds.test").vcek_url(report)
+
+
+def test_vlek_signed_report_needs_the_vlek_from_the_host(tmp_path: Path) -> None:
+    report = bytearray(vector("files/trustee/test-report.bin"))
+    struct.pack_into("<I", report, 0x48, 1 << 2)  # SIGNING_KEY = VLEK
+    fs = FakeConfigfs("sev_guest", bytes(report), cert_table([(VCEK_GUID, b"x")]))
+    platform = ConfigfsTsmPlatform(tmp_path, collateral=None, fs=fs)
+    with pytest.raises(TsmError, match="VLEK"):
+        platform.evidence(bytes(64))
+    fs.auxblob = cert_table([(VLEK_GUID, b"vlek-der")])
+    assert platform.evidence(bytes(64)).certificates == (("vlek", b"vlek-der"),)
+
+
+# -- the certificate table ------------------------------------------------------------
+
+
+def test_cert_table_skips_unknown_guids_and_accepts_empty_tables() -> None:
+    other = uuid.UUID("11111111-2222-3333-4444-555555555555")
+    assert parse_cert_table(cert_table([(other, b"x"), (VCEK_GUID, b"v")])) == {"vcek": b"v"}
+    assert parse_cert_table(b"") == {}
+    assert parse_cert_table(bytes(24)) == {}
+    assert parse_cert_table(bytes(4096)) == {}
+
+
+def test_cert_table_guid_byte_order_is_rfc4122() -> None:
+    # A GUID stored in the mixed-endian (EFI) layout must not be taken for the VCEK.
+    swapped = cert_table([(uuid.UUID(bytes=VCEK_GUID.bytes_le), b"v")])
+    assert parse_cert_table(swapped) == {}
+
+
+@pytest.mark.parametrize(
+    ("blob", "phrase"),
+    [
+        (VCEK_GUID.bytes + struct.pack("<II", 48, 8), "not terminated"),
+        (VCEK_GUID.bytes + struct.pack("<II", 48, 8) + bytes(24), "outside"),
+        (
+            VCEK_GUID.bytes + struct.pack("<II", 8, 8) + bytes(24) + bytes(8),
+            "inside the table header",
+        ),
+        (VCEK_GUID.bytes + struct.pack("<II", 48, 0) + bytes(24) + bytes(8), "outside"),
+        (VCEK_GUID.bytes + struct.pack("<II", 0xFFFFFFFF, 0xFFFFFFFF) + bytes(24), "outside"),
+        (cert_table([(VCEK_GUID, b"a"), (VCEK_GUID, b"b")]), "twice"),
+        (bytes(10), "not terminated"),
+        ((ASK_GUID.bytes + struct.pack("<II", 5000, 1)) * 70 + bytes(24), "entries"),
+    ],
+)
+def test_cert_table_is_bounds_checked(blob: bytes, phrase: str) -> None:
+    with pytest.raises(QuoteParseError, match=phrase):
+        parse_cert_table(blob)
+
+
+@given(st.binary(max_size=512))
+def test_cert_table_parser_raises_only_quote_parse_errors(blob: bytes) -> None:
+    try:
+        certs = parse_cert_table(blob)
+    except QuoteParseError:
+        return
+    assert set(certs) <= {"vcek", "vlek", "ask", "ark"}
+    assert all(der in blob for der in certs.values())
+
+
+# -- the real filesystem path and detection -------------------------------------------
+
+
+def test_missing_configfs_tsm_root_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TsmError, match=r"does not exist.*Linux >= 6.7"):
+        probe_provider(tmp_path / "tsm" / "report")
+
+
+def test_no_registered_provider_is_a_clear_error(tmp_path: Path) -> None:
+    class NoProvider(OsTsmFs):
+        def make_entry(self, root: Path, name: str) -> Path:
+            raise OSError(errno.ENXIO, "No such device or address")
+
+    with pytest.raises(TsmError, match="no TSM provider is registered"):
+        probe_provider(tmp_path, fs=NoProvider())
+
+
+def test_os_fs_creates_and_removes_entries(tmp_path: Path) -> None:
+    fs = OsTsmFs()
+    entry = fs.make_entry(tmp_path, "blindinfer-x")
+    assert entry.is_dir()
+    (entry / "inblob").touch()  # configfs creates the attributes; a plain folder does not
+    fs.write(entry / "inblob", b"abc")
+    assert fs.read(entry / "inblob", 3) == b"abc"
+    with pytest.raises(TsmError, match="larger"):
+        fs.read(entry / "inblob", 2)
+    (entry / "inblob").unlink()
+    fs.remove_entry(entry)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_detect_tdx_and_snp(tmp_path: Path) -> None:
+    tsm, dev = tmp_path / "tsm", tmp_path / "dev"
+    tsm.mkdir()
+    dev.mkdir()
+    none = tmp_path / "no-gramine"
+    (dev / "tdx_guest").touch()
+    assert detect_platform(gramine_root=none, tsm_root=tsm, dev_root=dev) == "tdx"
+    (dev / "tdx_guest").unlink()
+    (dev / "sev-guest").touch()
+    assert detect_platform(gramine_root=none, tsm_root=tsm, dev_root=dev) == "snp"
+    (dev / "sev-guest").unlink()
+    fs = FakeConfigfs("sev_guest", b"")
+    assert detect_platform(gramine_root=none, tsm_root=tsm, dev_root=dev, fs=fs) == "snp"
+    assert "inblob" not in fs.removed[fs.created[0]]
+    assert list(tsm.iterdir()) == []
+    assert detect_platform(gramine_root=none, tsm_root=tsm, dev_root=dev, probe=False) is None
+    assert detect_platform(gramine_root=none, tsm_root=tmp_path / "absent", dev_root=dev) is None
