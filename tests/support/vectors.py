@@ -18,6 +18,11 @@ def cases(kind: str) -> list[dict[str, Any]]:
     return [c for c in json.loads(manifest.read_text()) if c["kind"] == kind]
 
 
+def cases_all() -> list[dict[str, Any]]:
+    manifest = VECTORS / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.is_file() else []
+
+
 def path(case: dict[str, Any], key: str) -> Path:
     return VECTORS / case[key]
 

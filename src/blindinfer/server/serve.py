@@ -13,12 +13,14 @@ from blindinfer.server.app import build_state, create_app
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.platforms import select_platform
 from blindinfer.server.tls import make_tls_identity
+from blindinfer.tee.platform import Platform
 
 log = logging.getLogger("blindinfer.server")
 
 
-def build_server(config: ServerConfig) -> uvicorn.Server:
-    platform = select_platform(config)
+def build_server(config: ServerConfig, platform: Platform | None = None) -> uvicorn.Server:
+    """A uvicorn server for `config`; `platform` defaults to the one `config` selects."""
+    platform = platform if platform is not None else select_platform(config)
     identity = make_tls_identity()
     app = create_app(build_state(config, platform, identity))
     uv_config = uvicorn.Config(
@@ -37,15 +39,20 @@ def build_server(config: ServerConfig) -> uvicorn.Server:
     return uvicorn.Server(uv_config)
 
 
-def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
-    """Serves until interrupted; `on_ready(port)` runs once the socket listens."""
-    server = build_server(config)
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+def listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted sockets inherit this. Without it, a response whose headers and body go out
     # as separate TLS records waits for a delayed ACK: +40 ms per request on loopback.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((config.host, config.port))
+    sock.bind((host, port))
+    return sock
+
+
+def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
+    """Serves until interrupted; `on_ready(port)` runs once the socket listens."""
+    server = build_server(config)
+    sock = listening_socket(config.host, config.port)
     port = int(sock.getsockname()[1])
     if on_ready is not None:
 
