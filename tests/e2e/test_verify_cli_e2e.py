@@ -105,3 +105,61 @@ def test_bundle_saved_from_a_server_verifies_offline(server: ServerProcess, tmp_
     later = str(json.loads(fresh.read_text())["captured_at"] + 60 * 86400)
     expired = cli("verify", str(fresh), "--simulation", "--at", later)
     assert expired.returncode == 1 and "expired" in expired.stdout.lower()
+
+
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")
+@pytest.mark.parametrize("case", vectors.case_params("amd-sev-snp"))
+def test_snp_vectors_reach_their_expected_outcome(case: dict[str, Any], tmp_path: Path) -> None:
+    args = [
+        "verify",
+        "--snp-report",
+        str(vectors.path(case, "evidence")),
+        "--vcek",
+        str(vectors.path(case, "chip_cert")),
+        "--ask-ark",
+        str(vectors.path(case, "ask_ark_chain")),
+        "--at",
+        case["verify_at"],
+        "--json",
+    ]
+    result = cli(*args)
+    document = json.loads(result.stdout)
+    if case["expect"] == "err":
+        assert result.returncode == 1
+        assert document["authentic"] is False
+        return
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert document["kind"] == "amd-snp" and document["root"] == "AMD ARK (Milan)"
+    claims = document["claims"]
+    # a production policy pinning this very measurement: the debug guest is still refused
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[snp]\nmeasurement = ["{claims["measurement"]}"]\nvmpl = [{claims["vmpl"]}]\n'
+    )
+    with_policy = cli(*args, "--policy", str(policy))
+    fields = [m["field"] for m in json.loads(with_policy.stdout)["mismatches"]]
+    if claims["debug"]:
+        assert with_policy.returncode == 3 and fields == ["snp.allow_debug"]
+    else:
+        assert with_policy.returncode == 0 and fields == []
+
+
+@pytest.mark.parametrize("case", vectors.case_params("nvidia-gpu-spdm"))
+def test_nvidia_vector_verifies_with_its_nonce(case: dict[str, Any]) -> None:
+    args = [
+        "verify",
+        "--nvidia-report",
+        str(vectors.path(case, "evidence")),
+        "--nvidia-certs",
+        str(vectors.path(case, "cert_chain")),
+        "--at",
+        "2025-01-01T00:00:00Z",
+        "--json",
+    ]
+    ok = cli(*args, "--nonce", case["expected_nonce_hex"])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    document = json.loads(ok.stdout)
+    assert document["kind"] == "nvidia-h100" and len(document["claims"]) == 64
+    wrong = cli(*args, "--nonce", "00" * 32)
+    assert wrong.returncode == 1
+    assert "nonce" in json.loads(wrong.stdout)["reason"].lower()
