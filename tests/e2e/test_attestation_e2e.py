@@ -7,6 +7,7 @@ where a man in the middle is involved, it records every path it was asked for.
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from collections.abc import Iterator
 
@@ -162,3 +163,27 @@ def test_pinned_client_never_talks_to_another_key(
 def test_plain_http_urls_are_refused(policy: blindinfer.Policy) -> None:
     with pytest.raises(ValueError, match="https only"):
         blindinfer.connect("http://127.0.0.1:9924", policy=policy)
+
+
+class _OwnCollateral:
+    """Collateral the client fetched itself (here: the simulated PKI's, made anew)."""
+
+    def __init__(self) -> None:
+        self.asked: list[bytes] = []
+
+    def collateral_json(self, quote: bytes) -> str:
+        from blindinfer.tee.simulation.pki import simulation_pki
+
+        self.asked.append(quote)
+        return simulation_pki().collateral(time.time() - 3600).json
+
+
+def test_client_may_take_collateral_from_its_own_source(
+    server: ServerProcess, policy: blindinfer.Policy
+) -> None:
+    source = _OwnCollateral()
+    bundle = capture(server.url, collateral=source)
+    assert source.asked == [bundle.evidence.quote]
+    served = capture(server.url).evidence.collateral_json
+    assert bundle.evidence.collateral_json != served
+    assert verify_bundle(bundle, policy=policy, simulation=True).tcb_status == "UpToDate"

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
 from hypothesis import strategies as st
 
+from blindinfer.attestation.pccs import HttpResponse
 from blindinfer.errors import QuoteParseError
-from blindinfer.tee.collateral import HttpResponse
 from blindinfer.tee.configfs_tsm import (
     ConfigfsTsmPlatform,
     KdsVcekSource,

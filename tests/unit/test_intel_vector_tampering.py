@@ -88,7 +88,7 @@ def test_changed_signed_collateral_json_is_refused(case: dict[str, Any], member:
     document = json.loads(collateral)
     # one space after the first comma: the same JSON value, other signed bytes
     document[member] = document[member].replace(",", ", ", 1)
-    with pytest.raises(QuoteVerificationError, match="(?i)signature|invalid"):
+    with pytest.raises(QuoteVerificationError, match=r"(?i)signature|invalid"):
         _verify(quote, json.dumps(document), at)
 
 

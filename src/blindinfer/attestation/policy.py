@@ -98,6 +98,13 @@ class Policy:
     def __post_init__(self) -> None:
         if self.sgx is None and self.tdx is None and self.snp is None:
             raise PolicyError("a policy needs at least one of the [sgx], [tdx], [snp] sections")
+        if self.snp is not None and not (
+            self.snp.measurement or self.snp.id_key_digest or self.snp.author_key_digest
+        ):
+            raise PolicyError(
+                "an [snp] section must pin measurement, id_key_digest or author_key_digest: "
+                "without them any guest image would pass"
+            )
         if self.max_collateral_age_days is not None and self.max_collateral_age_days <= 0:
             raise PolicyError("max_collateral_age_days must be a positive integer")
 

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     attest.add_argument("--simulation", action="store_true")
     attest.add_argument("--json", action="store_true")
     attest.add_argument("--save", type=Path, metavar="BUNDLE", help="write the evidence bundle")
+    attest.add_argument(
+        "--collateral-url", help="fetch Intel collateral from this PCCS/PCS, not from the server"
+    )
 
     verify = commands.add_parser(
         "verify",
@@ -166,13 +169,15 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _attest(args: argparse.Namespace) -> int:
+    from blindinfer.attestation.pccs import PccsCollateral
     from blindinfer.attestation.policy import load_policy
     from blindinfer.client.client import SIMULATION_BANNER, capture, verify_bundle
 
     policy = load_policy(args.policy) if args.policy else None
     if args.simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=1)
-    bundle = capture(args.url)
+    source = PccsCollateral(args.collateral_url) if args.collateral_url else None
+    bundle = capture(args.url, collateral=source)
     if args.save:
         bundle.save(args.save)  # saved before verification, so a refusal can be audited
     report = verify_bundle(bundle, policy=policy, simulation=args.simulation)

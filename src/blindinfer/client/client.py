@@ -6,6 +6,7 @@ policy; the client then talks only to the attested key, pinned in its TLS contex
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -20,6 +21,7 @@ import httpx
 import numpy as np
 
 from blindinfer.attestation.bundle import EvidenceBundle
+from blindinfer.attestation.pccs import CollateralSource, PccsCollateral
 from blindinfer.attestation.policy import Policy, load_policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.attestation.verifier import verify_evidence
@@ -43,17 +45,27 @@ SIMULATION_BANNER = (
 )
 
 
-def capture(url: str, *, timeout: float = 30.0) -> EvidenceBundle:
-    """Fetches evidence over a fresh nonce; returns it unverified, with what verifies it."""
+def capture(
+    url: str, *, timeout: float = 30.0, collateral: CollateralSource | None = None
+) -> EvidenceBundle:
+    """Fetches evidence over a fresh nonce; returns it unverified, with what verifies it.
+
+    With `collateral` (e.g. a PCCS or Intel PCS the caller trusts), Intel collateral comes
+    from there instead of from the server.
+    """
     base = check_url(url)
     nonce = secrets.token_bytes(NONCE_SIZE)
     discovered = fetch_evidence(base, nonce, timeout)
+    evidence = parse_evidence_document(discovered.body)
+    if collateral is not None and evidence.kind.startswith("intel-"):
+        fetched = collateral.collateral_json(evidence.quote)
+        evidence = dataclasses.replace(evidence, collateral_json=fetched)
     return EvidenceBundle(
         source=base,
         captured_at=int(time.time()),
         nonce=nonce,
         tls_certificate_der=discovered.certificate_der,
-        evidence=parse_evidence_document(discovered.body),
+        evidence=evidence,
     )
 
 
@@ -77,13 +89,14 @@ def attest(
     simulation: bool = False,
     timeout: float = 30.0,
     now: int | None = None,
+    collateral_url: str | None = None,
 ) -> VerifiedAttestation:
     """Asks for evidence over a fresh nonce and verifies it; raises on any failure."""
     if simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=3)
-    return verify_bundle(
-        capture(url, timeout=timeout), policy=policy, simulation=simulation, now=now
-    )
+    source = PccsCollateral(collateral_url) if collateral_url is not None else None
+    bundle = capture(url, timeout=timeout, collateral=source)
+    return verify_bundle(bundle, policy=policy, simulation=simulation, now=now)
 
 
 def connect(
@@ -92,9 +105,19 @@ def connect(
     policy: Policy | str | Path | dict[str, Any],
     simulation: bool = False,
     timeout: float = 60.0,
+    collateral_url: str | None = None,
 ) -> Client:
-    """An attested connection: returns only once the evidence verified against `policy`."""
-    verified = attest(url, policy=load_policy(policy), simulation=simulation, timeout=timeout)
+    """An attested connection: returns only once the evidence verified against `policy`.
+
+    `collateral_url`: fetch Intel collateral from this PCCS/PCS instead of the server.
+    """
+    verified = attest(
+        url,
+        policy=load_policy(policy),
+        simulation=simulation,
+        timeout=timeout,
+        collateral_url=collateral_url,
+    )
     return Client(check_url(url), verified, timeout=timeout)
 
 

@@ -25,8 +25,8 @@ from typing import Final
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from blindinfer.attestation.pccs import CollateralSource
 from blindinfer.errors import BlindInferError
-from blindinfer.tee.collateral import CollateralSource
 from blindinfer.tee.platform import REPORT_DATA_SIZE, Evidence
 
 DEFAULT_ROOT: Final = Path("/dev/attestation")

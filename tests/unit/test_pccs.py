@@ -18,7 +18,7 @@ import dcap_qvl  # type: ignore[import-untyped]
 import pytest
 from cryptography import x509
 
-from blindinfer.tee.collateral import (
+from blindinfer.attestation.pccs import (
     CollateralError,
     HttpResponse,
     PccsCollateral,

@@ -3,7 +3,10 @@
 The client verifies a quote with dcap-qvl against collateral the *server* sends along
 (`Evidence.collateral_json`), so that a client needs no network access to Intel. This
 module is where the server gets that collateral: from a PCCS (Intel's caching service,
-or any service speaking the PCS v4 API, including Intel's PCS itself).
+or any service speaking the PCS v4 API, including Intel's PCS itself). A client that
+prefers not to take collateral from the server uses it too (`connect(...,
+collateral_url=...)`): it lives on the client side so that the client never imports the
+server. Either way dcap-qvl checks the collateral's signatures against the pinned root.
 
 Why not `dcap_qvl.get_collateral`? Its Python binding takes only a URL: the transport
 cannot be injected (so it cannot be tested without a network) and it attaches
@@ -50,7 +53,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from blindinfer.errors import BlindInferError
 
-log = logging.getLogger("blindinfer.tee.collateral")
+log = logging.getLogger("blindinfer.attestation.pccs")
 
 MAX_RESPONSE_SIZE: Final = 4 * 1024 * 1024
 """Largest PCCS/KDS response body accepted (the platform PCK CRL is the largest, ~10 KiB)."""
