@@ -155,6 +155,8 @@ def test_upload_returns_201_then_idempotent_200(client: TestClient) -> None:
         "model_id": body["model_id"],
         "sha256": MODEL_SHA,
         "size": len(MODEL),
+        "owner": "local",
+        "shared_with": [],
         "version": "1",
         "state": "READY",
         "reason": "",
@@ -196,7 +198,12 @@ def test_model_metadata(client: TestClient) -> None:
             {"name": "y", "datatype": "FP32", "shape": [-1, 2]},
             {"name": "j", "datatype": "INT32", "shape": [3]},
         ],
-        "parameters": {"model_id": model_id, "sha256": MODEL_SHA, "size": len(MODEL)},
+        "parameters": {
+            "model_id": model_id,
+            "sha256": MODEL_SHA,
+            "size": len(MODEL),
+            "owner": "local",
+        },
     }
     assert client.get("/v2/models/double").json() == expected
     assert client.get("/v2/models/double/versions/1").json() == expected

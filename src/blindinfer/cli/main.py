@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -34,6 +35,16 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-bytes", type=int, default=512 << 20)
     parser.add_argument("--max-request-bytes", type=int, default=64 << 20)
     parser.add_argument("--max-models", type=int, default=32)
+    parser.add_argument(
+        "--memory-budget-bytes", type=int, default=4 << 30, help="measured memory of loaded models"
+    )
+    parser.add_argument("--max-stored-bytes", type=int, default=16 << 30, help="sealed storage")
+    parser.add_argument("--workers", type=int, default=2, help="inference worker processes")
+    parser.add_argument("--worker-memory-bytes", type=int, default=8 << 30)
+    parser.add_argument("--queue-limit", type=int, default=64)
+    parser.add_argument("--inference-timeout-ms", type=int, default=60_000)
+    parser.add_argument("--store-dir", help="persist sealed models here (default: memory only)")
+    parser.add_argument("--auth-file", help="tenants and API key hashes (default: open mode)")
     parser.add_argument("--isvprodid", type=int, default=1)
     parser.add_argument("--isvsvn", type=int, default=1)
     parser.add_argument(
@@ -48,6 +59,9 @@ def _client_options(parser: argparse.ArgumentParser, *, policy_required: bool = 
     parser.add_argument("--policy", required=policy_required, help="policy TOML file")
     parser.add_argument(
         "--simulation", action="store_true", help="accept a SIMULATION server (no TEE, insecure)"
+    )
+    parser.add_argument(
+        "--api-key", default=os.environ.get("BLINDINFER_API_KEY"), help="or BLINDINFER_API_KEY"
     )
 
 
@@ -116,6 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(models)
 
     commands.add_parser("demo", help="start a simulation server and run the whole flow")
+
+    audit = commands.add_parser("audit", help="inspect the server's audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_commands.add_parser(
+        "verify",
+        help="check an audit log's hash chain",
+        description="Exit status: 0 intact chain; 1 broken chain, missing anchor or unreadable file.",
+    )
+    audit_verify.add_argument("path", type=Path, help="the audit log (JSON lines)")
+    audit_verify.add_argument("--json", action="store_true")
+    audit_verify.add_argument(
+        "--anchor",
+        metavar="HASH",
+        help="a head hash recorded elsewhere that must still be in the log",
+    )
+
+    keys = commands.add_parser("new-key", help="make an API key and its config snippet")
+    keys.add_argument("--tenant", required=True)
+    keys.add_argument("--role", choices=("admin", "owner", "user"), required=True)
+    keys.add_argument("--key-id", required=True)
     return parser
 
 
@@ -130,6 +164,12 @@ def _config(args: argparse.Namespace) -> object:
             max_model_bytes=args.max_model_bytes,
             max_request_bytes=args.max_request_bytes,
             max_models=args.max_models,
+            memory_budget_bytes=args.memory_budget_bytes,
+            max_stored_bytes=args.max_stored_bytes,
+            workers=args.workers,
+            worker_memory_bytes=args.worker_memory_bytes,
+            queue_limit=args.queue_limit,
+            inference_timeout_ms=args.inference_timeout_ms,
         ),
         isvprodid=args.isvprodid,
         isvsvn=args.isvsvn,
@@ -139,6 +179,8 @@ def _config(args: argparse.Namespace) -> object:
         kds_url=args.kds_url,
         snp_product=args.snp_product,
         snp_vmpl=args.snp_vmpl,
+        store_dir=args.store_dir,
+        auth_file=args.auth_file,
     )
 
 
@@ -209,7 +251,9 @@ def _with_client(args: argparse.Namespace) -> int:
 
     from blindinfer.client.client import connect
 
-    with connect(args.url, policy=args.policy, simulation=args.simulation) as client:
+    with connect(
+        args.url, policy=args.policy, simulation=args.simulation, api_key=args.api_key
+    ) as client:
         if args.command == "upload":
             info = client.upload_model(args.model, name=args.name)
             print(json.dumps({"model_id": info.model_id, "name": info.name, "sha256": info.sha256}))
@@ -237,6 +281,22 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from blindinfer.cli.audit import run_audit
+
+    return run_audit(args)
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    from blindinfer.server.keys_cli import new_key_toml
+
+    secret, snippet = new_key_toml(args.tenant, args.role, args.key_id)
+    print(f"API key (give it to its holder, it is not stored anywhere): {secret}")
+    print("Add to the --auth-file, under the tenant's [[tenant]] table:")
+    print(snippet)
+    return 0
+
+
 _COMMANDS = {
     "serve": _serve,
     "measure": _measure,
@@ -248,6 +308,8 @@ _COMMANDS = {
     "delete": _with_client,
     "models": _with_client,
     "demo": _demo,
+    "audit": _audit,
+    "new-key": _new_key,
 }
 
 

@@ -106,10 +106,12 @@ def connect(
     simulation: bool = False,
     timeout: float = 60.0,
     collateral_url: str | None = None,
+    api_key: str | None = None,
 ) -> Client:
     """An attested connection: returns only once the evidence verified against `policy`.
 
     `collateral_url`: fetch Intel collateral from this PCCS/PCS instead of the server.
+    `api_key`: sent only over the pinned, attested channel, never before verification.
     """
     verified = attest(
         url,
@@ -118,19 +120,28 @@ def connect(
         timeout=timeout,
         collateral_url=collateral_url,
     )
-    return Client(check_url(url), verified, timeout=timeout)
+    return Client(check_url(url), verified, timeout=timeout, api_key=api_key)
 
 
 class Client:
     """Talks only to the certificate that the verified evidence bound."""
 
-    def __init__(self, url: str, attestation: VerifiedAttestation, *, timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        attestation: VerifiedAttestation,
+        *,
+        timeout: float,
+        api_key: str | None = None,
+    ) -> None:
         self.url = url
         self.attestation = attestation
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=url,
             transport=transport(pinned_context(attestation.certificate_der)),
             timeout=timeout,
+            headers=headers,
         )
         self._metadata: dict[str, ModelMetadata] = {}
         self._limits = TensorLimits()
@@ -150,9 +161,16 @@ class Client:
         self._http.close()
 
     def upload_model(
-        self, model: str | Path | bytes | Any, *, name: str | None = None
+        self,
+        model: str | Path | bytes | Any,
+        *,
+        name: str | None = None,
+        share_with: Sequence[str] = (),
     ) -> ModelInfo:
-        """Uploads a model from a path, bytes or an onnx.ModelProto (streamed from a path)."""
+        """Uploads a model from a path, bytes or an onnx.ModelProto (streamed from a path).
+
+        `share_with`: tenants that may run it too ("*" = every tenant); private otherwise.
+        """
         content: bytes | Iterator[bytes]
         if isinstance(model, bytes | bytearray | memoryview):
             content = bytes(model)
@@ -168,12 +186,22 @@ class Client:
             f"/v2/repository/models/{target}/upload",
             content=content,
             headers={"content-type": "application/octet-stream"},
+            params={"share": ",".join(share_with)} if share_with else None,
         )
         return ModelInfo.from_json(response.json())
 
     def delete_model(self, model: str) -> ModelInfo:
         response = self._request("DELETE", f"/v2/repository/models/{quote(model, safe='')}")
         self._metadata.pop(model, None)
+        return ModelInfo.from_json(response.json())
+
+    def share_model(self, model: str, tenants: Sequence[str]) -> ModelInfo:
+        """Lets other tenants run `model` ("*" = every tenant); [] makes it private again."""
+        response = self._request(
+            "POST",
+            f"/v2/repository/models/{quote(model, safe='')}/share",
+            json={"tenants": list(tenants)},
+        )
         return ModelInfo.from_json(response.json())
 
     def list_models(self) -> list[ModelInfo]:

@@ -12,6 +12,8 @@ class ModelInfo:
     name: str
     sha256: str
     size: int
+    owner: str = ""
+    shared_with: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, document: Any) -> ModelInfo:
@@ -20,6 +22,8 @@ class ModelInfo:
             name=str(document["name"]),
             sha256=str(document["sha256"]),
             size=int(document["size"]),
+            owner=str(document.get("owner", "")),
+            shared_with=tuple(str(t) for t in document.get("shared_with", ())),
         )
 
 

@@ -16,3 +16,62 @@ class InvalidTensorError(BlindInferError):
         self.code = code
         self.message = message
         super().__init__(f"{code}: {message}")
+
+
+class ExecutionError(BlindInferError):
+    """A model could not be executed in its isolated worker; `code` is machine-readable.
+
+    These are failures of the sandbox around onnxruntime (time, memory, crashes, queueing),
+    as opposed to InvalidTensorError, which onnxruntime reports for the request itself.
+    """
+
+    code = "execution_failed"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class InferenceTimeoutError(ExecutionError):
+    """The run exceeded the pool's time limit; its worker was killed and replaced."""
+
+    code = "inference_timeout"
+
+
+class WorkerCrashedError(ExecutionError):
+    """The worker process died during the request (segfault, abort, kill); it was replaced."""
+
+    code = "worker_crashed"
+
+
+class MemoryLimitError(WorkerCrashedError):
+    """The model needed more memory than a worker may use; the worker was replaced.
+
+    A subclass of WorkerCrashedError because the outcome is the same for the caller: the
+    request failed and every model of that worker is reloaded on its next use.
+    """
+
+    code = "memory_limit"
+
+
+class ModelLoadCrashedError(InvalidModelError, WorkerCrashedError):
+    """The model killed (or exhausted) its worker while loading: the upload is refused.
+
+    Both an InvalidModelError (the server answers 400 as for any unloadable model) and a
+    WorkerCrashedError (the worker was replaced).
+    """
+
+    code = "invalid_model"
+
+
+class OverloadedError(ExecutionError):
+    """Too many requests already wait for the worker that holds this model.
+
+    `retry_after_s` is an estimate of when the queue will have drained (for Retry-After).
+    """
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)

@@ -35,7 +35,7 @@ class ModelSession:
         refuse_external_data(model_bytes)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
-        options.log_severity_level = 3  # onnxruntime logs must not echo model content
+        options.log_severity_level = 4  # fatal only: onnxruntime errors quote node names
         try:
             self._session = ort.InferenceSession(
                 model_bytes, sess_options=options, providers=["CPUExecutionProvider"]

@@ -1,46 +1,134 @@
-"""Assembles the ASGI application from its routes, state and the error mapping."""
+"""Assembles the ASGI application: state, routes, lifespan and the error mapping."""
 
 from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from blindinfer.errors import BlindInferError
 from blindinfer.protocol.limits import TensorLimits
+from blindinfer.runtime.workers import WorkerPool
+from blindinfer.server.audit import AuditLog
+from blindinfer.server.auth import AuthConfig, Authenticator
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.errors import handle_exception
-from blindinfer.server.routes import attestation, inference, repository
-from blindinfer.server.state import ServerState
+from blindinfer.server.quotas import TenantQuotas
+from blindinfer.server.routes import admin, attestation, inference, repository
+from blindinfer.server.state import FailureThrottle, ServerState
 from blindinfer.server.tls import TlsIdentity
-from blindinfer.store.memory import ModelStore
+from blindinfer.store.keys import simulation_sealing_key
+from blindinfer.store.registry import ModelRegistry
+from blindinfer.store.sealed import SealedStore
 from blindinfer.tee.platform import Platform
 
+log = logging.getLogger("blindinfer.server")
 MAX_JSON_REQUEST_BYTES = 8 << 20
+AUDIT_FILE = "audit.log"
+
+
+def _sealing(config: ServerConfig, platform: Platform) -> tuple[Path, bytes]:
+    """Where models are sealed, under which key.
+
+    With --store-dir, the platform's sealing key (only the same TEE identity derives it),
+    so models survive restarts. Without it, a private temporary directory and a random key
+    that lives in memory only: models are offloaded under the memory budget, and gone when
+    the process ends.
+    """
+    if config.store_dir is None:
+        return Path(tempfile.mkdtemp(prefix="blindinfer-store-")), secrets.token_bytes(32)
+    directory = Path(config.store_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    if platform.kind == "simulation":  # a key file next to the store, loudly insecure
+        return directory, simulation_sealing_key(directory)
+    return directory, platform.sealing_key()
+
+
+def _authenticator(config: ServerConfig) -> Authenticator:
+    auth = (
+        AuthConfig.from_file(config.auth_file)
+        if config.auth_file
+        else AuthConfig.from_env(os.environ)
+    )
+    if auth is None:
+        log.warning(
+            "OPEN MODE: no API keys are configured (--auth-file or BLINDINFER_API_KEYS); "
+            "every caller is an administrator. Use this for local work only."
+        )
+    return Authenticator(auth)
 
 
 def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity) -> ServerState:
+    limits = config.limits
+    directory, key = _sealing(config, platform)
+    sealed = SealedStore(directory, key, max_bytes=limits.max_stored_bytes)
+    audit = AuditLog(directory / AUDIT_FILE if config.store_dir else None)
+    registry_box: list[ModelRegistry] = []
+    pool = WorkerPool(
+        workers=limits.workers,
+        memory_limit_bytes=limits.worker_memory_bytes,
+        timeout_s=limits.inference_timeout_ms / 1000,
+        queue_limit=limits.queue_limit,
+        source=lambda sha256: registry_box[0].source(sha256),
+    )
+    registry = ModelRegistry(
+        sealed=sealed,
+        pool=pool,
+        memory_budget=limits.memory_budget_bytes,
+        max_models=limits.max_models,
+        audit=audit.record,
+    )
+    registry_box.append(registry)
+    authenticator = _authenticator(config)
+    audit.record("server_start", detail={"models": len(registry.records())})
     return ServerState(
         config=config,
         platform=platform,
         identity=identity,
-        store=ModelStore(max_models=config.limits.max_models),
+        registry=registry,
         tensor_limits=TensorLimits(
-            max_total_bytes=config.limits.max_request_bytes,
+            max_total_bytes=limits.max_request_bytes,
             # JSON costs ~40 bytes of Python objects per number: bound it well below the
             # binary limit, larger tensors go as binary data.
-            max_header_bytes=min(config.limits.max_request_bytes, MAX_JSON_REQUEST_BYTES),
+            max_header_bytes=min(limits.max_request_bytes, MAX_JSON_REQUEST_BYTES),
         ),
+        authenticator=authenticator,
+        quotas=TenantQuotas(authenticator.config),
+        audit=audit,
+        auth_failures=FailureThrottle(),
     )
 
 
+def close_state(state: ServerState) -> None:
+    state.registry.close()
+    state.audit.record("server_stop")
+    state.audit.close()  # logs the head hash, to anchor the chain elsewhere
+    if state.config.store_dir is None:
+        shutil.rmtree(state.registry.directory, ignore_errors=True)
+
+
 def create_app(state: ServerState) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        close_state(state)
+
     app = Starlette(
-        routes=[*attestation.routes, *inference.routes, *repository.routes],
+        routes=[*attestation.routes, *inference.routes, *repository.routes, *admin.routes],
         exception_handlers={
             BlindInferError: handle_exception,
             HTTPException: handle_exception,
             Exception: handle_exception,
         },
+        lifespan=lifespan,
     )
     app.state.blindinfer = state
     return app

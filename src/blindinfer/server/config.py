@@ -9,11 +9,20 @@ DEFAULT_PORT = 9924
 MiB = 1 << 20
 
 
+GiB = 1 << 30
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_model_bytes: int = 512 * MiB
     max_request_bytes: int = 64 * MiB
     max_models: int = 32
+    memory_budget_bytes: int = 4 * GiB  # measured session memory of loaded models
+    max_stored_bytes: int = 16 * GiB  # sealed model storage
+    worker_memory_bytes: int = 8 * GiB  # address-space limit of each inference worker
+    workers: int = 2
+    queue_limit: int = 64  # requests waiting for a worker before 503
+    inference_timeout_ms: int = 60_000
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -35,6 +44,8 @@ class ServerConfig:
     kds_url: str | None = None
     snp_product: str | None = None  # Milan | Genoa | Turin (for SNP reports older than v3)
     snp_vmpl: int | None = None
+    store_dir: str | None = None  # persistence (sealed); None = a private temporary store
+    auth_file: str | None = None  # tenants and API key hashes; None = open mode
 
     @property
     def platform_choice(self) -> str:

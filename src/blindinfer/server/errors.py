@@ -9,6 +9,7 @@ user data) and never a traceback to the client.
 from __future__ import annotations
 
 import logging
+import math
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -16,13 +17,23 @@ from starlette.responses import Response
 
 from blindinfer.errors import BlindInferError, ProtocolError
 from blindinfer.protocol.inference import encode_error
-from blindinfer.runtime.errors import InvalidModelError, InvalidTensorError
+from blindinfer.runtime.errors import (
+    InferenceTimeoutError,
+    InvalidModelError,
+    InvalidTensorError,
+    MemoryLimitError,
+    OverloadedError,
+    WorkerCrashedError,
+)
+from blindinfer.server.auth import AccessError, ForbiddenError
 from blindinfer.store.errors import (
     InvalidModelNameError,
+    MemoryBudgetError,
     ModelConflictError,
     StoreFullError,
     UnknownModelError,
 )
+from blindinfer.store.sealed import SealedDataError, StorageFullError
 
 log = logging.getLogger("blindinfer.server")
 
@@ -41,21 +52,46 @@ _TABLE: tuple[tuple[type[BlindInferError], int, str], ...] = (
     (ModelConflictError, 409, "model_name_conflict"),
     (InvalidModelNameError, 400, "invalid_model_name"),
     (StoreFullError, 507, "store_full"),
+    (StorageFullError, 507, "storage_full"),
+    (MemoryBudgetError, 507, "memory_budget_exceeded"),
     (PayloadTooLargeError, 413, "payload_too_large"),
     (InvalidModelError, 400, "invalid_model"),
     (MissingHeaderError, 400, "invalid_header"),
+    (InferenceTimeoutError, 504, "inference_timeout"),
+    (MemoryLimitError, 422, "memory_limit"),
+    (WorkerCrashedError, 422, "model_crashed"),
+    (SealedDataError, 500, "sealed_storage_corrupted"),
 )
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
 
-def _json(status: int, code: str, message: str) -> Response:
-    return Response(encode_error(code, message), status_code=status, media_type="application/json")
+def _json(status: int, code: str, message: str, headers: dict[str, str]) -> Response:
+    return Response(
+        encode_error(code, message),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def response_headers(exc: BaseException) -> dict[str, str]:
+    if isinstance(exc, AccessError):
+        return dict(exc.headers)
+    if isinstance(exc, OverloadedError):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return {}
 
 
 def status_and_code(exc: BaseException) -> tuple[int, str, str]:
     if isinstance(exc, ProtocolError | InvalidTensorError):
         return 400, exc.code, exc.message
+    if isinstance(exc, ForbiddenError) and not exc.visible:
+        return 404, "unknown_model", "no such model is visible to this API key"
+    if isinstance(exc, AccessError):
+        return exc.http_status, exc.code, str(exc)
+    if isinstance(exc, OverloadedError):
+        return 503, "overloaded", str(exc)
     for kind, status, code in _TABLE:
         if isinstance(exc, kind):
             return status, code, str(exc)
@@ -68,4 +104,4 @@ async def handle_exception(request: Request, exc: Exception) -> Response:
     status, code, message = status_and_code(exc)
     if status >= 500:
         log.error("request failed with %s", type(exc).__name__)
-    return _json(status, code, message)
+    return _json(status, code, message, response_headers(exc))

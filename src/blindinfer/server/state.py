@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from starlette.requests import Request
 
 from blindinfer.protocol.evidence import EvidenceDocument
 from blindinfer.protocol.limits import TensorLimits
+from blindinfer.server.audit import AuditLog
+from blindinfer.server.auth import Action, Authenticator, Principal, authorize
 from blindinfer.server.config import ServerConfig
+from blindinfer.server.quotas import TenantQuotas
 from blindinfer.server.tls import TlsIdentity
-from blindinfer.store.memory import ModelStore
+from blindinfer.store.registry import ModelRegistry
+from blindinfer.store.sealed import ModelRecord
 from blindinfer.tee.platform import REPORT_DATA_SIZE, Platform
 
 
@@ -17,8 +26,12 @@ class ServerState:
     config: ServerConfig
     platform: Platform
     identity: TlsIdentity
-    store: ModelStore
+    registry: ModelRegistry
     tensor_limits: TensorLimits
+    authenticator: Authenticator
+    quotas: TenantQuotas
+    audit: AuditLog
+    auth_failures: FailureThrottle
 
     def evidence_for(self, nonce: bytes) -> EvidenceDocument:
         """Evidence binding our TLS key (first half) and the caller's nonce (second half)."""
@@ -34,3 +47,52 @@ class ServerState:
             certificate_der=self.identity.certificate_der,
             chip_certificates=evidence.certificates,
         )
+
+    def principal(self, request: Request) -> Principal:
+        """Who is asking (401 otherwise), within their request rate (429 otherwise)."""
+        try:
+            principal = self.authenticator.authenticate(request.headers.get("authorization"))
+        except Exception:
+            suppressed = self.auth_failures.admit()
+            if suppressed is not None:  # at most one entry a second: an fsync each
+                detail: dict[str, str | int] = {
+                    "surface": _route_kind(request),
+                    "since_last": suppressed,
+                }
+                self.audit.record("auth_failure", detail=detail)
+            raise
+        self.quotas.check_rate(principal.tenant)
+        return principal
+
+    def model_for(self, principal: Principal, ref: str, action: Action) -> ModelRecord:
+        record = self.registry.resolve(ref, principal.tenant)
+        authorize(principal, action, model_owner=record.owner, shared_with=record.shared_with)
+        return record
+
+
+class FailureThrottle:
+    """Counts events; admits one a second, reporting how many were folded into it."""
+
+    def __init__(
+        self, interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval = interval_s
+        self._clock = clock
+        self._last = -interval_s
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def admit(self) -> int | None:
+        with self._lock:
+            self._count += 1
+            now = self._clock()
+            if now - self._last < self._interval:
+                return None
+            self._last, folded, self._count = now, self._count, 0
+            return folded
+
+
+def _route_kind(request: Request) -> str:
+    """The API surface, never the path itself (paths carry model names)."""
+    parts = request.url.path.split("/")
+    return "/".join(parts[:3])[:40]

@@ -19,3 +19,7 @@ class StoreFullError(BlindInferError):
 
 class InvalidModelNameError(BlindInferError):
     """A model name that could be confused with an id or a hash, or has odd characters."""
+
+
+class MemoryBudgetError(BlindInferError):
+    """One model alone needs more memory than the server's whole model budget."""

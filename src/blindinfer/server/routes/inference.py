@@ -13,24 +13,26 @@ from blindinfer.protocol.inference import (
     parse_header_length,
     parse_infer_request,
 )
+from blindinfer.server.auth import Action
 from blindinfer.server.bodies import read_bounded
 from blindinfer.server.respond import json_response as _json
 from blindinfer.server.respond import server_state as _state
 from blindinfer.store.errors import UnknownModelError
-from blindinfer.store.memory import StoredModel
+from blindinfer.store.sealed import ModelRecord
 
 MODEL_VERSION = "1"
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "attestation"]
 
 
-def _model(request: Request) -> StoredModel:
+def _model(request: Request, action: Action) -> ModelRecord:
     version = request.path_params.get("version")
     if version is not None and version != MODEL_VERSION:
         raise UnknownModelError(
             f"model version {version[:20]!r} does not exist; use {MODEL_VERSION!r}"
         )
-    return _state(request).store.resolve(request.path_params["ref"])
+    state = _state(request)
+    return state.model_for(state.principal(request), request.path_params["ref"], action)
 
 
 async def server_metadata(request: Request) -> Response:
@@ -48,16 +50,16 @@ async def ready(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
-    _model(request)
+    _model(request, Action.READ_METADATA)
     return _json({"name": request.path_params["ref"], "ready": True})
 
 
 async def model_metadata(request: Request) -> Response:
-    model = _model(request)
-    signature = model.session.signature
+    record = _model(request, Action.READ_METADATA)
+    signature = await run_in_threadpool(_state(request).registry.signature, record)
     return _json(
         {
-            "name": model.name,
+            "name": record.name,
             "versions": [MODEL_VERSION],
             "platform": "onnxruntime_onnx",
             "inputs": [
@@ -68,23 +70,32 @@ async def model_metadata(request: Request) -> Response:
                 {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
                 for s in signature.outputs
             ],
-            "parameters": {"model_id": model.model_id, "sha256": model.sha256, "size": model.size},
+            "parameters": {
+                "model_id": record.model_id,
+                "sha256": record.sha256,
+                "size": record.size,
+                "owner": record.owner,
+            },
         }
     )
 
 
 async def infer(request: Request) -> Response:
     state = _state(request)
-    model = _model(request)
+    principal = state.principal(request)
+    record = state.model_for(principal, request.path_params["ref"], Action.RUN)
+    if request.path_params.get("version", MODEL_VERSION) != MODEL_VERSION:
+        raise UnknownModelError(f"model version does not exist; use {MODEL_VERSION!r}")
     body = await read_bounded(request, state.config.limits.max_request_bytes)
     parsed = parse_infer_request(
         body, parse_header_length(request.headers.get(HEADER_LENGTH)), state.tensor_limits
     )
     inputs = {tensor.name: tensor.array for tensor in parsed.inputs}
     wanted = [output.name for output in parsed.outputs] or None
-    results = await run_in_threadpool(model.session.run, inputs, wanted)
+    async with state.quotas.slot(principal.tenant):
+        results = await run_in_threadpool(state.registry.run, record, inputs, wanted)
     binary = {name for name in results if parsed.wants_binary(name)}
-    payload, headers = encode_infer_response(model.name, MODEL_VERSION, parsed.id, results, binary)
+    payload, headers = encode_infer_response(record.name, MODEL_VERSION, parsed.id, results, binary)
     return Response(payload, headers=headers)
 
 

@@ -1,14 +1,17 @@
 """Model management, after Triton's model repository extension.
 
-- `POST /v2/repository/index`: every model with its state.
+- `POST /v2/repository/index`: the models visible to the caller, with their state.
 - `PUT|POST /v2/repository/models/{name}/upload`: the raw ONNX bytes as a streamed body
   (bounded by `max_model_bytes`); answers model_id and SHA-256. `{name}` may be `_` to let
-  the server name the model after its model_id.
+  the server name the model after its model_id. Optional query `share=tenant,tenant|*`.
 - `POST /v2/repository/models/{name}/load`: Triton's form, the model inline in
   `parameters["file:1/model.onnx"]` (base64), bounded by `max_request_bytes`; without a
   file it succeeds only for a model that is already there.
-- `DELETE /v2/repository/models/{ref}` and `POST .../unload`: remove the model. The
-  repository is memory-only, so unloading and deleting are the same act.
+- `DELETE /v2/repository/models/{ref}` and `POST .../unload`: remove the model and its
+  sealed copy (only its owner's keys or an admin).
+- `POST /v2/repository/models/{ref}/share` with `{"tenants": [...]}` ("*" = everyone).
+
+Names are per tenant: two tenants may both have a model called "classifier".
 """
 
 from __future__ import annotations
@@ -24,43 +27,74 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from blindinfer.errors import ProtocolError
+from blindinfer.server.auth import Action, Principal, authorize, visible_to
 from blindinfer.server.bodies import read_bounded, read_bounded_hashed
 from blindinfer.server.errors import PayloadTooLargeError
 from blindinfer.server.respond import json_response as _json
 from blindinfer.server.respond import server_state as _state
-from blindinfer.store.memory import StoredModel
+from blindinfer.store.sealed import ModelRecord
 
 ANONYMOUS = "_"
 TRITON_FILE_PARAMETER = "file:1/model.onnx"
+MAX_SHARED_TENANTS = 64
 
 
-def describe(model: StoredModel) -> dict[str, object]:
+def describe(model: ModelRecord) -> dict[str, object]:
     return {
         "name": model.name,
         "model_id": model.model_id,
         "sha256": model.sha256,
         "size": model.size,
+        "owner": model.owner,
+        "shared_with": list(model.shared_with),
         "version": "1",
         "state": "READY",
         "reason": "",
     }
 
 
-async def _store(request: Request, data: bytes, sha256: str) -> Response:
+def _tenants(value: object) -> list[str]:
+    if isinstance(value, str):
+        value = [t for t in value.split(",") if t]
+    if not isinstance(value, list) or len(value) > MAX_SHARED_TENANTS:
+        raise ProtocolError("invalid_parameter", "tenants must be a list of tenant names")
+    if not all(isinstance(t, str) and 0 < len(t) <= 64 for t in value):
+        raise ProtocolError("invalid_parameter", "tenant names are 1-64 characters")
+    return list(value)
+
+
+async def _store(request: Request, principal: Principal, data: bytes, sha256: str) -> Response:
     state = _state(request)
     requested = request.path_params["name"]
     name = None if requested == ANONYMOUS else requested
-    model, created = await run_in_threadpool(state.store.add, data, sha256, name)
-    return _json({**describe(model), "created": created}, 201 if created else 200)
+    count, stored = state.registry.usage(principal.tenant)
+    state.quotas.check_upload(principal.tenant, count, stored, len(data))
+    shared = _tenants(request.query_params.get("share", ""))
+    record, created = await run_in_threadpool(
+        lambda: state.registry.add(
+            data, sha256, name=name, owner=principal.tenant, shared_with=shared
+        )
+    )
+    return _json({**describe(record), "created": created}, 201 if created else 200)
+
+
+def _uploader(request: Request) -> Principal:
+    state = _state(request)
+    principal = state.principal(request)
+    authorize(principal, Action.UPLOAD)
+    return principal
 
 
 async def upload(request: Request) -> Response:
-    data, sha256 = await read_bounded_hashed(request, _state(request).config.limits.max_model_bytes)
-    return await _store(request, data, sha256)
+    principal = _uploader(request)
+    limit = _state(request).config.limits.max_model_bytes
+    data, sha256 = await read_bounded_hashed(request, limit)
+    return await _store(request, principal, data, sha256)
 
 
 async def load(request: Request) -> Response:
     state = _state(request)
+    principal = _uploader(request)
     body = await read_bounded(request, state.config.limits.max_request_bytes)
     try:
         document = json.loads(body) if body else {}
@@ -71,8 +105,8 @@ async def load(request: Request) -> Response:
         raise ProtocolError("malformed_json", "parameters must be a JSON object")
     encoded = parameters.get(TRITON_FILE_PARAMETER)
     if encoded is None:
-        model = state.store.resolve(request.path_params["name"])
-        return _json({**describe(model), "created": False})
+        record = state.model_for(principal, request.path_params["name"], Action.READ_METADATA)
+        return _json({**describe(record), "created": False})
     if not isinstance(encoded, str):
         raise ProtocolError("invalid_parameter", f"{TRITON_FILE_PARAMETER} must be base64 text")
     try:
@@ -81,16 +115,37 @@ async def load(request: Request) -> Response:
         raise ProtocolError("invalid_parameter", f"{TRITON_FILE_PARAMETER} is not base64") from exc
     if len(data) > state.config.limits.max_model_bytes:
         raise PayloadTooLargeError("the model is larger than the model size limit")
-    return await _store(request, data, hashlib.sha256(data).hexdigest())
+    return await _store(request, principal, data, hashlib.sha256(data).hexdigest())
 
 
 async def delete(request: Request) -> Response:
-    model = _state(request).store.delete(request.path_params["ref"])
-    return _json({**describe(model), "state": "DELETED"})
+    state = _state(request)
+    principal = state.principal(request)
+    record = state.model_for(principal, request.path_params["ref"], Action.DELETE)
+    await run_in_threadpool(state.registry.delete, record)
+    return _json({**describe(record), "state": "DELETED", "sealed_copy_destroyed": True})
+
+
+async def share(request: Request) -> Response:
+    state = _state(request)
+    principal = state.principal(request)
+    record = state.model_for(principal, request.path_params["ref"], Action.SHARE)
+    body = await read_bounded(request, 16 * 1024)
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError("malformed_json", "the share request is not valid JSON") from exc
+    tenants = _tenants(document.get("tenants") if isinstance(document, dict) else None)
+    shared = await run_in_threadpool(state.registry.share, record, tenants)
+    return _json(describe(shared))
 
 
 async def index(request: Request) -> Response:
-    return _json([describe(model) for model in _state(request).store.models()])
+    state = _state(request)
+    principal = state.principal(request)
+    authorize(principal, Action.LIST)
+    records = state.registry.records(lambda r: visible_to(principal, r.owner, r.shared_with))
+    return _json([describe(record) for record in records])
 
 
 routes = [
@@ -99,4 +154,5 @@ routes = [
     Route("/v2/repository/models/{name}/load", load, methods=["POST"]),
     Route("/v2/repository/models/{ref}", delete, methods=["DELETE"]),
     Route("/v2/repository/models/{ref}/unload", delete, methods=["POST"]),
+    Route("/v2/repository/models/{ref}/share", share, methods=["POST"]),
 ]
