@@ -35,6 +35,9 @@ class ModelSession:
         refuse_external_data(model_bytes)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        # No arena: tensors are freed after each run instead of kept at their peak, so a
+        # loaded model costs what was measured when it loaded, not its largest request.
+        options.enable_cpu_mem_arena = False
         options.log_severity_level = 4  # fatal only: onnxruntime errors quote node names
         try:
             self._session = ort.InferenceSession(
@@ -44,6 +47,12 @@ class ModelSession:
             raise InvalidModelError(
                 "onnxruntime cannot load this model: " + _first_line(str(exc))
             ) from exc
+        # onnxruntime's Python wrapper keeps the serialized model (`_model_bytes`) for the
+        # session's lifetime, only to rebuild it when an accelerator provider fails: with
+        # the CPU provider alone that never happens, and it doubles every model's memory.
+        self._session.disable_fallback()
+        if getattr(self._session, "_model_bytes", None) is not None:
+            self._session._model_bytes = None
         self.signature = ModelSignature(
             inputs=tuple(_spec(arg) for arg in self._session.get_inputs()),
             outputs=tuple(_spec(arg) for arg in self._session.get_outputs()),
