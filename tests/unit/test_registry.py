@@ -418,15 +418,6 @@ def test_storage_full_after_an_eviction_accounts_nothing(make_env: Any) -> None:
     assert env.placed() == {sha(a_bytes)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason=(
-        "bug: registry.py ModelRegistry.run calls _ensure_loaded() and then pool.run() "
-        "without keeping the model loaded in between; another request's load can evict it "
-        "in that window and pool.run raises a bare KeyError instead of reloading"
-    ),
-)
 def test_a_model_evicted_between_load_and_run_is_reloaded(make_env: Any) -> None:
     """Two requests at once under a budget that fits one big model: A is reloaded, and
     before its run reaches the worker, B's reload evicts it. Made deterministic by pausing

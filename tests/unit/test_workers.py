@@ -215,7 +215,8 @@ def test_huge_allocation_hits_the_memory_limit(make_pool: PoolFactory, nbytes: i
 
     with pytest.raises(MemoryLimitError, match="more memory than a worker may use") as caught:
         pool.run("huge", {"x": np.ones(1, np.float32)})
-    assert f"asked for {nbytes >> 20} MiB" in str(caught.value)
+    # without an arena onnxruntime no longer says how much it asked for; the limit is named
+    assert "(1536 MiB); its worker was replaced" in str(caught.value)
 
     after = _worker_of(pool, "huge")
     assert after.pid != before.pid and after.restarts == before.restarts + 1

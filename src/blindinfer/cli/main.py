@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify = audit_commands.add_parser(
         "verify",
         help="check an audit log's hash chain",
-        description="Exit status: 0 intact chain; 1 broken chain, missing anchor or unreadable file.",
+        description="Exit status: 0 intact chain; 1 broken chain, missing anchor or "
+        "unreadable file.",
     )
     audit_verify.add_argument("path", type=Path, help="the audit log (JSON lines)")
     audit_verify.add_argument("--json", action="store_true")

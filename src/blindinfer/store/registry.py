@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from blindinfer.runtime.errors import OverloadedError
 from blindinfer.runtime.signature import ModelSignature
 from blindinfer.runtime.workers import WorkerPool
 from blindinfer.store.errors import (
@@ -68,6 +69,7 @@ class ModelRegistry:
         self._cost: dict[str, int] = {}  # last measured cost per sha256, kept after eviction
         self._signatures: dict[str, ModelSignature] = {}
         self._loading: dict[str, threading.Lock] = {}
+        self._in_use: Counter[str] = Counter()  # sha256 -> requests running on it
         for record in self._records.values():
             self._audit(
                 "restore", tenant=record.owner, model_id=record.model_id, sha256=record.sha256
@@ -235,8 +237,30 @@ class ModelRegistry:
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]:
-        self._ensure_loaded(record)
-        return self._pool.run(record.sha256, dict(inputs), list(outputs) if outputs else None)
+        sha = record.sha256
+        self._pin(record)
+        try:
+            return self._pool.run(sha, dict(inputs), list(outputs) if outputs else None)
+        finally:
+            with self._lock:
+                self._in_use[sha] -= 1
+                if self._in_use[sha] <= 0:
+                    del self._in_use[sha]
+
+    def _pin(self, record: ModelRecord) -> None:
+        """Loads the model and marks it in use, so that no other request evicts it before
+        its run reaches the worker."""
+        for _ in range(3):
+            self._ensure_loaded(record)
+            with self._lock:
+                if record.sha256 in self._loaded:
+                    self._in_use[record.sha256] += 1
+                    self._loaded.move_to_end(record.sha256)
+                    return
+        raise OverloadedError(
+            "the memory budget is contended: this model was evicted before it could run",
+            retry_after_s=1.0,
+        )
 
     def source(self, sha256: str) -> bytes:
         """The sealed bytes of any model with this hash: how workers reload after a crash."""
@@ -259,9 +283,18 @@ class ModelRegistry:
                     self._loaded.move_to_end(sha)
                     return
                 # make room for what it cost last time (or twice its size) before loading
-                self._evict_for(self._cost.get(sha, 2 * record.size), keep=sha)
+                if not self._evict_for(self._cost.get(sha, 2 * record.size), keep=sha):
+                    raise OverloadedError(
+                        "every loaded model is in use and the memory budget is full",
+                        retry_after_s=1.0,
+                    )
             loaded = self._pool.load(sha, self._sealed.get(record.model_id))
             self._account(sha, loaded.memory_bytes, loaded.signature)
+            with self._lock:
+                self._loading.pop(sha, None)
+                orphan = self._forget_if_orphan(sha)  # deleted while it was loading
+            if orphan:
+                return
             self._audit(
                 "restore",
                 tenant=record.owner,
@@ -284,12 +317,14 @@ class ModelRegistry:
             self._loaded.move_to_end(sha256)
             self._evict_for(0, keep=sha256)
 
-    def _evict_for(self, incoming: int, *, keep: str) -> None:
-        """Evicts least recently used sessions until `incoming` more bytes fit the budget."""
-        while self._loaded and sum(self._loaded.values()) + incoming > self._budget:
-            victim = next((s for s in self._loaded if s != keep), None)
+    def _evict_for(self, incoming: int, *, keep: str) -> bool:
+        """Evicts least recently used idle sessions until `incoming` more bytes fit the
+        budget; False if the models in use leave no room."""
+        while sum(self._loaded.values()) + incoming > self._budget:
+            victim = next((s for s in self._loaded if s != keep and s not in self._in_use), None)
             if victim is None:
-                return
+                return False
             freed = self._loaded.pop(victim)
             self._pool.unload(victim)
             self._audit("evict", sha256=victim, detail={"memory_bytes": freed})
+        return True
