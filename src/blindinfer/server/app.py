@@ -35,6 +35,10 @@ MAX_JSON_REQUEST_BYTES = 8 << 20
 AUDIT_FILE = "audit.log"
 
 
+class PersistenceUnavailableError(BlindInferError):
+    """Persistence was asked for on a platform that cannot seal."""
+
+
 def _sealing(config: ServerConfig, platform: Platform) -> tuple[Path, bytes]:
     """Where models are sealed, under which key.
 
@@ -49,7 +53,14 @@ def _sealing(config: ServerConfig, platform: Platform) -> tuple[Path, bytes]:
     directory.mkdir(parents=True, exist_ok=True)
     if platform.kind == "simulation":  # a key file next to the store, loudly insecure
         return directory, simulation_sealing_key(directory)
-    return directory, platform.sealing_key()
+    try:
+        return directory, platform.sealing_key()
+    except BlindInferError as exc:
+        raise PersistenceUnavailableError(
+            f"--store-dir needs a sealing key, and this platform has none: {exc}. Run "
+            "without --store-dir (models then live in a private store that ends with the "
+            "process)"
+        ) from exc
 
 
 def _authenticator(config: ServerConfig) -> Authenticator:
