@@ -134,6 +134,13 @@ def test_authorization_matrix(tenants: tuple[ServerProcess, dict[str, str]]) -> 
 
     assert _status(lambda: clients["admin"].delete_model(private.model_id)) == (200, "ok")
 
+    # the operator view is for admin keys only
+    context = pinned_context(owner_a.attestation.certificate_der)
+    for label, status in [("admin", 200), ("owner_a", 403), ("user_b", 403)]:
+        headers = {"authorization": f"Bearer {keys[label]}"}
+        with httpx.Client(base_url=server.url, verify=context, headers=headers) as raw:
+            assert raw.get("/v2/admin/stats").status_code == status, label
+
 
 def test_model_quota(tenants: tuple[ServerProcess, dict[str, str]]) -> None:
     server, keys = tenants
