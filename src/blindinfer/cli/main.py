@@ -42,6 +42,12 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="inference worker processes")
     parser.add_argument("--worker-memory-bytes", type=int, default=8 << 30)
     parser.add_argument("--queue-limit", type=int, default=64)
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="onnxruntime threads per worker (0: all cores; cores/workers isolates tenants)",
+    )
     parser.add_argument("--inference-timeout-ms", type=int, default=60_000)
     parser.add_argument("--store-dir", help="persist sealed models here (default: memory only)")
     parser.add_argument("--auth-file", help="tenants and API key hashes (default: open mode)")
@@ -182,6 +188,7 @@ def _config(args: argparse.Namespace) -> object:
         snp_vmpl=args.snp_vmpl,
         store_dir=args.store_dir,
         auth_file=args.auth_file,
+        intra_op_threads=args.intra_op_threads,
     )
 
 

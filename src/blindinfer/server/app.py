@@ -88,6 +88,7 @@ def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity)
         memory_limit_bytes=limits.worker_memory_bytes,
         timeout_s=limits.inference_timeout_ms / 1000,
         queue_limit=limits.queue_limit,
+        intra_op_threads=config.intra_op_threads,
         source=lambda sha256: registry_box[0].source(sha256),
     )
     registry = ModelRegistry(

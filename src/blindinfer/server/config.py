@@ -46,6 +46,7 @@ class ServerConfig:
     snp_vmpl: int | None = None
     store_dir: str | None = None  # persistence (sealed); None = a private temporary store
     auth_file: str | None = None  # tenants and API key hashes; None = open mode
+    intra_op_threads: int = 0  # per worker; 0 = onnxruntime decides (all cores)
 
     @property
     def platform_choice(self) -> str:
