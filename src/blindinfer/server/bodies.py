@@ -14,8 +14,8 @@ def _declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared is None:
         return
-    if not declared.isdigit():
-        raise MissingHeaderError("Content-Length must be a non-negative integer")
+    if not (declared.isascii() and declared.isdigit()) or len(declared) > 19:
+        raise MissingHeaderError("Content-Length must be a non-negative decimal integer")
     if int(declared) > limit:
         raise PayloadTooLargeError(f"the body is {declared} bytes; the limit is {limit} bytes")
 

@@ -80,6 +80,8 @@ def response_headers(exc: BaseException) -> dict[str, str]:
         return dict(exc.headers)
     if isinstance(exc, OverloadedError):
         return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    if isinstance(exc, HTTPException) and exc.headers:
+        return dict(exc.headers)  # e.g. Allow on a 405
     return {}
 
 

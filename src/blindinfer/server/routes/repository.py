@@ -27,7 +27,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from blindinfer.errors import ProtocolError
-from blindinfer.server.auth import Action, Principal, authorize, visible_to
+from blindinfer.server.auth import (
+    EVERY_TENANT,
+    Action,
+    AuthConfigError,
+    Principal,
+    authorize,
+    check_tenant_name,
+    visible_to,
+)
 from blindinfer.server.bodies import read_bounded, read_bounded_hashed
 from blindinfer.server.errors import PayloadTooLargeError
 from blindinfer.server.respond import json_response as _json
@@ -58,8 +66,12 @@ def _tenants(value: object) -> list[str]:
         value = [t for t in value.split(",") if t]
     if not isinstance(value, list) or len(value) > MAX_SHARED_TENANTS:
         raise ProtocolError("invalid_parameter", "tenants must be a list of tenant names")
-    if not all(isinstance(t, str) and 0 < len(t) <= 64 for t in value):
-        raise ProtocolError("invalid_parameter", "tenant names are 1-64 characters")
+    for tenant in value:
+        if tenant != EVERY_TENANT:
+            try:
+                check_tenant_name("tenants", tenant)
+            except AuthConfigError as exc:
+                raise ProtocolError("invalid_parameter", str(exc)[:200]) from exc
     return list(value)
 
 
