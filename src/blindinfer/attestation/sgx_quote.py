@@ -277,23 +277,57 @@ class QuoteSignatureData:
             "qe_report": self.qe_report.to_bytes(),
             "qe_report_signature": self.qe_report_signature,
         }
-        parts = [values[f.name] for f in _SIG_FIXED_HEAD]
-        for name, fmt, prefixed in _SIG_VARIABLE:
-            value = getattr(self, name)
-            parts.append(
-                struct.pack(fmt, len(value)) + value if prefixed else struct.pack(fmt, value)
-            )
-        return b"".join(parts)
+        return b"".join(values[f.name] for f in _SIG_FIXED_HEAD) + encode_cert_tail(self)
 
     @property
     def certificates(self) -> tuple[bytes, ...]:
         """The PCK chain (leaf, intermediate CA, root) as DER, from type-5 data."""
-        if self.cert_data_type != CERT_DATA_TYPE_PCK_CHAIN:
+        return pck_chain(self.cert_data_type, self.cert_data)
+
+
+def encode_cert_tail(obj: Any) -> bytes:
+    """The variable tail shared by v3 signature data and TDX type-6 data: QE auth data,
+    certification data type, certification data (`_SIG_VARIABLE`)."""
+    parts = []
+    for name, fmt, prefixed in _SIG_VARIABLE:
+        value = getattr(obj, name)
+        parts.append(struct.pack(fmt, len(value)) + value if prefixed else struct.pack(fmt, value))
+    return b"".join(parts)
+
+
+def parse_cert_tail(data: memoryview, pos: int, values: dict[str, Any], where: str) -> None:
+    """Reads `_SIG_VARIABLE` from `pos` into `values`; the data must end exactly there."""
+    for name, fmt, prefixed in _SIG_VARIABLE:
+        width = struct.calcsize(fmt)
+        if len(data) - pos < width:
+            raise QuoteParseError(f"{where} ends inside the {name} field")
+        (number,) = struct.unpack_from(fmt, data, pos)
+        pos += width
+        if not prefixed:
+            values[name] = number
+            continue
+        if name == "cert_data" and number > MAX_CERT_DATA_SIZE:
             raise QuoteParseError(
-                f"certification data type {self.cert_data_type} carries no PEM chain "
-                f"(only type {CERT_DATA_TYPE_PCK_CHAIN} is supported)"
+                f"certification data of {number} bytes exceeds {MAX_CERT_DATA_SIZE} bytes"
             )
-        return _pem_certificates(self.cert_data)
+        if number > len(data) - pos:
+            raise QuoteParseError(
+                f"{name} length {number} exceeds the {len(data) - pos} bytes remaining"
+            )
+        values[name] = bytes(data[pos : pos + number])
+        pos += number
+    if pos != len(data):
+        raise QuoteParseError(f"{len(data) - pos} trailing bytes after the {where}")
+
+
+def pck_chain(cert_data_type: int, cert_data: bytes) -> tuple[bytes, ...]:
+    """The PCK chain as DER from type-5 certification data."""
+    if cert_data_type != CERT_DATA_TYPE_PCK_CHAIN:
+        raise QuoteParseError(
+            f"certification data type {cert_data_type} carries no PEM chain "
+            f"(only type {CERT_DATA_TYPE_PCK_CHAIN} is supported)"
+        )
+    return _pem_certificates(cert_data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -334,28 +368,7 @@ def _parse_signature_data(data: memoryview) -> QuoteSignatureData:
         )
     values = _decode(_SIG_FIXED_HEAD, data, 0)
     values["qe_report"] = SgxReportBody(**_decode(REPORT_BODY_FIELDS, values["qe_report"], 0))
-    pos = _SIG_FIXED_HEAD_SIZE
-    for name, fmt, prefixed in _SIG_VARIABLE:
-        width = struct.calcsize(fmt)
-        if len(data) - pos < width:
-            raise QuoteParseError(f"signature data ends inside the {name} field")
-        (number,) = struct.unpack_from(fmt, data, pos)
-        pos += width
-        if not prefixed:
-            values[name] = number
-            continue
-        if name == "cert_data" and number > MAX_CERT_DATA_SIZE:
-            raise QuoteParseError(
-                f"certification data of {number} bytes exceeds {MAX_CERT_DATA_SIZE} bytes"
-            )
-        if number > len(data) - pos:
-            raise QuoteParseError(
-                f"{name} length {number} exceeds the {len(data) - pos} bytes remaining"
-            )
-        values[name] = bytes(data[pos : pos + number])
-        pos += number
-    if pos != len(data):
-        raise QuoteParseError(f"{len(data) - pos} trailing bytes after the certification data")
+    parse_cert_tail(data, _SIG_FIXED_HEAD_SIZE, values, "certification data")
     return QuoteSignatureData(**values)
 
 

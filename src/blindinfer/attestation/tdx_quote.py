@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from blindinfer.attestation.sgx_quote import (
-    _SIG_VARIABLE,
     ATT_KEY_TYPE_ECDSA_P256,
     ATTESTATION_KEY_SIZE,
-    CERT_DATA_TYPE_PCK_CHAIN,
     HEADER_FIELDS,
     HEADER_SIZE,
     MAX_CERT_DATA_SIZE,
@@ -40,7 +38,9 @@ from blindinfer.attestation.sgx_quote import (
     _decode,
     _encode,
     _Field,
-    _pem_certificates,
+    encode_cert_tail,
+    parse_cert_tail,
+    pck_chain,
 )
 from blindinfer.errors import QuoteParseError
 
@@ -228,23 +228,12 @@ class QeReportCertificationData:
             "qe_report": self.qe_report.to_bytes(),
             "qe_report_signature": self.qe_report_signature,
         }
-        parts = [values[f.name] for f in _QE_CERT_FIXED_HEAD]
-        for name, fmt, prefixed in _SIG_VARIABLE:
-            value = getattr(self, name)
-            parts.append(
-                struct.pack(fmt, len(value)) + value if prefixed else struct.pack(fmt, value)
-            )
-        return b"".join(parts)
+        return b"".join(values[f.name] for f in _QE_CERT_FIXED_HEAD) + encode_cert_tail(self)
 
     @property
     def certificates(self) -> tuple[bytes, ...]:
         """The PCK chain (leaf, intermediate CA, root) as DER, from type-5 data."""
-        if self.cert_data_type != CERT_DATA_TYPE_PCK_CHAIN:
-            raise QuoteParseError(
-                f"certification data type {self.cert_data_type} carries no PEM chain "
-                f"(only type {CERT_DATA_TYPE_PCK_CHAIN} is supported)"
-            )
-        return _pem_certificates(self.cert_data)
+        return pck_chain(self.cert_data_type, self.cert_data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -375,26 +364,7 @@ def _parse_qe_report_certification(data: memoryview) -> QeReportCertificationDat
         )
     values = _decode(_QE_CERT_FIXED_HEAD, data, 0)
     values["qe_report"] = SgxReportBody(**_decode(REPORT_BODY_FIELDS, values["qe_report"], 0))
-    pos = _QE_CERT_FIXED_HEAD_SIZE
-    for name, fmt, prefixed in _SIG_VARIABLE:
-        width = struct.calcsize(fmt)
-        if len(data) - pos < width:
-            raise QuoteParseError(f"QE report certification data ends inside the {name} field")
-        (number,) = struct.unpack_from(fmt, data, pos)
-        pos += width
-        if not prefixed:
-            values[name] = number
-            continue
-        if number > len(data) - pos:
-            raise QuoteParseError(
-                f"{name} length {number} exceeds the {len(data) - pos} bytes remaining"
-            )
-        values[name] = bytes(data[pos : pos + number])
-        pos += number
-    if pos != len(data):
-        raise QuoteParseError(
-            f"{len(data) - pos} trailing bytes inside the QE report certification data"
-        )
+    parse_cert_tail(data, _QE_CERT_FIXED_HEAD_SIZE, values, "QE report certification data")
     return QeReportCertificationData(**values)
 
 
