@@ -40,6 +40,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from blindinfer.attestation.layout import Field as _Field
+from blindinfer.attestation.layout import check_fields as _check_fields
+from blindinfer.attestation.layout import check_table as _check_table
+from blindinfer.attestation.layout import decode as _decode
+from blindinfer.attestation.layout import encode as _encode
+from blindinfer.attestation.layout import raw as _b
+from blindinfer.attestation.layout import uint as _u
 from blindinfer.errors import QuoteParseError
 
 MAX_REPORT_SIZE: Final = 256 * 1024
@@ -105,36 +112,6 @@ VBIOS_VERSION_SIZE: Final = 8
 MSRSCNT_ENTRY_SIZE: Final = 4
 
 
-@dataclass(frozen=True, slots=True)
-class _Field:
-    """One fixed-size field: unsigned little-endian integer (`is_int`) or raw bytes."""
-
-    name: str
-    offset: int
-    size: int
-    is_int: bool = False
-
-
-def _u(name: str, offset: int, size: int) -> _Field:
-    return _Field(name, offset, size, is_int=True)
-
-
-def _b(name: str, offset: int, size: int) -> _Field:
-    return _Field(name, offset, size)
-
-
-def _check_table(table: tuple[_Field, ...], total: int) -> int:
-    """Fail at import if a table has gaps or overlaps: the layout must be contiguous."""
-    pos = 0
-    for f in table:
-        if f.offset != pos or f.size <= 0 or (f.is_int and f.size not in (1, 2, 3)):
-            raise RuntimeError(f"layout table broken at field {f.name!r}")
-        pos += f.size
-    if pos != total:
-        raise RuntimeError(f"layout table covers {pos} bytes, expected {total}")
-    return total
-
-
 # SPDM 1.1 GET_MEASUREMENTS request, as the driver recorded it (always with a nonce).
 REQUEST_FIELDS: Final = (
     _u("spdm_version", 0, 1),
@@ -181,43 +158,8 @@ OPAQUE_HEADER_SIZE: Final = _check_table(OPAQUE_HEADER_FIELDS, 4)
 MIN_REPORT_SIZE: Final = REQUEST_SIZE + RESPONSE_HEADER_SIZE + RESPONSE_NONCE_SIZE + SIGNATURE_SIZE
 
 
-def _decode(table: tuple[_Field, ...], data: bytes, base: int) -> dict[str, Any]:
-    """Read every field of `table` from `data` at `base` (the caller checked the length)."""
-    out: dict[str, Any] = {}
-    for f in table:
-        chunk = data[base + f.offset : base + f.offset + f.size]
-        out[f.name] = int.from_bytes(chunk, "little") if f.is_int else chunk
-    return out
-
-
-def _encode(table: tuple[_Field, ...], values: Mapping[str, Any]) -> bytes:
-    """Write `values` in the order and sizes of `table` (sizes checked at construction)."""
-    parts: list[bytes] = []
-    for f in table:
-        value = values[f.name]
-        parts.append(value.to_bytes(f.size, "little") if f.is_int else value)
-    return b"".join(parts)
-
-
 def _fields_of(table: tuple[_Field, ...], obj: object, skip: frozenset[str]) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in table if f.name not in skip}
-
-
-def _check_fields(table: tuple[_Field, ...], obj: object, skip: frozenset[str]) -> None:
-    """Reject wrongly sized values at construction, so `to_bytes` cannot emit garbage."""
-    for f in table:
-        if f.name in skip:
-            continue
-        value = getattr(obj, f.name)
-        if f.is_int:
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or not 0 <= value < 1 << (8 * f.size)
-            ):
-                raise ValueError(f"{f.name} must be an unsigned {8 * f.size}-bit integer")
-        elif not isinstance(value, bytes) or len(value) != f.size:
-            raise ValueError(f"{f.name} must be {f.size} bytes")
 
 
 _NOTHING: Final[frozenset[str]] = frozenset()

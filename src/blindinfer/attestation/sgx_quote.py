@@ -19,6 +19,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from blindinfer.attestation.layout import check_fields as _check_fields
+from blindinfer.attestation.layout import check_table as _check_table
+from blindinfer.attestation.layout import decode as _decode
+from blindinfer.attestation.layout import encode as _encode
+from blindinfer.attestation.layout import raw as _b
+from blindinfer.attestation.layout import uint as _u
 from blindinfer.errors import QuoteParseError
 
 MAX_QUOTE_SIZE: Final = 1024 * 1024
@@ -38,36 +44,6 @@ ATTESTATION_KEY_SIZE: Final = 64
 ATTR_FLAG_INIT: Final = 0x01
 ATTR_FLAG_DEBUG: Final = 0x02
 ATTR_FLAG_MODE64BIT: Final = 0x04
-
-
-@dataclass(frozen=True, slots=True)
-class _Field:
-    """One fixed-size field: unsigned little-endian integer (`is_int`) or raw bytes."""
-
-    name: str
-    offset: int
-    size: int
-    is_int: bool = False
-
-
-def _u(name: str, offset: int, size: int) -> _Field:
-    return _Field(name, offset, size, is_int=True)
-
-
-def _b(name: str, offset: int, size: int) -> _Field:
-    return _Field(name, offset, size)
-
-
-def _check_table(table: tuple[_Field, ...], total: int) -> int:
-    """Fail at import if a table has gaps or overlaps: the layout must be contiguous."""
-    pos = 0
-    for f in table:
-        if f.offset != pos or f.size <= 0 or (f.is_int and f.size not in (2, 4, 8)):
-            raise RuntimeError(f"layout table broken at field {f.name!r}")
-        pos += f.size
-    if pos != total:
-        raise RuntimeError(f"layout table covers {pos} bytes, expected {total}")
-    return total
 
 
 # Quote header (Intel SGX ECDSA Quote Library reference, "Quote Header").
@@ -120,35 +96,6 @@ _SIG_VARIABLE: Final = (
     ("cert_data_type", "<H", False),
     ("cert_data", "<I", True),
 )
-
-
-def _decode(table: tuple[_Field, ...], data: bytes | memoryview, base: int) -> dict[str, Any]:
-    """Read every field of `table` from `data` at `base` (caller checked the length)."""
-    out: dict[str, Any] = {}
-    for f in table:
-        chunk = bytes(data[base + f.offset : base + f.offset + f.size])
-        out[f.name] = int.from_bytes(chunk, "little") if f.is_int else chunk
-    return out
-
-
-def _encode(table: tuple[_Field, ...], obj: object) -> bytes:
-    """Write the fields of `obj` named in `table`, in order (sizes checked by the class)."""
-    parts: list[bytes] = []
-    for f in table:
-        value = getattr(obj, f.name)
-        parts.append(value.to_bytes(f.size, "little") if f.is_int else value)
-    return b"".join(parts)
-
-
-def _check_fields(table: tuple[_Field, ...], obj: object) -> None:
-    """Reject wrongly sized values at construction, so `to_bytes` cannot emit garbage."""
-    for f in table:
-        value = getattr(obj, f.name)
-        if f.is_int:
-            if not isinstance(value, int) or not 0 <= value < 1 << (8 * f.size):
-                raise ValueError(f"{f.name} must be an unsigned {8 * f.size}-bit integer")
-        elif not isinstance(value, bytes) or len(value) != f.size:
-            raise ValueError(f"{f.name} must be {f.size} bytes")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

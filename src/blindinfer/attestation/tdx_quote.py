@@ -20,6 +20,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from blindinfer.attestation.layout import Field as _Field
+from blindinfer.attestation.layout import check_fields as _check_fields
+from blindinfer.attestation.layout import check_table as _check_table
+from blindinfer.attestation.layout import decode as _decode
+from blindinfer.attestation.layout import encode as _encode
+from blindinfer.attestation.layout import raw as _b
 from blindinfer.attestation.sgx_quote import (
     ATT_KEY_TYPE_ECDSA_P256,
     ATTESTATION_KEY_SIZE,
@@ -32,12 +38,6 @@ from blindinfer.attestation.sgx_quote import (
     SIGNATURE_SIZE,
     QuoteHeader,
     SgxReportBody,
-    _b,
-    _check_fields,
-    _check_table,
-    _decode,
-    _encode,
-    _Field,
     encode_cert_tail,
     parse_cert_tail,
     pck_chain,
