@@ -51,6 +51,11 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference-timeout-ms", type=int, default=60_000)
     parser.add_argument("--store-dir", help="persist sealed models here (default: memory only)")
     parser.add_argument("--auth-file", help="tenants and API key hashes (default: open mode)")
+    parser.add_argument(
+        "--metrics-model-names",
+        action="store_true",
+        help="label per-model inference counts in /metrics by model name (default: no names)",
+    )
     parser.add_argument("--isvprodid", type=int, default=1)
     parser.add_argument("--isvsvn", type=int, default=1)
     parser.add_argument(
@@ -189,6 +194,7 @@ def _config(args: argparse.Namespace) -> object:
         store_dir=args.store_dir,
         auth_file=args.auth_file,
         intra_op_threads=args.intra_op_threads,
+        metrics_model_names=args.metrics_model_names,
     )
 
 

@@ -22,7 +22,8 @@ from blindinfer.server.auth import AuthConfig, Authenticator
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.errors import handle_exception
 from blindinfer.server.quotas import TenantQuotas
-from blindinfer.server.routes import admin, attestation, inference, repository
+from blindinfer.server import metrics as server_metrics
+from blindinfer.server.routes import admin, attestation, inference, metrics, repository
 from blindinfer.server.state import FailureThrottle, ServerState
 from blindinfer.server.tls import TlsIdentity
 from blindinfer.store.keys import simulation_sealing_key
@@ -134,7 +135,13 @@ def create_app(state: ServerState) -> Starlette:
         close_state(state)
 
     app = Starlette(
-        routes=[*attestation.routes, *inference.routes, *repository.routes, *admin.routes],
+        routes=[
+            *attestation.routes,
+            *inference.routes,
+            *repository.routes,
+            *admin.routes,
+            *metrics.routes,
+        ],
         exception_handlers={
             BlindInferError: handle_exception,
             HTTPException: handle_exception,
@@ -143,4 +150,5 @@ def create_app(state: ServerState) -> Starlette:
         lifespan=lifespan,
     )
     app.state.blindinfer = state
+    server_metrics.install(app, model_names=state.config.metrics_model_names)
     return app

@@ -47,6 +47,7 @@ class ServerConfig:
     store_dir: str | None = None  # persistence (sealed); None = a private temporary store
     auth_file: str | None = None  # tenants and API key hashes; None = open mode
     intra_op_threads: int = 0  # per worker; 0 = onnxruntime decides (all cores)
+    metrics_model_names: bool = False  # label per-model inference counts in /metrics by name
 
     @property
     def platform_choice(self) -> str:
@@ -59,4 +60,6 @@ class ServerConfig:
             "isvprodid": self.isvprodid,
             "isvsvn": self.isvsvn,
             "debug": self.simulate_debug_enclave,
+            # whether model names can leave through /metrics is pinned with the code
+            "metrics_model_names": self.metrics_model_names,
         }

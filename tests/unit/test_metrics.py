@@ -1,0 +1,364 @@
+"""GET /metrics in-process: exact request counts after a known sequence, a consistent
+latency histogram, route templates only (never a model name from a path unless the operator
+allows it), never tensor content, admin-only under authentication, and output that parses
+as the Prometheus text format 0.0.4."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from onnx import TensorProto, helper
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from blindinfer.server import metrics as server_metrics
+from blindinfer.server.app import build_state, close_state, create_app
+from blindinfer.server.auth import ENV_VARIABLE, generate_api_key
+from blindinfer.server.config import Limits, ServerConfig
+from blindinfer.server.metrics import (
+    CONTENT_TYPE,
+    Counter,
+    Histogram,
+    escape_label,
+    format_value,
+    route_template,
+)
+from blindinfer.server.tls import make_tls_identity
+from blindinfer.tee.simulation.platform import SimulationPlatform
+
+MRE = bytes(range(32))
+IDENTITY = make_tls_identity()
+SECRET = "secret-name"
+UNKNOWN = "never-uploaded-secret"
+# Distinctive tensor values: their decimal text cannot occur in counts, bytes or latencies.
+X_VALUES = [31415.926, -27182.818]
+Y_TEXT = ("62831.85", "54365.63")  # y = 2x, as any JSON encoder would start them
+REQUEST_ID = "req-confidential-7f3a"
+
+
+def _model() -> bytes:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["f"], value_float=2.0),
+            helper.make_node("Mul", ["x", "f"], ["y"]),
+        ],
+        "metrics",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+MODEL = _model()
+INFER = {
+    "id": REQUEST_ID,
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": X_VALUES}],
+}
+
+
+def _app(*, model_names: bool = False) -> Starlette:
+    config = ServerConfig(
+        simulation=True, limits=Limits(max_models=4), metrics_model_names=model_names
+    )
+    state = build_state(config, SimulationPlatform(MRE, isvprodid=4, isvsvn=6), IDENTITY)
+    return create_app(state)
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    with TestClient(_app(), raise_server_exceptions=False) as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------- parser
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL = r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"'
+_SAMPLE = re.compile(rf"({_NAME})(?:\{{((?:{_LABEL},?)*)\}})? (\S+)")
+_VALUE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|Inf)|NaN")
+
+Key = tuple[str, frozenset[tuple[str, str]]]
+
+
+def parse_exposition(text: str) -> tuple[dict[Key, float], dict[str, str]]:
+    """Samples {(name, labels): value} and types {family: type}; fails on any deviation
+    from the text format (unknown line, sample before its TYPE, duplicate series, bad
+    escape, bad value, family declared twice, missing final newline)."""
+    assert text.endswith("\n")
+    samples: dict[Key, float] = {}
+    types: dict[str, str] = {}
+    helps: set[str] = set()
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            assert re.fullmatch(_NAME, name), line
+            assert name not in helps, f"HELP twice: {line}"
+            helps.add(name)
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in {"counter", "gauge", "histogram", "summary", "untyped"}, line
+            assert name not in types, f"TYPE twice: {line}"
+            types[name] = kind
+            continue
+        assert not line.startswith("#") and line.strip(), f"unexpected line {line!r}"
+        match = _SAMPLE.fullmatch(line)
+        assert match, f"not a sample: {line!r}"
+        name, label_text, value = match.group(1), match.group(2) or "", match.groups()[-1]
+        assert _VALUE.fullmatch(value), line
+        labels = {
+            k: v.replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+            for k, v in re.findall(_LABEL, label_text)
+        }
+        family = name
+        if types.get(name) is None:
+            family = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert types.get(family) == "histogram", f"sample before its TYPE: {line!r}"
+        if family != name or types[family] == "histogram":
+            assert name != family, f"bare histogram sample: {line!r}"
+            assert ("le" in labels) == name.endswith("_bucket"), line
+        key = (name, frozenset(labels.items()))
+        assert key not in samples, f"duplicate series: {line!r}"
+        samples[key] = float(value.replace("Inf", "inf"))
+    return samples, types
+
+
+def _scrape(client: TestClient, **kwargs: Any) -> tuple[str, dict[Key, float]]:
+    response = client.get("/metrics", **kwargs)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == CONTENT_TYPE
+    samples, _ = parse_exposition(response.text)
+    return response.text, samples
+
+
+def _value(samples: dict[Key, float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def _requests(samples: dict[Key, float]) -> dict[tuple[str, str, str], float]:
+    return {
+        (d["route"], d["method"], d["status"]): v
+        for (name, labels), v in samples.items()
+        if name == "blindinfer_http_requests_total"
+        for d in [dict(labels)]
+    }
+
+
+def _check_histograms(samples: dict[Key, float]) -> None:
+    """Per series: buckets cumulative (monotonic), +Inf bucket == count, count == the
+    requests counted for that route and method, sum >= 0."""
+    base = "blindinfer_http_request_duration_seconds"
+    per_series: dict[frozenset[tuple[str, str]], list[tuple[float, float]]] = {}
+    for (name, labels), value in samples.items():
+        if name == f"{base}_bucket":
+            d = dict(labels)
+            le = float(d.pop("le").replace("Inf", "inf"))
+            per_series.setdefault(frozenset(d.items()), []).append((le, value))
+    requests = _requests(samples)
+    assert per_series
+    for series, buckets in per_series.items():
+        buckets.sort()
+        bounds = [le for le, _ in buckets]
+        assert bounds[:-1] == list(server_metrics.LATENCY_BUCKETS)
+        assert math.isinf(bounds[-1])
+        counts = [c for _, c in buckets]
+        assert counts == sorted(counts), f"not monotonic: {counts}"
+        count = samples[(f"{base}_count", series)]
+        assert counts[-1] == count
+        assert samples[(f"{base}_sum", series)] >= 0
+        d = dict(series)
+        expected = sum(
+            v for (r, m, _), v in requests.items() if (r, m) == (d["route"], d["method"])
+        )
+        assert count == expected
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_exact_counts_after_a_known_sequence(client: TestClient) -> None:
+    for _ in range(3):
+        assert client.get("/v2").status_code == 200
+    for _ in range(2):
+        assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v3/nothing").status_code == 404
+    assert client.delete("/v2").status_code == 405
+    assert client.request("BREW", "/v2").status_code == 405
+    assert client.put(f"/v2/repository/models/{SECRET}/upload", content=MODEL).status_code == 201
+    for _ in range(2):
+        assert client.post(f"/v2/models/{SECRET}/infer", json=INFER).status_code == 200
+    assert client.post(f"/v2/models/{UNKNOWN}/infer", json=INFER).status_code == 404
+
+    text, samples = _scrape(client)
+    assert _requests(samples) == {
+        ("/v2", "GET", "200"): 3,
+        ("/v2/health/live", "GET", "200"): 2,
+        ("unmatched", "GET", "404"): 1,
+        ("/v2", "DELETE", "405"): 1,
+        ("/v2", "other", "405"): 1,
+        ("/v2/repository/models/{name}/upload", "PUT", "201"): 1,
+        ("/v2/models/{ref}/infer", "POST", "200"): 2,
+        ("/v2/models/{ref}/infer", "POST", "404"): 1,
+    }
+    _check_histograms(samples)
+    # The scrape that rendered the text is counted once it is over: the next one sees it.
+    _, again = _scrape(client)
+    assert (
+        _value(
+            again, "blindinfer_http_requests_total", route="/metrics", method="GET", status="200"
+        )
+        == 1
+    )
+    _check_histograms(again)
+    assert _value(again, "blindinfer_http_requests_in_flight") == 1  # the scrape itself
+
+    # Scrape-time gauges.
+    assert _value(samples, "blindinfer_models") == 1
+    assert _value(samples, "blindinfer_models_loaded") == 1
+    assert _value(samples, "blindinfer_memory_budget_bytes") == Limits().memory_budget_bytes
+    assert _value(samples, "blindinfer_memory_used_bytes") > 0
+    assert _value(samples, "blindinfer_stored_bytes") >= len(MODEL)
+    assert _value(samples, "blindinfer_open_mode") == 1
+    assert _value(samples, "blindinfer_worker_restarts_total", worker="0") == 0
+    assert _value(samples, "blindinfer_worker_up", worker="0") == 1
+    assert _value(samples, "process_resident_memory_bytes") > 1 << 20
+    _assert_confidential(text)
+
+
+def _assert_confidential(text: str, *, names_allowed: bool = False) -> None:
+    if not names_allowed:
+        assert SECRET not in text
+    assert UNKNOWN not in text
+    assert "secret" not in text.replace(SECRET, "") if names_allowed else "secret" not in text
+    assert REQUEST_ID not in text
+    for tensor_text in (*map(str, X_VALUES), *Y_TEXT, "31415", "27182"):
+        assert tensor_text not in text
+    assert re.search(r"\bm-[0-9a-f]{32}\b", text) is None  # model ids
+    assert re.search(r"\b[0-9a-f]{64}\b", text) is None  # model hashes
+
+
+def test_model_names_only_when_the_operator_allows_them() -> None:
+    with TestClient(_app(model_names=True), raise_server_exceptions=False) as client:
+        upload = client.put(f"/v2/repository/models/{SECRET}/upload", content=MODEL)
+        assert upload.status_code == 201
+        model_id = upload.json()["model_id"]
+        assert client.post(f"/v2/models/{SECRET}/infer", json=INFER).status_code == 200
+        assert client.post(f"/v2/models/{model_id}/infer", json=INFER).status_code == 200
+        assert client.post(f"/v2/models/{SECRET}/versions/1/infer", json=INFER).status_code == 200
+        assert client.post(f"/v2/models/{UNKNOWN}/infer", json=INFER).status_code == 404
+        text, samples = _scrape(client)
+    # By registered name, whatever reference the caller used; unknown names never appear.
+    assert [
+        (dict(labels), v)
+        for (name, labels), v in samples.items()
+        if name == "blindinfer_model_inferences_total"
+    ] == [({"tenant": "local", "model": SECRET}, 3)]
+    # Request counts still by template.
+    assert _requests(samples)[("/v2/models/{ref}/infer", "POST", "200")] == 2
+    assert _requests(samples)[("/v2/models/{ref}/versions/{version}/infer", "POST", "200")] == 1
+    _check_histograms(samples)
+    _assert_confidential(text, names_allowed=True)
+
+
+def test_no_per_model_family_by_default(client: TestClient) -> None:
+    assert client.put(f"/v2/repository/models/{SECRET}/upload", content=MODEL).status_code == 201
+    assert client.post(f"/v2/models/{SECRET}/infer", json=INFER).status_code == 200
+    text, _ = _scrape(client)
+    assert "blindinfer_model_inferences_total" not in text
+    _assert_confidential(text)
+
+
+def test_admin_only_when_authentication_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    admin, admin_sha = generate_api_key()
+    user, user_sha = generate_api_key()
+    monkeypatch.setenv(ENV_VARIABLE, f"ops:admin:{admin_sha},team:owner:{user_sha}")
+    with TestClient(_app(), raise_server_exceptions=False) as client:
+        assert client.get("/metrics").status_code == 401
+        bad = client.get("/metrics", headers={"Authorization": f"Bearer {user}"})
+        assert bad.status_code == 403
+        assert client.get(f"/v2/models/{SECRET}").status_code == 401
+        text, samples = _scrape(client, headers={"Authorization": f"Bearer {admin}"})
+    assert _requests(samples) == {
+        ("/metrics", "GET", "401"): 1,
+        ("/metrics", "GET", "403"): 1,
+        ("/v2/models/{ref}", "GET", "401"): 1,
+    }
+    assert _value(samples, "blindinfer_open_mode") == 0
+    assert admin not in text
+    assert user not in text
+    _assert_confidential(text)
+
+
+def test_an_exception_escaping_the_app_counts_as_500() -> None:
+    metrics = server_metrics.ServerMetrics()
+
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("boom")
+
+    middleware = server_metrics.MetricsMiddleware(broken, metrics)
+    client = TestClient(middleware, raise_server_exceptions=False)
+    client.get("/anything/at/all")
+    assert metrics.requests.value("unmatched", "GET", "500") == 1
+    assert metrics.in_flight.value() == 0
+    assert "anything" not in metrics.render()
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    histogram = Histogram("h_seconds", "help", ("route",), buckets=(0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+        histogram.observe(value, "/r")
+    samples, types = parse_exposition(histogram.render())
+    assert types == {"h_seconds": "histogram"}
+    r = {"route": "/r"}
+    assert _value(samples, "h_seconds_bucket", **r, le="0.1") == 2
+    assert _value(samples, "h_seconds_bucket", **r, le="1") == 4
+    assert _value(samples, "h_seconds_bucket", **r, le="+Inf") == 5
+    assert _value(samples, "h_seconds_count", **r) == 5
+    assert _value(samples, "h_seconds_sum", **r) == pytest.approx(8.65)
+    with pytest.raises(ValueError, match="increasing"):
+        Histogram("bad", "help", buckets=(1.0, 0.5))
+
+
+def test_label_escaping_round_trips() -> None:
+    counter = Counter("c_total", 'a "help"\nline', ("v",))
+    odd = 'quote " backslash \\ newline \n end'
+    counter.inc(odd)
+    counter.inc(odd, amount=2)
+    samples, _ = parse_exposition(counter.render())
+    assert samples == {("c_total", frozenset({("v", odd)})): 3}
+    assert escape_label(odd) == 'quote \\" backslash \\\\ newline \\n end'
+    with pytest.raises(ValueError, match="up"):
+        counter.inc(odd, amount=-1)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(3.0, "3"), (0.25, "0.25"), (math.inf, "+Inf"), (-math.inf, "-Inf"), (math.nan, "NaN")],
+)
+def test_format_value(value: float, text: str) -> None:
+    assert format_value(value) == text
+
+
+def test_route_template_prefers_full_match_then_partial() -> None:
+    app = _app()
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v2/models/x/infer",
+        "root_path": "",
+    }
+    assert route_template(app.routes, scope) == ("/v2/models/{ref}/infer", {"ref": "x"})
+    scope["method"] = "GET"  # only a partial match: Starlette answers 405 on it
+    assert route_template(app.routes, scope)[0] == "/v2/models/{ref}/infer"
+    scope["path"] = "/nowhere/secret"
+    assert route_template(app.routes, scope) == ("unmatched", {})
+    close_state(app.state.blindinfer)
