@@ -115,7 +115,9 @@ def running(limits: Limits, *extra: str) -> Iterator[ServerProcess]:
 def connect(url: str, policy: blindinfer.Policy, api_key: str | None = None) -> blindinfer.Client:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", blindinfer.SimulationWarning)
-        return blindinfer.connect(url, policy=policy, simulation=True, api_key=api_key)
+        return blindinfer.connect(
+            url, policy=policy, simulation=True, api_key=api_key, retry=blindinfer.NO_RETRY
+        )
 
 
 def admin_stats(client: blindinfer.Client) -> dict[str, int]:

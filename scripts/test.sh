@@ -8,5 +8,8 @@ python3 -m venv .venv
 # this project's machines, already on disk. Installed first so nothing pulls a CUDA build.
 .venv/bin/pip install --quiet --disable-pip-version-check 'torch==2.13.0'
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+# BlindAI Core's unmodified client, for the compatibility tests (no deps: see pyproject)
+.venv/bin/pip install --quiet --disable-pip-version-check --no-deps \
+    'blindai==0.6.3' 'sgx-dcap-quote-verify-python'
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/python -m pytest "$@"

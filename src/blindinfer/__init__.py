@@ -9,8 +9,10 @@ __version__ = "0.1.0"
 
 from blindinfer.attestation.policy import MaskedValue, Policy, SgxPolicy, load_policy
 from blindinfer.attestation.report import VerifiedAttestation
+from blindinfer.client.async_client import AsyncClient, connect_async
 from blindinfer.client.client import Client, attest, connect
 from blindinfer.client.models import ModelInfo, ModelMetadata, TensorMetadata
+from blindinfer.client.retry import NO_RETRY, RetryPolicy
 from blindinfer.client.tensors import Tensor
 from blindinfer.errors import (
     AttestationError,
@@ -30,6 +32,8 @@ from blindinfer.errors import (
 )
 
 __all__ = [
+    "NO_RETRY",
+    "AsyncClient",
     "AttestationError",
     "BlindInferError",
     "Client",
@@ -46,6 +50,7 @@ __all__ = [
     "ProtocolError",
     "QuoteParseError",
     "QuoteVerificationError",
+    "RetryPolicy",
     "ServerError",
     "SgxPolicy",
     "SimulationNotAllowedError",
@@ -56,5 +61,6 @@ __all__ = [
     "__version__",
     "attest",
     "connect",
+    "connect_async",
     "load_policy",
 ]

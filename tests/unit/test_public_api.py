@@ -14,6 +14,7 @@ SERVER_LIBRARIES = ("onnxruntime", "onnx", "starlette", "uvicorn")
 
 def test_exported_names() -> None:
     assert sorted(blindinfer.__all__) == [
+        "AsyncClient",
         "AttestationError",
         "BlindInferError",
         "Client",
@@ -24,12 +25,14 @@ def test_exported_names() -> None:
         "Mismatch",
         "ModelInfo",
         "ModelMetadata",
+        "NO_RETRY",
         "Policy",
         "PolicyError",
         "PolicyMismatchError",
         "ProtocolError",
         "QuoteParseError",
         "QuoteVerificationError",
+        "RetryPolicy",
         "ServerError",
         "SgxPolicy",
         "SimulationNotAllowedError",
@@ -40,6 +43,7 @@ def test_exported_names() -> None:
         "__version__",
         "attest",
         "connect",
+        "connect_async",
         "load_policy",
     ]
     for name in blindinfer.__all__:

@@ -4,6 +4,7 @@ run a server, so the client commands work where only the client is installed."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -83,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the attested inference server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=9924)
+    serve.add_argument(
+        "--blindai-compat",
+        action="store_true",
+        help="also serve BlindAI Core 0.6.3 clients (ports 9923 HTTP, 9924 and 9925 TLS)",
+    )
+    serve.add_argument(
+        "--blindai-ports", default="9923,9924,9925", help="attestation,run,management ports"
+    )
     _server_options(serve)
 
     measure = commands.add_parser("measure", help="print the MRENCLAVE a policy should pin")
@@ -205,6 +214,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     assert isinstance(config, ServerConfig)
+    if args.blindai_compat:
+        from blindinfer.server.blindai import parse_ports
+
+        config = dataclasses.replace(
+            config, blindai_compat=True, blindai_ports=parse_ports(args.blindai_ports)
+        )
     if config.simulate_debug_enclave and config.platform_choice != "simulation":
         raise SystemExit("--simulate-debug-enclave needs --simulation")
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -263,13 +278,14 @@ def _policy(args: argparse.Namespace) -> int:
 def _with_client(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from blindinfer.cli.progress import upload_with_progress
     from blindinfer.client.client import connect
 
     with connect(
         args.url, policy=args.policy, simulation=args.simulation, api_key=args.api_key
     ) as client:
         if args.command == "upload":
-            info = client.upload_model(args.model, name=args.name)
+            info = upload_with_progress(client, args.model, args.name)
             print(json.dumps({"model_id": info.model_id, "name": info.name, "sha256": info.sha256}))
         elif args.command == "run":
             with np.load(args.inputs) as archive:

@@ -11,11 +11,10 @@ import logging
 import secrets
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -25,20 +24,30 @@ from blindinfer.attestation.pccs import CollateralSource, PccsCollateral
 from blindinfer.attestation.policy import Policy, load_policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.attestation.verifier import verify_evidence
-from blindinfer.client.models import ModelInfo, ModelMetadata
-from blindinfer.client.tensors import to_arrays
-from blindinfer.client.transport import check_url, fetch_evidence, pinned_context, transport
-from blindinfer.errors import ServerError, SimulationWarning
-from blindinfer.protocol.evidence import NONCE_SIZE, parse_evidence_document
-from blindinfer.protocol.inference import (
-    encode_infer_request,
-    parse_header_length,
-    parse_infer_response,
+from blindinfer.client.common import (
+    INDEX_CALL,
+    Call,
+    Progress,
+    build_request,
+    delete_call,
+    http_options,
+    infer_call,
+    infer_outputs,
+    metadata_call,
+    needs_input_names,
+    send_with_retries,
+    share_call,
+    upload_call,
 )
+from blindinfer.client.models import ModelInfo, ModelMetadata
+from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
+from blindinfer.client.tensors import to_arrays
+from blindinfer.client.transport import check_url, fetch_evidence
+from blindinfer.errors import SimulationWarning
+from blindinfer.protocol.evidence import NONCE_SIZE, parse_evidence_document
 from blindinfer.protocol.limits import TensorLimits
 
 log = logging.getLogger("blindinfer.client")
-UPLOAD_CHUNK = 1 << 20
 SIMULATION_BANNER = (
     "blindinfer: SIMULATION MODE. You asked to trust the simulation root: the server is NOT "
     "in a TEE, its operator can read everything you send. Never use this with real data."
@@ -94,6 +103,27 @@ def attest(
     """Asks for evidence over a fresh nonce and verifies it; raises on any failure."""
     if simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=3)
+    return attest_unwarned(
+        url,
+        policy=policy,
+        simulation=simulation,
+        timeout=timeout,
+        now=now,
+        collateral_url=collateral_url,
+    )
+
+
+def attest_unwarned(
+    url: str,
+    *,
+    policy: Policy | None,
+    simulation: bool,
+    timeout: float,
+    now: int | None = None,
+    collateral_url: str | None = None,
+) -> VerifiedAttestation:
+    """`attest` without the simulation warning, for callers that warn themselves (the
+    AsyncClient runs this in a worker thread and warns from the caller's coroutine)."""
     source = PccsCollateral(collateral_url) if collateral_url is not None else None
     bundle = capture(url, timeout=timeout, collateral=source)
     return verify_bundle(bundle, policy=policy, simulation=simulation, now=now)
@@ -107,11 +137,17 @@ def connect(
     timeout: float = 60.0,
     collateral_url: str | None = None,
     api_key: str | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    max_connections: int | None = None,
 ) -> Client:
     """An attested connection: returns only once the evidence verified against `policy`.
 
     `collateral_url`: fetch Intel collateral from this PCCS/PCS instead of the server.
     `api_key`: sent only over the pinned, attested channel, never before verification.
+    `timeout`: seconds for each of connecting, sending, receiving and waiting for a pooled
+    connection. `retry`: how requests refused with 429/503 are retried (`NO_RETRY`: never;
+    see `blindinfer.client.retry`). `max_connections`: size of the connection pool
+    (default: httpx's, 100).
     """
     verified = attest(
         url,
@@ -120,11 +156,21 @@ def connect(
         timeout=timeout,
         collateral_url=collateral_url,
     )
-    return Client(check_url(url), verified, timeout=timeout, api_key=api_key)
+    return Client(
+        check_url(url),
+        verified,
+        timeout=timeout,
+        api_key=api_key,
+        retry=retry,
+        max_connections=max_connections,
+    )
 
 
 class Client:
-    """Talks only to the certificate that the verified evidence bound."""
+    """Talks only to the certificate that the verified evidence bound.
+
+    Thread-safe: one client (one pool of pinned connections) can serve many threads.
+    """
 
     def __init__(
         self,
@@ -133,15 +179,21 @@ class Client:
         *,
         timeout: float,
         api_key: str | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        max_connections: int | None = None,
     ) -> None:
         self.url = url
         self.attestation = attestation
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.retry = retry
         self._http = httpx.Client(
-            base_url=url,
-            transport=transport(pinned_context(attestation.certificate_der)),
-            timeout=timeout,
-            headers=headers,
+            **http_options(
+                url,
+                attestation,
+                timeout=timeout,
+                api_key=api_key,
+                max_connections=max_connections,
+                asynchronous=False,
+            )
         )
         self._metadata: dict[str, ModelMetadata] = {}
         self._limits = TensorLimits()
@@ -166,51 +218,33 @@ class Client:
         *,
         name: str | None = None,
         share_with: Sequence[str] = (),
+        progress: Progress | None = None,
     ) -> ModelInfo:
-        """Uploads a model from a path, bytes or an onnx.ModelProto (streamed from a path).
+        """Uploads a model from a path, bytes or an onnx.ModelProto (streamed in chunks).
 
         `share_with`: tenants that may run it too ("*" = every tenant); private otherwise.
+        `progress(sent, total)`: called with 0, then after each chunk (1 MiB) the connection
+        took, ending at the model's size; from 0 again if the upload is retried. An
+        exception it raises aborts the upload.
         """
-        content: bytes | Iterator[bytes]
-        if isinstance(model, bytes | bytearray | memoryview):
-            content = bytes(model)
-        elif isinstance(model, str | Path):
-            content = _file_chunks(Path(model))
-        elif hasattr(model, "SerializeToString"):
-            content = model.SerializeToString()
-        else:
-            raise TypeError("upload a path, bytes, or an onnx.ModelProto")
-        target = quote(name, safe="") if name else "_"
-        response = self._request(
-            "PUT",
-            f"/v2/repository/models/{target}/upload",
-            content=content,
-            headers={"content-type": "application/octet-stream"},
-            params={"share": ",".join(share_with)} if share_with else None,
-        )
+        response = self._send(upload_call(model, name, share_with, progress))
         return ModelInfo.from_json(response.json())
 
     def delete_model(self, model: str) -> ModelInfo:
-        response = self._request("DELETE", f"/v2/repository/models/{quote(model, safe='')}")
+        response = self._send(delete_call(model))
         self._metadata.pop(model, None)
         return ModelInfo.from_json(response.json())
 
     def share_model(self, model: str, tenants: Sequence[str]) -> ModelInfo:
         """Lets other tenants run `model` ("*" = every tenant); [] makes it private again."""
-        response = self._request(
-            "POST",
-            f"/v2/repository/models/{quote(model, safe='')}/share",
-            json={"tenants": list(tenants)},
-        )
-        return ModelInfo.from_json(response.json())
+        return ModelInfo.from_json(self._send(share_call(model, tenants)).json())
 
     def list_models(self) -> list[ModelInfo]:
-        response = self._request("POST", "/v2/repository/index")
-        return [ModelInfo.from_json(item) for item in response.json()]
+        return [ModelInfo.from_json(item) for item in self._send(INDEX_CALL).json()]
 
     def model_metadata(self, model: str) -> ModelMetadata:
         if model not in self._metadata:
-            response = self._request("GET", f"/v2/models/{quote(model, safe='')}")
+            response = self._send(metadata_call(model))
             self._metadata[model] = ModelMetadata.from_json(response.json())
         return self._metadata[model]
 
@@ -218,34 +252,14 @@ class Client:
         self, model: str, inputs: object, *, outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Runs `model` (name, model_id or SHA-256) and returns its outputs by name."""
-        if isinstance(inputs, dict) and not {"data", "dtype", "shape"} <= inputs.keys():
-            arrays = to_arrays(inputs, ())
-        else:
-            arrays = to_arrays(inputs, [i.name for i in self.model_metadata(model).inputs])
-        body, headers = encode_infer_request(arrays, outputs=outputs, binary=True)
-        response = self._request(
-            "POST", f"/v2/models/{quote(model, safe='')}/infer", content=body, headers=headers
-        )
-        header_length = parse_header_length(response.headers.get("inference-header-content-length"))
-        parsed = parse_infer_response(response.content, header_length, self._limits)
-        return dict(parsed.outputs)
+        names: list[str] = []
+        if needs_input_names(inputs):
+            names = [i.name for i in self.model_metadata(model).inputs]
+        response = self._send(infer_call(model, to_arrays(inputs, names), outputs))
+        return infer_outputs(response, self._limits)
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            raise _server_error(response)
-        return response
+    def _send(self, call: Call) -> httpx.Response:
+        def attempt() -> httpx.Response:
+            return self._http.send(build_request(self._http, call, asynchronous=False))
 
-
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as handle:
-        while chunk := handle.read(UPLOAD_CHUNK):
-            yield chunk
-
-
-def _server_error(response: httpx.Response) -> ServerError:
-    try:
-        document = response.json()
-        return ServerError(response.status_code, str(document["code"]), str(document["error"]))
-    except (ValueError, KeyError, TypeError):
-        return ServerError(response.status_code, "http_error", response.text[:200])
+        return send_with_retries(attempt, self.retry)

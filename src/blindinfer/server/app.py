@@ -17,12 +17,12 @@ from starlette.exceptions import HTTPException
 from blindinfer.errors import BlindInferError
 from blindinfer.protocol.limits import TensorLimits
 from blindinfer.runtime.workers import WorkerPool
+from blindinfer.server import metrics as server_metrics
 from blindinfer.server.audit import AuditLog
 from blindinfer.server.auth import AuthConfig, Authenticator
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.errors import handle_exception
 from blindinfer.server.quotas import TenantQuotas
-from blindinfer.server import metrics as server_metrics
 from blindinfer.server.routes import admin, attestation, inference, metrics, repository
 from blindinfer.server.state import FailureThrottle, ServerState
 from blindinfer.server.tls import TlsIdentity

@@ -48,6 +48,8 @@ class ServerConfig:
     auth_file: str | None = None  # tenants and API key hashes; None = open mode
     intra_op_threads: int = 0  # per worker; 0 = onnxruntime decides (all cores)
     metrics_model_names: bool = False  # label per-model inference counts in /metrics by name
+    blindai_compat: bool = False  # also listen the way BlindAI Core 0.6.3 did
+    blindai_ports: tuple[int, int, int] = (9923, 9924, 9925)
 
     @property
     def platform_choice(self) -> str:

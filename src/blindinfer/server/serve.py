@@ -12,6 +12,7 @@ import uvicorn
 from blindinfer.server.app import build_state, create_app
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.platforms import select_platform
+from blindinfer.server.state import ServerState
 from blindinfer.server.tls import make_tls_identity
 from blindinfer.tee.platform import Platform
 
@@ -20,9 +21,16 @@ log = logging.getLogger("blindinfer.server")
 
 def build_server(config: ServerConfig, platform: Platform | None = None) -> uvicorn.Server:
     """A uvicorn server for `config`; `platform` defaults to the one `config` selects."""
+    return build_server_and_state(config, platform)[0]
+
+
+def build_server_and_state(
+    config: ServerConfig, platform: Platform | None = None
+) -> tuple[uvicorn.Server, ServerState]:
     platform = platform if platform is not None else select_platform(config)
     identity = make_tls_identity()
-    app = create_app(build_state(config, platform, identity))
+    state = build_state(config, platform, identity)
+    app = create_app(state)
     uv_config = uvicorn.Config(
         app,
         host=config.host,
@@ -36,7 +44,7 @@ def build_server(config: ServerConfig, platform: Platform | None = None) -> uvic
     uv_config.load()
     # uvicorn only knows key files; ours lives in memory, so hand it the context directly.
     uv_config.ssl = identity.ssl_context
-    return uvicorn.Server(uv_config)
+    return uvicorn.Server(uv_config), state
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -51,7 +59,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
     """Serves until interrupted; `on_ready(port)` runs once the socket listens."""
-    server = build_server(config)
+    server, state = build_server_and_state(config)
     sock = listening_socket(config.host, config.port)
     port = int(sock.getsockname()[1])
     if on_ready is not None:
@@ -62,4 +70,13 @@ def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -
             on_ready(port)
 
         threading.Thread(target=notify, daemon=True).start()
-    server.run(sockets=[sock])
+    compat = None
+    if config.blindai_compat:
+        from blindinfer.server.blindai import serve_blindai
+
+        compat = serve_blindai(state, config.host, config.blindai_ports)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if compat is not None:
+            compat.stop()

@@ -1,0 +1,251 @@
+"""`AsyncClient`: the `Client` API for asyncio, over the same verification and pinning.
+
+    client = await blindinfer.connect_async(url, policy=..., simulation=...)
+    async with blindinfer.AsyncClient.connect(url, policy=...) as client:
+        outputs = await client.run_model("classifier", {"x": x})
+
+The attestation is the synchronous one (`attest`: fresh nonce, evidence, verification,
+policy), run in a worker thread so the event loop keeps going; only once it verified is an
+`httpx.AsyncClient` made, whose connections trust exactly the attested certificate. Requests
+are built, answers read and refusals retried by the code `Client` uses
+(`blindinfer.client.common`, `blindinfer.client.retry`). One AsyncClient serves any number
+of concurrent tasks over its pool of connections (`max_connections`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import numpy as np
+
+from blindinfer.attestation.policy import Policy, load_policy
+from blindinfer.attestation.report import VerifiedAttestation
+from blindinfer.client.client import SIMULATION_BANNER, attest_unwarned
+from blindinfer.client.common import (
+    INDEX_CALL,
+    Call,
+    Progress,
+    asend_with_retries,
+    build_request,
+    delete_call,
+    http_options,
+    infer_call,
+    infer_outputs,
+    metadata_call,
+    needs_input_names,
+    share_call,
+    upload_call,
+)
+from blindinfer.client.models import ModelInfo, ModelMetadata
+from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
+from blindinfer.client.tensors import to_arrays
+from blindinfer.client.transport import check_url
+from blindinfer.errors import SimulationWarning
+from blindinfer.protocol.limits import TensorLimits
+
+
+async def connect_async(
+    url: str,
+    *,
+    policy: Policy | str | Path | dict[str, Any],
+    simulation: bool = False,
+    timeout: float = 60.0,
+    collateral_url: str | None = None,
+    api_key: str | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    max_connections: int | None = None,
+) -> AsyncClient:
+    """`connect()` for asyncio: returns only once the evidence verified against `policy`."""
+    return await _connect(
+        url,
+        policy=policy,
+        simulation=simulation,
+        timeout=timeout,
+        collateral_url=collateral_url,
+        api_key=api_key,
+        retry=retry,
+        max_connections=max_connections,
+        stacklevel=3,
+    )
+
+
+async def _connect(
+    url: str,
+    *,
+    policy: Policy | str | Path | dict[str, Any],
+    simulation: bool,
+    timeout: float,
+    collateral_url: str | None,
+    api_key: str | None,
+    retry: RetryPolicy,
+    max_connections: int | None,
+    stacklevel: int,
+) -> AsyncClient:
+    base = check_url(url)
+    loaded = load_policy(policy)
+    if simulation:
+        warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=stacklevel)
+    verified = await asyncio.to_thread(
+        attest_unwarned,
+        base,
+        policy=loaded,
+        simulation=simulation,
+        timeout=timeout,
+        collateral_url=collateral_url,
+    )
+    return AsyncClient(
+        base,
+        verified,
+        timeout=timeout,
+        api_key=api_key,
+        retry=retry,
+        max_connections=max_connections,
+    )
+
+
+class _Connecting:
+    """What `AsyncClient.connect()` returns: await it, or use it with `async with`."""
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        self._url = url
+        self._options = options
+        self._client: AsyncClient | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncClient]:
+        return _connect(self._url, **self._options, stacklevel=2).__await__()
+
+    async def __aenter__(self) -> AsyncClient:
+        self._client = await _connect(self._url, **self._options, stacklevel=3)
+        return self._client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+class AsyncClient:
+    """Talks only to the certificate that the verified evidence bound; asyncio version of
+    `Client`, with the same methods as coroutines."""
+
+    def __init__(
+        self,
+        url: str,
+        attestation: VerifiedAttestation,
+        *,
+        timeout: float,
+        api_key: str | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        max_connections: int | None = None,
+    ) -> None:
+        self.url = url
+        self.attestation = attestation
+        self.retry = retry
+        self._http = httpx.AsyncClient(
+            **http_options(
+                url,
+                attestation,
+                timeout=timeout,
+                api_key=api_key,
+                max_connections=max_connections,
+                asynchronous=True,
+            )
+        )
+        self._metadata: dict[str, ModelMetadata] = {}
+        self._limits = TensorLimits()
+
+    @staticmethod
+    def connect(
+        url: str,
+        *,
+        policy: Policy | str | Path | dict[str, Any],
+        simulation: bool = False,
+        timeout: float = 60.0,
+        collateral_url: str | None = None,
+        api_key: str | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        max_connections: int | None = None,
+    ) -> _Connecting:
+        """`await AsyncClient.connect(...)` or `async with AsyncClient.connect(...) as c`."""
+        return _Connecting(
+            url,
+            {
+                "policy": policy,
+                "simulation": simulation,
+                "timeout": timeout,
+                "collateral_url": collateral_url,
+                "api_key": api_key,
+                "retry": retry,
+                "max_connections": max_connections,
+            },
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def upload_model(
+        self,
+        model: str | Path | bytes | Any,
+        *,
+        name: str | None = None,
+        share_with: Sequence[str] = (),
+        progress: Progress | None = None,
+    ) -> ModelInfo:
+        """See `Client.upload_model`; `progress` is called on the event loop."""
+        response = await self._send(upload_call(model, name, share_with, progress))
+        return ModelInfo.from_json(response.json())
+
+    async def delete_model(self, model: str) -> ModelInfo:
+        response = await self._send(delete_call(model))
+        self._metadata.pop(model, None)
+        return ModelInfo.from_json(response.json())
+
+    async def share_model(self, model: str, tenants: Sequence[str]) -> ModelInfo:
+        """Lets other tenants run `model` ("*" = every tenant); [] makes it private again."""
+        return ModelInfo.from_json((await self._send(share_call(model, tenants))).json())
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [ModelInfo.from_json(item) for item in (await self._send(INDEX_CALL)).json()]
+
+    async def model_metadata(self, model: str) -> ModelMetadata:
+        if model not in self._metadata:
+            response = await self._send(metadata_call(model))
+            self._metadata[model] = ModelMetadata.from_json(response.json())
+        return self._metadata[model]
+
+    async def run_model(
+        self, model: str, inputs: object, *, outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Runs `model` (name, model_id or SHA-256) and returns its outputs by name."""
+        names: list[str] = []
+        if needs_input_names(inputs):
+            names = [i.name for i in (await self.model_metadata(model)).inputs]
+        response = await self._send(infer_call(model, to_arrays(inputs, names), outputs))
+        return infer_outputs(response, self._limits)
+
+    async def _send(self, call: Call) -> httpx.Response:
+        async def attempt() -> httpx.Response:
+            return await self._http.send(build_request(self._http, call, asynchronous=True))
+
+        return await asend_with_retries(attempt, self.retry)
