@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a head hash recorded elsewhere that must still be in the log",
     )
 
+    from blindinfer.cli.proxy import add_proxy_arguments  # argparse only
+
+    proxy = commands.add_parser(
+        "proxy", help="attesting proxy for any Open Inference Protocol client"
+    )
+    add_proxy_arguments(proxy)
+
     keys = commands.add_parser("new-key", help="make an API key and its config snippet")
     keys.add_argument("--tenant", required=True)
     keys.add_argument("--role", choices=("admin", "owner", "user"), required=True)
@@ -317,6 +324,12 @@ def _audit(args: argparse.Namespace) -> int:
     return run_audit(args)
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from blindinfer.cli.proxy import run_proxy
+
+    return run_proxy(args)
+
+
 def _new_key(args: argparse.Namespace) -> int:
     from blindinfer.server.keys_cli import new_key_toml
 
@@ -340,6 +353,7 @@ _COMMANDS = {
     "demo": _demo,
     "audit": _audit,
     "new-key": _new_key,
+    "proxy": _proxy,
 }
 
 

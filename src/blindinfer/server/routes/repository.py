@@ -127,7 +127,9 @@ async def load(request: Request) -> Response:
         raise ProtocolError("invalid_parameter", f"{TRITON_FILE_PARAMETER} is not base64") from exc
     if len(data) > state.config.limits.max_model_bytes:
         raise PayloadTooLargeError("the model is larger than the model size limit")
-    return await _store(request, principal, data, hashlib.sha256(data).hexdigest())
+    reply = await _store(request, principal, data, hashlib.sha256(data).hexdigest())
+    reply.status_code = 200  # Triton answers 200 to a load; tritonclient treats 201 as failure
+    return reply
 
 
 async def delete(request: Request) -> Response:

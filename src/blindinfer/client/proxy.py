@@ -1,0 +1,825 @@
+"""An attesting proxy: any Open Inference Protocol client, over an attested channel.
+
+`AttestingProxy` is an ASGI app. It verifies the upstream's evidence with blindinfer's own
+client code (`capture` + `verify_bundle`: fresh nonce, quote chain to a pinned root,
+binding of the TLS key, policy) before it forwards a single byte, then forwards plain
+HTTP requests from the local machine to the upstream over TLS pinned to exactly the
+attested certificate.
+
+When it attests again:
+- periodically (`reattest_seconds`), with a fresh nonce;
+- on every reconnect: each new upstream TLS connection must present exactly the attested
+  certificate (checked before any request byte is written on it), and is used only if an
+  attestation was verified within the last `fresh_seconds`; otherwise the proxy attests
+  again first. A server that restarted has a new key, so its handshake fails against the
+  pin: the proxy attests the new server and forwards only if it satisfies the policy.
+- after any failure, at most once per `retry_seconds`, when a request arrives.
+
+While there is no valid attestation, nothing is forwarded: every request gets 502
+(evidence that failed verification or the policy) or 503 (upstream unreachable) with a
+JSON body naming the attestation error class and its message. `GET /blindinfer/proxy`
+answers the proxy's own status (never forwarded).
+
+Bodies stream both ways, bounded (`max_request_bytes`, `max_response_bytes`); hop-by-hop
+headers are dropped; `Authorization` from local callers is dropped unless
+`forward_client_authorization`, and the proxy's own API key is added on the pinned
+channel only.
+
+`uvicorn` (the local listener) is imported only by the runners below, not by the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib.util
+import ipaddress
+import json
+import logging
+import secrets
+import select
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpcore
+import httpx
+
+from blindinfer.attestation.pccs import PccsCollateral
+from blindinfer.attestation.policy import Policy
+from blindinfer.attestation.report import VerifiedAttestation
+from blindinfer.client.client import capture, verify_bundle
+from blindinfer.client.transport import NO_DELAY, check_url, pinned_context
+from blindinfer.errors import BlindInferError
+
+log = logging.getLogger("blindinfer.proxy")
+
+# httpcore's async pool runs `import sniffio` several times per request. Without sniffio
+# installed every attempt searches sys.path again (failed imports are not cached): about
+# 0.2 ms each, ~0.8 ms per proxied request. A None entry makes the import fail at once,
+# which is what it would do anyway; with sniffio installed this does nothing.
+if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+    sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+STATUS_PATH = "/blindinfer/proxy"
+# RFC 9110 7.6.1 plus the legacy ones; also everything named in the Connection header.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Set by the proxy itself, or meaningless across the hop.
+DROPPED_REQUEST = frozenset({b"host", b"expect", b"content-length", b"authorization"})
+DROPPED_RESPONSE = frozenset({b"content-length"})
+FLUSH_BYTES = 1 << 16
+SMALL_RESPONSE = 1 << 16  # read whole, sent in one piece
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    upstream: str
+    policy: Policy
+    simulation: bool = False
+    api_key: str | None = None
+    forward_client_authorization: bool = False
+    reattest_seconds: float = 300.0
+    fresh_seconds: float = 2.0
+    retry_seconds: float = 2.0
+    timeout: float = 120.0
+    max_request_bytes: int = 1 << 30
+    max_response_bytes: int = 1 << 30
+    max_connections: int = 100
+    collateral_url: str | None = None
+
+    def __post_init__(self) -> None:
+        check_url(self.upstream)
+        if self.reattest_seconds <= 0 or self.fresh_seconds < 0 or self.retry_seconds < 0:
+            raise ValueError("reattest_seconds must be positive, the other intervals >= 0")
+        if self.max_request_bytes <= 0 or self.max_response_bytes <= 0:
+            raise ValueError("body limits must be positive")
+
+
+@dataclass(slots=True)
+class ProxyStats:
+    """Counters, readable from any thread (for tests and the status endpoint)."""
+
+    attestations: int = 0
+    attestation_failures: int = 0
+    forwarded: int = 0  # requests actually written to the upstream
+    refused: int = 0  # answered by the proxy because attestation failed
+    certificate_changes: int = 0
+    new_connections: int = 0
+
+
+class NotAttested(Exception):
+    """No valid attestation: carries the reason, as a status and a JSON document."""
+
+    def __init__(self, status: int, document: dict[str, object]) -> None:
+        super().__init__(str(document.get("error")))
+        self.status = status
+        self.document = document
+
+
+class _PinChanged(Exception):
+    """A new connection was refused by the pin check; retry on the current client."""
+
+
+def refusal(exc: BaseException, upstream: str) -> NotAttested:
+    """The 502/503 answer for an attestation that failed with `exc`."""
+    if isinstance(exc, NotAttested):
+        return exc
+    unreachable = isinstance(exc, httpx.TransportError | OSError)
+    status = 503 if unreachable else 502
+    code = "upstream_unavailable" if unreachable else "attestation_failed"
+    kind = type(exc).__name__
+    message = str(exc) or kind
+    return NotAttested(
+        status,
+        {
+            "error": (
+                f"the upstream {upstream} could not be attested, nothing was forwarded: "
+                f"{kind}: {message}"
+            ),
+            "code": code,
+            "attestation_error": kind,
+            "message": message,
+            "upstream": upstream,
+        },
+    )
+
+
+# -- the upstream connection: httpx on asyncio-native TLS ------------------------------------
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    """asyncio streams (the event loop's own TLS, not anyio's pure-Python TLSStream).
+
+    Writes are held until the next read or 64 KiB, so a small request's header and body
+    leave in one TLS record and one system call; large bodies still flow with backpressure.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+
+    async def _flush(self, timeout: float | None) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending.clear()
+        self._pending_size = 0
+        try:
+            self._writer.write(data)
+            if self._writer.transport.get_write_buffer_size() > FLUSH_BYTES:
+                async with asyncio.timeout(timeout):
+                    await self._writer.drain()
+        except TimeoutError as exc:
+            raise httpcore.WriteTimeout("writing to the upstream timed out") from exc
+        except (OSError, RuntimeError) as exc:
+            raise httpcore.WriteError(str(exc) or type(exc).__name__) from exc
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        await self._flush(timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._reader.read(max_bytes)
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout("reading from the upstream timed out") from exc
+        except (OSError, RuntimeError) as exc:
+            raise httpcore.ReadError(str(exc) or type(exc).__name__) from exc
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if buffer:
+            self._pending.append(buffer)
+            self._pending_size += len(buffer)
+            if self._pending_size >= FLUSH_BYTES:
+                await self._flush(timeout)
+
+    async def aclose(self) -> None:
+        self._pending.clear()
+        self._writer.close()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
+        except TimeoutError as exc:
+            await self.aclose()
+            raise httpcore.ConnectTimeout("the TLS handshake timed out") from exc
+        except (OSError, ssl.SSLError) as exc:
+            await self.aclose()
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":  # httpcore: has an idle connection been closed?
+            if self._reader.at_eof():
+                return True
+            sock = self._writer.get_extra_info("socket")
+            return sock is None or bool(select.select([sock.fileno()], [], [], 0)[0])
+        names = {"client_addr": "sockname", "server_addr": "peername"}
+        if info in ("ssl_object", "socket", "client_addr", "server_addr"):
+            return self._writer.get_extra_info(names.get(info, info))
+        return None
+
+
+class _Backend(httpcore.AsyncNetworkBackend):
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, local_addr=(local_address, 0) if local_address else None
+                )
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        sock = writer.get_extra_info("socket")
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        return _Stream(reader, writer)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("the proxy connects over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class _PinnedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport (pooling, keep-alive, its error mapping) on `_Backend`."""
+
+    def __init__(self, context: ssl.SSLContext, limits: httpx.Limits) -> None:
+        super().__init__(verify=context, socket_options=NO_DELAY, limits=limits)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=context,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            socket_options=NO_DELAY,
+            network_backend=_Backend(),
+        )
+
+
+class AttestedUpstream:
+    """The attestation state and the pinned connection pool to one upstream."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.url = check_url(config.upstream)
+        self.stats = ProxyStats()
+        self.attestation: VerifiedAttestation | None = None
+        self.failure: NotAttested | None = None
+        self._verified_at = float("-inf")  # monotonic time of the last success
+        self._failed_at = float("-inf")
+        self._client: _PinnedTransport | None = None
+        self._lock = asyncio.Lock()
+
+    # -- attestation ---------------------------------------------------------------------
+
+    def _attest_blocking(self) -> VerifiedAttestation:
+        source = (
+            PccsCollateral(self.config.collateral_url)
+            if self.config.collateral_url is not None
+            else None
+        )
+        bundle = capture(self.url, timeout=self.config.timeout, collateral=source)
+        return verify_bundle(bundle, policy=self.config.policy, simulation=self.config.simulation)
+
+    async def attest(self, reason: str, *, newer_than: float | None = None) -> None:
+        """Attests now (one at a time); with `newer_than`, a success since then suffices."""
+        async with self._lock:
+            if newer_than is not None and self._verified_at >= newer_than:
+                return
+            started = time.monotonic()
+            try:
+                verified = await asyncio.to_thread(self._attest_blocking)
+            except (BlindInferError, httpx.HTTPError, OSError, ValueError) as exc:
+                failure = refusal(exc, self.url)
+                await self._fail(failure, reason)
+                raise failure from exc
+            self.stats.attestations += 1
+            old = self.attestation
+            if old is None or old.certificate_der != verified.certificate_der:
+                if old is not None:
+                    self.stats.certificate_changes += 1
+                await self._replace_client(verified.certificate_der)
+            self.attestation = verified
+            self.failure = None
+            self._verified_at = started
+            log.info(
+                "attested %s (%s%s, %s, %.1f ms)",
+                self.url,
+                verified.kind,
+                ", SIMULATION: no TEE" if verified.simulation else "",
+                reason,
+                (time.monotonic() - started) * 1000,
+            )
+
+    async def _fail(self, failure: NotAttested, reason: str) -> None:
+        self.stats.attestation_failures += 1
+        self.attestation = None
+        self.failure = failure
+        self._failed_at = time.monotonic()
+        self._verified_at = float("-inf")
+        await self._replace_client(None)
+        log.warning("attestation of %s failed (%s): %s", self.url, reason, self.failure)
+
+    async def _replace_client(self, certificate_der: bytes | None) -> None:
+        old, self._client = self._client, None
+        if certificate_der is not None:
+            limits = httpx.Limits(
+                max_connections=self.config.max_connections,
+                max_keepalive_connections=min(20, self.config.max_connections),
+                keepalive_expiry=20.0,  # below the server's 30 s keep-alive
+            )
+            self._client = _PinnedTransport(pinned_context(certificate_der), limits)
+        if old is not None:
+            await old.aclose()
+
+    async def client(self) -> _PinnedTransport:
+        """The pinned transport, attesting first when needed; raises NotAttested."""
+        now = time.monotonic()
+        if self._client is not None and now - self._verified_at <= self.config.reattest_seconds:
+            return self._client
+        if self.failure is not None and now - self._failed_at < self.config.retry_seconds:
+            raise self.failure
+        await self.attest("expired" if self.failure is None else "retry", newer_than=now)
+        if self._client is None:  # pragma: no cover - attest() raises instead
+            raise refusal(RuntimeError("no attested upstream"), self.url)
+        return self._client
+
+    async def periodic(self) -> None:
+        """Re-attests every `reattest_seconds` (failures are recorded, not raised)."""
+        while True:
+            last = self._verified_at if self.failure is None else self._failed_at
+            wait = last + self.config.reattest_seconds - time.monotonic()
+            await asyncio.sleep(max(wait, 0.05))
+            if time.monotonic() - self._verified_at >= self.config.reattest_seconds * 0.99:
+                with contextlib.suppress(NotAttested):
+                    await self.attest("periodic")
+
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook: checks every new TLS connection before it is used."""
+        if event != "connection.start_tls.complete":
+            return
+        self.stats.new_connections += 1
+        stream = info["return_value"]
+        ssl_object = stream.get_extra_info("ssl_object")
+        presented = ssl_object.getpeercert(True) if ssl_object is not None else None
+        attestation = self.attestation
+        try:
+            if attestation is None or presented != attestation.certificate_der:
+                raise _PinChanged("the new connection presented another certificate")
+            handshake = time.monotonic()
+            if handshake - self._verified_at > self.config.fresh_seconds:
+                # A reconnect: attest again before this connection carries anything.
+                await self.attest("reconnect", newer_than=handshake - self.config.fresh_seconds)
+                current = self.attestation
+                if current is None or current.certificate_der != presented:
+                    raise _PinChanged("the upstream's attested key changed")
+        except BaseException:
+            await stream.aclose()  # never leave the socket to the garbage collector
+            raise
+
+    async def aclose(self) -> None:
+        await self._replace_client(None)
+
+    def status(self) -> dict[str, object]:
+        attestation = self.attestation
+        return {
+            "upstream": self.url,
+            "attested": attestation is not None,
+            "attestation": None if attestation is None else attestation.to_dict(),
+            "age_seconds": None
+            if attestation is None
+            else round(time.monotonic() - self._verified_at, 3),
+            "failure": None if self.failure is None else self.failure.document,
+            "stats": dataclasses.asdict(self.stats),
+        }
+
+
+class _Body:
+    """The local request body as a bounded stream; remembers whether it was started."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.started = False
+        self.too_large = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started = True
+        total = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ConnectionAbortedError("the local client disconnected")
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self._limit:
+                self.too_large = True
+                raise _BodyTooLarge
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _json_response(status: int, document: dict[str, object]) -> tuple[int, bytes, list[Any]]:
+    body = json.dumps(document).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", b"2"))
+    return status, body, headers
+
+
+class AttestingProxy:
+    """The ASGI app. `upstream` holds the state; lifespan attests and re-attests."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.upstream = AttestedUpstream(config)
+        self._timeouts = httpx.Timeout(config.timeout).as_dict()
+        self._periodic: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        # websockets: not part of the protocol; uvicorn closes them when we return
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                with contextlib.suppress(NotAttested):  # recorded; requests get the reason
+                    await self.upstream.attest("startup")
+                self._periodic = asyncio.create_task(self.upstream.periodic())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._periodic is not None:
+                    self._periodic.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._periodic
+                await self.upstream.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path == STATUS_PATH:
+            await _send(send, *_json_response(200, self.upstream.status()))
+            return
+        headers, length, error = self._request_headers(scope)
+        if error is not None:
+            await _send(send, *error)
+            return
+        raw_path: bytes = scope.get("raw_path") or path.encode("utf-8", "surrogateescape")
+        if not raw_path.startswith(b"/"):
+            await _send(
+                send,
+                *_json_response(
+                    400, {"error": "only origin-form request targets", "code": "invalid_request"}
+                ),
+            )
+            return
+        body = _Body(receive, self.config.max_request_bytes)
+        has_body = length is not None or any(k == b"transfer-encoding" for k, _ in scope["headers"])
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        target = self.upstream.url + raw_path.decode("latin-1")
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        try:
+            response = await self._send_upstream(scope["method"], target, headers, body, has_body)
+        except NotAttested as exc:
+            self.upstream.stats.refused += 1
+            await _send(send, *_json_response(exc.status, exc.document))
+            return
+        except _BodyTooLarge:
+            await _send(send, *_too_large(self.config.max_request_bytes))
+            return
+        except (httpx.HTTPError, OSError) as exc:
+            await _send(send, *_upstream_error(exc, self.upstream.url))
+            return
+        try:
+            await self._relay(response, send)
+        finally:
+            await response.aclose()
+
+    def _request_headers(
+        self, scope: Scope
+    ) -> tuple[list[tuple[bytes, bytes]], int | None, tuple[int, bytes, list[Any]] | None]:
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        named = {
+            token.strip().lower()
+            for name, value in raw
+            if name == b"connection"
+            for token in value.split(b",")
+        }
+        headers: list[tuple[bytes, bytes]] = []
+        length: int | None = None
+        client_authorization: bytes | None = None
+        for name, value in raw:
+            if name == b"content-length":
+                if (
+                    not value.isdigit()
+                    or len(value) > 19
+                    or (length is not None and int(value) != length)
+                ):
+                    return (
+                        [],
+                        None,
+                        _json_response(
+                            400, {"error": "invalid Content-Length", "code": "invalid_request"}
+                        ),
+                    )
+                length = int(value)
+            elif name == b"authorization":
+                client_authorization = value
+            if name in HOP_BY_HOP or name in named or name in DROPPED_REQUEST:
+                continue
+            headers.append((name, value))
+        if length is not None and length > self.config.max_request_bytes:
+            return [], None, _too_large(self.config.max_request_bytes)
+        if self.config.forward_client_authorization and client_authorization is not None:
+            headers.append((b"authorization", client_authorization))
+        elif self.config.api_key:
+            headers.append((b"authorization", f"Bearer {self.config.api_key}".encode()))
+        return headers, length, None
+
+    async def _send_upstream(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: _Body,
+        has_body: bool,
+    ) -> httpx.Response:
+        for attempt in range(2):
+            transport = await self.upstream.client()
+            # httpx's Request and transport without the Client layer (auth, cookies,
+            # redirects, default headers): none of it applies to a proxy, and it costs.
+            request = httpx.Request(
+                method,
+                target,
+                headers=headers,
+                content=body if has_body else None,
+                extensions={"trace": self.upstream.trace, "timeout": self._timeouts},
+            )
+            try:
+                response = await transport.handle_async_request(request)
+            except (_PinChanged, httpx.ConnectError) as exc:
+                # Nothing of the request was written: the connection never carried it.
+                if attempt or body.started:
+                    raise refusal(exc, self.upstream.url) from exc
+                await self.upstream.attest("reconnect failed", newer_than=time.monotonic())
+                continue
+            self.upstream.stats.forwarded += 1
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _relay(self, response: httpx.Response, send: Send) -> None:
+        limit = self.config.max_response_bytes
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send(send, *_response_too_large(limit))
+            return
+        named = {
+            token.strip().lower().encode()
+            for value in response.headers.get_list("connection")
+            for token in value.split(",")
+        }
+        dropped = HOP_BY_HOP | DROPPED_RESPONSE | named
+        headers = [
+            (name.lower(), value)
+            for name, value in response.headers.raw
+            if name.lower() not in dropped
+        ]
+        if declared is not None and declared.isdigit():
+            headers.append((b"content-length", declared.encode()))
+        start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        if declared is not None and declared.isdigit() and int(declared) <= SMALL_RESPONSE:
+            body = b"".join([chunk async for chunk in response.aiter_raw()])
+            await send(start)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        await send(start)
+        total = 0
+        async for chunk in response.aiter_raw():
+            total += len(chunk)
+            if total > limit:  # headers are out: cutting the connection is the only signal
+                raise ConnectionAbortedError("the upstream's response exceeded the limit")
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send(send: Send, status: int, body: bytes, headers: list[Any]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _too_large(limit: int) -> tuple[int, bytes, list[Any]]:
+    return _json_response(
+        413,
+        {"error": f"the request body is larger than {limit} bytes", "code": "payload_too_large"},
+    )
+
+
+def _response_too_large(limit: int) -> tuple[int, bytes, list[Any]]:
+    return _json_response(
+        502,
+        {"error": f"the upstream's response is larger than {limit} bytes", "code": "bad_gateway"},
+    )
+
+
+def _upstream_error(exc: BaseException, upstream: str) -> tuple[int, bytes, list[Any]]:
+    return _json_response(
+        502,
+        {
+            "error": f"forwarding to {upstream} failed: {type(exc).__name__}: {exc}",
+            "code": "upstream_error",
+        },
+    )
+
+
+# -- where it listens ----------------------------------------------------------------------
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` (loopback)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen takes HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+REMOTE_REFUSAL = (
+    "refusing to listen on {host}: the proxy's local side is plain HTTP without "
+    "authentication, and it adds its API key to whatever it forwards. On a non-loopback "
+    "address anyone who can reach it would use the upstream under your key, and your "
+    "tensors would cross the network unencrypted before reaching the attested channel. "
+    "Pass --allow-remote only on a network you control end to end."
+)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit it; without it a response whose headers and body are
+    # written separately waits for a delayed ACK (+40 ms per request).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _uvicorn_server(app: AttestingProxy) -> Any:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,  # paths carry model names
+        server_header=False,
+        date_header=False,
+        lifespan="on",
+        timeout_keep_alive=30,
+    )
+    return uvicorn.Server(config)
+
+
+def serve_proxy(
+    config: ProxyConfig,
+    host: str,
+    port: int,
+    on_ready: Callable[[AttestingProxy, int], None] | None = None,
+) -> None:
+    """Serves in this thread until interrupted; `on_ready(app, port)` once it listens."""
+    app = AttestingProxy(config)
+    server = _uvicorn_server(app)
+    sock = listening_socket(host, port)
+    bound = int(sock.getsockname()[1])
+    if on_ready is not None:
+
+        def notify() -> None:
+            while not server.started and not server.should_exit:
+                time.sleep(0.01)
+            if server.started:
+                on_ready(app, bound)
+
+        threading.Thread(target=notify, daemon=True).start()
+    server.run(sockets=[sock])
+
+
+class RunningProxy:
+    """A proxy served from a background thread (tests, benchmarks, embedding)."""
+
+    def __init__(self, config: ProxyConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = AttestingProxy(config)
+        self._server = _uvicorn_server(self.app)
+        self._sock = listening_socket(host, port)
+        self.port = int(self._sock.getsockname()[1])
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}"
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._sock]},
+            name=f"blindinfer-proxy-{secrets.token_hex(2)}",
+            daemon=True,
+        )
+
+    @property
+    def upstream(self) -> AttestedUpstream:
+        return self.app.upstream
+
+    def start(self, timeout: float = 30.0) -> RunningProxy:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                self.stop()
+                raise RuntimeError("the proxy did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> RunningProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+__all__ = [
+    "AttestedUpstream",
+    "AttestingProxy",
+    "NotAttested",
+    "ProxyConfig",
+    "ProxyStats",
+    "RunningProxy",
+    "is_loopback",
+    "parse_listen",
+    "serve_proxy",
+]
