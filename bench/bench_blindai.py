@@ -72,24 +72,21 @@ def main() -> None:
         start_server(["--simulation", "--blindai-compat", f"--blindai-ports={ports}"]) as server,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        if True:
-            script = Path(tmp) / "client.py"
-            script.write_text(textwrap.dedent(CLIENT).replace("N_BLOCKS", "4" if quick else "12"))
-            env = {
-                k: v
-                for k, v in os.environ.items()
-                if k not in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
-            }
-            env["NO_PROXY"] = "127.0.0.1,localhost"
-            done = subprocess.run(
-                [sys.executable, str(script), server.url, ports],
-                cwd=tmp,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=False,
-            )
+        script = Path(tmp) / "client.py"
+        script.write_text(textwrap.dedent(CLIENT).replace("N_BLOCKS", "4" if quick else "12"))
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+        }
+        env["NO_PROXY"] = "127.0.0.1,localhost"
+        done = subprocess.run(
+            [sys.executable, str(script), server.url, ports],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
     if done.returncode != 0:
         print(done.stderr[-2000:])
         raise SystemExit(1)

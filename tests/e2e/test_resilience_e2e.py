@@ -237,18 +237,15 @@ def test_crash_consistency_kill_during_uploads(tmp_path: Path) -> None:
         start_server(_server_args(limits, f"--store-dir={store}")) as server,
         _connect(server, limits) as client,
     ):
-        if True:
-            listed = {m.model_id: m for m in client.list_models()}
-            assert set(acknowledged) <= set(listed)
-            extra = set(listed) - set(acknowledged)
-            assert all(listed[m].name == "cut" for m in extra)  # only if it was acknowledged
-            n = 4 * MiB // 4
-            for model_id, model in acknowledged.items():
-                weights = onnx.numpy_helper.to_array(
-                    onnx.load_from_string(model).graph.initializer[0]
-                )
-                y = client.run_model(model_id, {"x": np.ones(n, np.float32)})["y"]
-                assert np.array_equal(y, weights)
+        listed = {m.model_id: m for m in client.list_models()}
+        assert set(acknowledged) <= set(listed)
+        extra = set(listed) - set(acknowledged)
+        assert all(listed[m].name == "cut" for m in extra)  # only if it was acknowledged
+        n = 4 * MiB // 4
+        for model_id, model in acknowledged.items():
+            weights = onnx.numpy_helper.to_array(onnx.load_from_string(model).graph.initializer[0])
+            y = client.run_model(model_id, {"x": np.ones(n, np.float32)})["y"]
+            assert np.array_equal(y, weights)
 
 
 def _swallow(call: object) -> None:
@@ -265,9 +262,8 @@ def test_audit_log_of_a_persistent_server_verifies(tmp_path: Path) -> None:
         start_server(_server_args(limits, f"--store-dir={store}")) as server,
         _connect(server, limits) as client,
     ):
-        if True:
-            info = client.upload_model(onnx_models.model_bytes(onnx_models.mlp_model()), name="m")
-            client.delete_model(info.model_id)
+        info = client.upload_model(onnx_models.model_bytes(onnx_models.mlp_model()), name="m")
+        client.delete_model(info.model_id)
     log = store / "audit.log"
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["event"] for e in entries] == ["server_start", "upload", "delete", "server_stop"]
