@@ -31,18 +31,18 @@ class EvidenceBundle:
     tls_certificate_der: bytes
     evidence: EvidenceDocument
 
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "blindinfer_bundle": BUNDLE_VERSION,
+            "source": self.source,
+            "captured_at": self.captured_at,
+            "nonce": self.nonce.hex(),
+            "tls_certificate": base64.b64encode(self.tls_certificate_der).decode(),
+            "evidence": evidence_document_json(self.evidence),
+        }
+
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "blindinfer_bundle": BUNDLE_VERSION,
-                "source": self.source,
-                "captured_at": self.captured_at,
-                "nonce": self.nonce.hex(),
-                "tls_certificate": base64.b64encode(self.tls_certificate_der).decode(),
-                "evidence": evidence_document_json(self.evidence),
-            },
-            indent=2,
-        )
+        return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
@@ -56,6 +56,11 @@ def load_bundle(path: str | Path) -> EvidenceBundle:
         document = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("malformed_bundle", "the bundle is not valid JSON") from exc
+    return bundle_from_json(document)
+
+
+def bundle_from_json(document: object) -> EvidenceBundle:
+    """A bundle from its parsed JSON (as `EvidenceBundle.to_dict` writes it)."""
     if not isinstance(document, dict) or document.get("blindinfer_bundle") != BUNDLE_VERSION:
         raise ProtocolError("malformed_bundle", "not a blindinfer evidence bundle (version 1)")
     try:

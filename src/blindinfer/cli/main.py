@@ -127,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--simulation", action="store_true", help="accept the simulation root")
     verify.add_argument("--json", action="store_true")
 
+    receipt = commands.add_parser(
+        "verify-receipt",
+        help="verify a receipt's proof offline (from Receipt.save)",
+        description="Exit status: 0 the receipt verifies; 1 it does not (the reason is printed).",
+    )
+    receipt.add_argument("proof", type=Path, help="proof JSON written by Receipt.save")
+    receipt.add_argument("--policy", required=True, help="policy TOML file")
+    receipt.add_argument("--simulation", action="store_true", help="accept the simulation root")
+    receipt.add_argument("--inputs", type=Path, help=".npz of the inputs to check the digest of")
+    receipt.add_argument("--outputs", type=Path, help=".npz of the outputs to check")
+
     policy = commands.add_parser("policy", help="print a policy from a server's evidence")
     policy.add_argument("--from", dest="source", required=True, metavar="URL")
     policy.add_argument("--simulation", action="store_true")
@@ -273,6 +284,12 @@ def _verify(args: argparse.Namespace) -> int:
     return run_verify(args)
 
 
+def _verify_receipt(args: argparse.Namespace) -> int:
+    from blindinfer.cli.verify_receipt import run_verify_receipt
+
+    return run_verify_receipt(args)
+
+
 def _policy(args: argparse.Namespace) -> int:
     from blindinfer.attestation.policy_toml import suggested_policy
     from blindinfer.client.client import attest
@@ -346,6 +363,7 @@ _COMMANDS = {
     "attest": _attest,
     "policy": _policy,
     "verify": _verify,
+    "verify-receipt": _verify_receipt,
     "upload": _with_client,
     "run": _with_client,
     "delete": _with_client,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from blindinfer.client.common import (
     http_options,
     infer_call,
     infer_outputs,
+    infer_response,
     metadata_call,
     needs_input_names,
     send_with_retries,
@@ -40,11 +42,12 @@ from blindinfer.client.common import (
     upload_call,
 )
 from blindinfer.client.models import ModelInfo, ModelMetadata
+from blindinfer.client.receipts import Receipt, ReceiptedOutputs, check_receipt
 from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
 from blindinfer.client.tensors import to_arrays
 from blindinfer.client.transport import check_url, fetch_evidence
-from blindinfer.errors import SimulationWarning
-from blindinfer.protocol.evidence import NONCE_SIZE, parse_evidence_document
+from blindinfer.errors import ProtocolError, SimulationWarning
+from blindinfer.protocol.evidence import NONCE_SIZE, EvidenceDocument, parse_evidence_document
 from blindinfer.protocol.limits import TensorLimits
 
 log = logging.getLogger("blindinfer.client")
@@ -149,13 +152,11 @@ def connect(
     see `blindinfer.client.retry`). `max_connections`: size of the connection pool
     (default: httpx's, 100).
     """
-    verified = attest(
-        url,
-        policy=load_policy(policy),
-        simulation=simulation,
-        timeout=timeout,
-        collateral_url=collateral_url,
-    )
+    if simulation:
+        warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=2)
+    source = PccsCollateral(collateral_url) if collateral_url is not None else None
+    bundle = capture(url, timeout=timeout, collateral=source)
+    verified = verify_bundle(bundle, policy=load_policy(policy), simulation=simulation)
     return Client(
         check_url(url),
         verified,
@@ -163,6 +164,7 @@ def connect(
         api_key=api_key,
         retry=retry,
         max_connections=max_connections,
+        bundle=bundle,
     )
 
 
@@ -181,9 +183,14 @@ class Client:
         api_key: str | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         max_connections: int | None = None,
+        bundle: EvidenceBundle | None = None,
     ) -> None:
         self.url = url
         self.attestation = attestation
+        self.bundle = bundle
+        """The evidence verified at connect (what receipts' proofs carry)."""
+        self._boot_evidence: EvidenceDocument | None = None
+        self._boot_lock = threading.Lock()
         self.retry = retry
         self._http = httpx.Client(
             **http_options(
@@ -219,21 +226,64 @@ class Client:
         name: str | None = None,
         share_with: Sequence[str] = (),
         progress: Progress | None = None,
+        receipt: bool = False,
     ) -> ModelInfo:
         """Uploads a model from a path, bytes or an onnx.ModelProto (streamed in chunks).
 
         `share_with`: tenants that may run it too ("*" = every tenant); private otherwise.
         `progress(sent, total)`: called with 0, then after each chunk (1 MiB) the connection
         took, ending at the model's size; from 0 again if the upload is retried. An
-        exception it raises aborts the upload.
+        exception it raises aborts the upload. `receipt`: the returned ModelInfo carries a
+        verified, signed upload receipt.
         """
-        response = self._send(upload_call(model, name, share_with, progress))
-        return ModelInfo.from_json(response.json())
+        response = self._send(upload_call(model, name, share_with, progress, receipt))
+        return self._model_info(response.json(), "upload" if receipt else None)
 
-    def delete_model(self, model: str) -> ModelInfo:
-        response = self._send(delete_call(model))
+    def delete_model(self, model: str, *, receipt: bool = False) -> ModelInfo:
+        """Deletes `model` and its sealed copies; `receipt`: with a signed delete receipt."""
+        response = self._send(delete_call(model, receipt))
         self._metadata.pop(model, None)
-        return ModelInfo.from_json(response.json())
+        return self._model_info(response.json(), "delete" if receipt else None)
+
+    def _model_info(self, document: Any, receipt_kind: str | None) -> ModelInfo:
+        info = ModelInfo.from_json(document)
+        if receipt_kind is None:
+            return info
+        checked = self._check_receipt(document.get("receipt"), receipt_kind)
+        model = checked.payload["model"]
+        if model.get("sha256") != info.sha256 or model.get("model_id") != info.model_id:
+            raise ProtocolError("invalid_receipt", "the receipt names another model")
+        return dataclasses.replace(info, receipt=checked)
+
+    def boot_evidence(self) -> EvidenceDocument:
+        """The server's boot evidence (fetched once on the pinned channel), checked to be
+        authentic and to bind the pinned key: receipts name the digest of its quote."""
+        with self._boot_lock:
+            if self._boot_evidence is None:
+                body = self._send(Call("GET", "/v2/attestation")).content
+                document = parse_evidence_document(body)
+                verify_evidence(
+                    document,
+                    policy=None,
+                    expected_nonce=bytes(NONCE_SIZE),
+                    tls_certificate_der=self.attestation.certificate_der,
+                    allow_simulation=self.attestation.simulation,
+                )
+                self._boot_evidence = document
+            return self._boot_evidence
+
+    def _check_receipt(
+        self,
+        jws: object,
+        kind: str,
+        inputs: dict[str, np.ndarray] | None = None,
+        outputs: dict[str, np.ndarray] | None = None,
+    ) -> Receipt:
+        if self.bundle is None:
+            raise ProtocolError("invalid_receipt", "receipts need a client made by connect()")
+        return check_receipt(
+            jws, self.bundle, self.boot_evidence(), kind=kind, inputs=inputs, outputs=outputs
+        )
 
     def share_model(self, model: str, tenants: Sequence[str]) -> ModelInfo:
         """Lets other tenants run `model` ("*" = every tenant); [] makes it private again."""
@@ -249,14 +299,34 @@ class Client:
         return self._metadata[model]
 
     def run_model(
-        self, model: str, inputs: object, *, outputs: Sequence[str] | None = None
+        self,
+        model: str,
+        inputs: object,
+        *,
+        outputs: Sequence[str] | None = None,
+        receipt: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Runs `model` (name, model_id or SHA-256) and returns its outputs by name."""
+        """Runs `model` (name, model_id or SHA-256) and returns its outputs by name.
+
+        `receipt`: returns `ReceiptedOutputs` whose `.receipt` was verified (signature by
+        the pinned key, digests of these inputs and outputs); `.receipt.save(path)` writes
+        a proof that `blindinfer verify-receipt` checks offline.
+        """
         names: list[str] = []
         if needs_input_names(inputs):
             names = [i.name for i in self.model_metadata(model).inputs]
-        response = self._send(infer_call(model, to_arrays(inputs, names), outputs))
-        return infer_outputs(response, self._limits)
+        arrays = to_arrays(inputs, names)
+        response = self._send(infer_call(model, arrays, outputs, receipt))
+        if not receipt:
+            return infer_outputs(response, self._limits)
+        parsed = infer_response(response, self._limits)
+        results = dict(parsed.outputs)
+        checked = self._check_receipt(
+            parsed.parameters.get("receipt"), "inference", arrays, results
+        )
+        if len(model) == 64 and checked.payload["model"].get("sha256") != model.lower():
+            raise ProtocolError("invalid_receipt", "the receipt names another model")
+        return ReceiptedOutputs(results, checked)
 
     def _send(self, call: Call) -> httpx.Response:
         def attempt() -> httpx.Response:

@@ -30,6 +30,7 @@ from blindinfer.client.retry import RetryPolicy
 from blindinfer.client.transport import NO_DELAY, pinned_context
 from blindinfer.errors import ServerError
 from blindinfer.protocol.inference import (
+    InferResponse,
     encode_infer_request,
     parse_header_length,
     parse_infer_response,
@@ -142,13 +143,20 @@ def _quoted(model: str) -> str:
 
 
 def upload_call(
-    model: object, name: str | None, share_with: Sequence[str], progress: Progress | None
+    model: object,
+    name: str | None,
+    share_with: Sequence[str],
+    progress: Progress | None,
+    receipt: bool = False,
 ) -> Call:
     upload = Upload.of(model, progress)
+    params = {"share": ",".join(share_with)} if share_with else {}
+    if receipt:
+        params["receipt"] = "1"
     return Call(
         "PUT",
         f"/v2/repository/models/{_quoted(name) if name else '_'}/upload",
-        params={"share": ",".join(share_with)} if share_with else None,
+        params=params or None,
         headers={
             "content-type": "application/octet-stream",
             "Content-Length": str(upload.size),
@@ -157,8 +165,9 @@ def upload_call(
     )
 
 
-def delete_call(model: str) -> Call:
-    return Call("DELETE", f"/v2/repository/models/{_quoted(model)}")
+def delete_call(model: str, receipt: bool = False) -> Call:
+    params = {"receipt": "1"} if receipt else None
+    return Call("DELETE", f"/v2/repository/models/{_quoted(model)}", params=params)
 
 
 def share_call(model: str, tenants: Sequence[str]) -> Call:
@@ -179,14 +188,23 @@ def needs_input_names(inputs: object) -> bool:
     return not (isinstance(inputs, dict) and not {"data", "dtype", "shape"} <= inputs.keys())
 
 
-def infer_call(model: str, arrays: dict[str, np.ndarray], outputs: Sequence[str] | None) -> Call:
-    body, headers = encode_infer_request(arrays, outputs=outputs, binary=True)
+def infer_call(
+    model: str,
+    arrays: dict[str, np.ndarray],
+    outputs: Sequence[str] | None,
+    receipt: bool = False,
+) -> Call:
+    body, headers = encode_infer_request(arrays, outputs=outputs, binary=True, receipt=receipt)
     return Call("POST", f"/v2/models/{_quoted(model)}/infer", content=body, headers=headers)
 
 
 def infer_outputs(response: httpx.Response, limits: TensorLimits) -> dict[str, np.ndarray]:
+    return dict(infer_response(response, limits).outputs)
+
+
+def infer_response(response: httpx.Response, limits: TensorLimits) -> InferResponse:
     header_length = parse_header_length(response.headers.get("inference-header-content-length"))
-    return dict(parse_infer_response(response.content, header_length, limits).outputs)
+    return parse_infer_response(response.content, header_length, limits)
 
 
 def build_request(

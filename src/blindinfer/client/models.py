@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from blindinfer.client.receipts import Receipt
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +17,8 @@ class ModelInfo:
     size: int
     owner: str = ""
     shared_with: tuple[str, ...] = ()
+    receipt: Receipt | None = field(default=None, compare=False)
+    """The verified upload or delete receipt, when one was asked for."""
 
     @classmethod
     def from_json(cls, document: Any) -> ModelInfo:

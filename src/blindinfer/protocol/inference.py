@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -135,6 +135,8 @@ class InferRequest:
     inputs: tuple[InferInput, ...]
     outputs: tuple[RequestedOutput, ...]
     binary_output_default: bool
+    receipt: bool = False
+    """`parameters.receipt: true`: the response carries a signed receipt."""
 
     def wants_binary(self, output_name: str) -> bool:
         """Whether `output_name` should be sent as binary data in the response."""
@@ -152,6 +154,7 @@ class InferResponse:
     model_version: str | None
     id: str | None
     outputs: dict[str, _NDArray]
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,13 +501,16 @@ def parse_infer_request(
     binary_default = params.get("binary_data_output", False)
     if type(binary_default) is not bool:
         raise ProtocolError("invalid_request", "parameters.binary_data_output must be a boolean")
+    receipt = params.get("receipt", False)
+    if type(receipt) is not bool:
+        raise ProtocolError("invalid_request", "parameters.receipt must be a boolean")
     if "inputs" not in doc:
         raise ProtocolError("invalid_request", "the request has no inputs")
     pending = _parse_tensors(doc["inputs"], "input", "invalid_request", "duplicate_input", limits)
     outputs = _parse_requested_outputs(doc.get("outputs", []), binary_default, limits)
     arrays = _materialize(body, start, pending)
     inputs = tuple(InferInput(p.name, p.datatype, p.shape, arrays[p.name]) for p in pending)
-    return InferRequest(request_id, inputs, outputs, binary_default)
+    return InferRequest(request_id, inputs, outputs, binary_default, receipt)
 
 
 def _parse_requested_outputs(
@@ -551,14 +557,14 @@ def parse_infer_response(
         doc, "model_version", "model_version", "invalid_response", limits
     )
     response_id = _optional_name(doc, "id", "response id", "invalid_response", limits)
-    _parameters(doc, "response", "invalid_response")
+    parameters = _parameters(doc, "response", "invalid_response")
     if "outputs" not in doc:
         raise ProtocolError("invalid_response", "the response has no outputs")
     pending = _parse_tensors(
         doc["outputs"], "output", "invalid_response", "duplicate_output", limits
     )
     arrays = _materialize(body, start, pending)
-    return InferResponse(model_name, model_version, response_id, arrays)
+    return InferResponse(model_name, model_version, response_id, arrays, parameters)
 
 
 def parse_error(body: bytes, limits: TensorLimits | None = None) -> ErrorBody:
@@ -617,8 +623,11 @@ def encode_infer_request(
     outputs: Sequence[str] | None = None,
     binary: bool = True,
     request_id: str | None = None,
+    receipt: bool = False,
 ) -> tuple[bytes, dict[str, str]]:
     """Encode an inference request; return the body and its HTTP headers.
+
+    `receipt`: ask for a signed receipt (`parameters.receipt: true`).
 
     With `binary`, every input travels as binary data and every output is requested as
     binary (`binary_data_output` plus `binary_data` on each named output); otherwise the
@@ -628,8 +637,10 @@ def encode_infer_request(
     doc: dict[str, Any] = {}
     if request_id is not None:
         doc["id"] = request_id
-    if binary:
-        doc["parameters"] = {"binary_data_output": True}
+    if binary or receipt:
+        doc["parameters"] = {"binary_data_output": True} if binary else {}
+        if receipt:
+            doc["parameters"]["receipt"] = True
     chunks: list[memoryview] = []
     doc["inputs"] = [_tensor_entry(name, value, binary, chunks) for name, value in inputs.items()]
     if outputs is not None:
@@ -646,6 +657,7 @@ def encode_infer_response(
     request_id: str | None,
     outputs: Mapping[str, npt.ArrayLike],
     binary: Collection[str],
+    parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """Encode an inference response; return the body and its HTTP headers.
 
@@ -659,6 +671,8 @@ def encode_infer_response(
         doc["model_version"] = model_version
     if request_id is not None:
         doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = dict(parameters)
     chunks: list[memoryview] = []
     entries = []
     any_binary = False

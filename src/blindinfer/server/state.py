@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
 
-from blindinfer.protocol.evidence import EvidenceDocument
+from blindinfer.protocol.evidence import NONCE_SIZE, EvidenceDocument
 from blindinfer.protocol.limits import TensorLimits
+from blindinfer.protocol.receipts import RECEIPT_VERSION, measurement_of, sign_receipt
 from blindinfer.server.audit import AuditLog
 from blindinfer.server.auth import Action, Authenticator, Principal, authorize
 from blindinfer.server.config import ServerConfig
@@ -32,6 +36,30 @@ class ServerState:
     quotas: TenantQuotas
     audit: AuditLog
     auth_failures: FailureThrottle
+    _boot: list[EvidenceDocument] = field(default_factory=list, repr=False)
+    _boot_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def boot_evidence(self) -> EvidenceDocument:
+        """Evidence over an all-zero nonce, made once: receipts name its quote's digest."""
+        with self._boot_lock:
+            if not self._boot:
+                self._boot.append(self.evidence_for(bytes(NONCE_SIZE)))
+            return self._boot[0]
+
+    def receipt(self, kind: str, record: ModelRecord, **fields: Any) -> dict[str, str]:
+        """A JWS receipt signed with the TLS key (see blindinfer.protocol.receipts)."""
+        boot = self.boot_evidence()
+        payload = {
+            "v": RECEIPT_VERSION,
+            "kind": kind,
+            "request_id": fields.pop("request_id", None) or secrets.token_hex(16),
+            "time": int(time.time()),
+            "model": {"sha256": record.sha256, "model_id": record.model_id},
+            "measurement": measurement_of(boot.kind, boot.quote),
+            "evidence_digest": hashlib.sha256(boot.quote).hexdigest(),
+            **fields,
+        }
+        return sign_receipt(payload, self.identity.sign, self.identity.key_id)
 
     def evidence_for(self, nonce: bytes) -> EvidenceDocument:
         """Evidence binding our TLS key (first half) and the caller's nonce (second half)."""

@@ -15,12 +15,14 @@ import hashlib
 import os
 import ssl
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from blindinfer.protocol.receipts import es256_sign
 
 CERTIFICATE_COMMON_NAME = "blindinfer-server"
 
@@ -30,6 +32,16 @@ class TlsIdentity:
     certificate_der: bytes
     spki_sha256: bytes
     ssl_context: ssl.SSLContext
+    _key: ec.EllipticCurvePrivateKey = field(repr=False, compare=False)
+
+    def sign(self, message: bytes) -> bytes:
+        """ES256 (r || s) over `message` with the TLS key, which never leaves memory."""
+        return es256_sign(self._key, message)
+
+    @property
+    def key_id(self) -> str:
+        """Hex SHA-256 of the key's SubjectPublicKeyInfo (= report_data[0:32])."""
+        return self.spki_sha256.hex()
 
 
 def spki_sha256(certificate: x509.Certificate) -> bytes:
@@ -70,6 +82,7 @@ def make_tls_identity() -> TlsIdentity:
         certificate_der=certificate.public_bytes(serialization.Encoding.DER),
         spki_sha256=spki_sha256(certificate),
         ssl_context=context,
+        _key=key,
     )
 
 

@@ -77,6 +77,7 @@ def make_blindai_identity() -> TlsIdentity:
         certificate_der=certificate.public_bytes(serialization.Encoding.DER),
         spki_sha256=spki_sha256(certificate),
         ssl_context=context,
+        _key=key,
     )
 
 

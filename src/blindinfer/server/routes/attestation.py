@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from blindinfer.protocol.evidence import NONCE_SIZE, encode_evidence_document, parse_nonce_request
+from blindinfer.protocol.evidence import encode_evidence_document, parse_nonce_request
 from blindinfer.server.bodies import read_bounded
 from blindinfer.server.respond import server_state
 
@@ -20,9 +20,10 @@ async def fresh_evidence(request: Request) -> Response:
 
 
 async def boot_evidence(request: Request) -> Response:
-    """Evidence with an all-zero nonce: proves the binding, not the freshness."""
+    """Evidence with an all-zero nonce, made once at first use: proves the binding, not the
+    freshness; receipts carry the SHA-256 of its quote."""
     state = server_state(request)
-    document = await run_in_threadpool(state.evidence_for, bytes(NONCE_SIZE))
+    document = await run_in_threadpool(state.boot_evidence)
     return Response(encode_evidence_document(document), media_type="application/json")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,10 +15,12 @@ from blindinfer.protocol.inference import (
     parse_header_length,
     parse_infer_request,
 )
+from blindinfer.protocol.receipts import tensor_digest
 from blindinfer.server.auth import Action
 from blindinfer.server.bodies import read_bounded
 from blindinfer.server.respond import json_response as _json
 from blindinfer.server.respond import server_state as _state
+from blindinfer.server.state import ServerState
 from blindinfer.store.errors import UnknownModelError
 from blindinfer.store.sealed import ModelRecord
 
@@ -95,8 +99,31 @@ async def infer(request: Request) -> Response:
     async with state.quotas.slot(principal.tenant):
         results = await run_in_threadpool(state.registry.run, record, inputs, wanted)
     binary = {name for name in results if parsed.wants_binary(name)}
-    payload, headers = encode_infer_response(record.name, MODEL_VERSION, parsed.id, results, binary)
+    parameters = None
+    if parsed.receipt:
+        parameters = {
+            "receipt": await run_in_threadpool(_receipt, state, record, parsed.id, inputs, results)
+        }
+    payload, headers = encode_infer_response(
+        record.name, MODEL_VERSION, parsed.id, results, binary, parameters
+    )
     return Response(payload, headers=headers)
+
+
+def _receipt(
+    state: ServerState,
+    record: ModelRecord,
+    request_id: str | None,
+    inputs: Mapping[str, object],
+    outputs: Mapping[str, object],
+) -> dict[str, str]:
+    return state.receipt(
+        "inference",
+        record,
+        request_id=request_id,
+        inputs_digest=tensor_digest(inputs),  # type: ignore[arg-type]
+        outputs_digest=tensor_digest(outputs),  # type: ignore[arg-type]
+    )
 
 
 routes = [

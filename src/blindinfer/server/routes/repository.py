@@ -9,6 +9,8 @@
   file it succeeds only for a model that is already there.
 - `DELETE /v2/repository/models/{ref}` and `POST .../unload`: remove the model and its
   sealed copy (only its owner's keys or an admin).
+- `?receipt=1` on upload, load and delete: the reply carries "receipt", a JWS signed with the
+  attested TLS key (see docs/receipts.md).
 - `POST /v2/repository/models/{ref}/share` with `{"tenants": [...]}` ("*" = everyone).
 
 Names are per tenant: two tenants may both have a model called "classifier".
@@ -45,6 +47,8 @@ from blindinfer.store.sealed import ModelRecord
 ANONYMOUS = "_"
 TRITON_FILE_PARAMETER = "file:1/model.onnx"
 MAX_SHARED_TENANTS = 64
+DELETE_STATEMENT = ["model", "sealed_copies"]
+"""What a delete receipt states was destroyed: the model and every sealed copy of it."""
 
 
 def describe(model: ModelRecord) -> dict[str, object]:
@@ -87,7 +91,17 @@ async def _store(request: Request, principal: Principal, data: bytes, sha256: st
             data, sha256, name=name, owner=principal.tenant, shared_with=shared
         )
     )
-    return _json({**describe(record), "created": created}, 201 if created else 200)
+    reply: dict[str, object] = {**describe(record), "created": created}
+    if _wants_receipt(request):
+        reply["receipt"] = await run_in_threadpool(state.receipt, "upload", record)
+    return _json(reply, 201 if created else 200)
+
+
+def _wants_receipt(request: Request) -> bool:
+    value = request.query_params.get("receipt", "0")
+    if value not in ("0", "1", "true", "false"):
+        raise ProtocolError("invalid_parameter", "receipt must be 1 or 0")
+    return value in ("1", "true")
 
 
 def _uploader(request: Request) -> Principal:
@@ -136,8 +150,18 @@ async def delete(request: Request) -> Response:
     state = _state(request)
     principal = state.principal(request)
     record = state.model_for(principal, request.path_params["ref"], Action.DELETE)
+    wants_receipt = _wants_receipt(request)
     await run_in_threadpool(state.registry.delete, record)
-    return _json({**describe(record), "state": "DELETED", "sealed_copy_destroyed": True})
+    reply: dict[str, object] = {
+        **describe(record),
+        "state": "DELETED",
+        "sealed_copy_destroyed": True,
+    }
+    if wants_receipt:
+        reply["receipt"] = await run_in_threadpool(
+            lambda: state.receipt("delete", record, destroyed=DELETE_STATEMENT)
+        )
+    return _json(reply)
 
 
 async def share(request: Request) -> Response:

@@ -1,0 +1,159 @@
+"""Inference, upload and deletion receipts: JWS (RFC 7515) signed by the attested TLS key.
+
+Shared by the server (which signs) and the client and CLI (which verify); imports nothing
+from the server. The exact format is documented in docs/receipts.md.
+
+Container: JWS JSON serialization, flattened form
+`{"protected": B64(header), "payload": B64(payload), "signature": B64(sig)}` where B64 is
+base64url without padding. The bytes signed are exactly the ASCII string
+`B64(header) + "." + B64(payload)` (RFC 7515 section 5.1). `alg` is ES256: ECDSA P-256
+over SHA-256, the signature being the 64 bytes r || s (big-endian, 32 bytes each).
+Header: `{"alg": "ES256", "typ": "blindinfer-receipt+jwt", "kid": hex SHA-256 of the
+signing key's DER SubjectPublicKeyInfo}`, the same hash the TEE evidence carries in
+report_data[0:32].
+
+Tensor digest (`inputs_digest`, `outputs_digest`): lowercase hex SHA-256 over, for each
+tensor sorted by name (by Python string order, i.e. by code point):
+
+- u32 little-endian byte length of the UTF-8 name, then the UTF-8 name;
+- u8 length of the OIP datatype, then the datatype in ASCII (e.g. "FP32");
+- u8 rank, then rank x u64 little-endian dimensions;
+- the raw tensor bytes, little-endian, C (row-major) order (BOOL: one byte 0/1 each).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from blindinfer.errors import ProtocolError
+from blindinfer.protocol.datatypes import DATATYPES, dtype_to_datatype
+
+RECEIPT_VERSION: Final = 1
+RECEIPT_TYPE: Final = "blindinfer-receipt+jwt"
+ALGORITHM: Final = "ES256"
+MAX_JWS_BYTES: Final = 64 * 1024
+
+Signer = Callable[[bytes], bytes]
+"""`sign(message) -> r || s`: ES256 over `message` with the key the evidence binds."""
+
+
+def tensor_digest(arrays: Mapping[str, npt.ArrayLike]) -> str:
+    """The documented digest of a set of named tensors (hex SHA-256)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.asarray(arrays[name])
+        datatype = dtype_to_datatype(array.dtype)
+        array = array.astype(DATATYPES[datatype], order="C", copy=False)
+        encoded_name = name.encode("utf-8")
+        encoded_type = datatype.encode("ascii")
+        digest.update(struct.pack("<I", len(encoded_name)) + encoded_name)
+        digest.update(struct.pack("<B", len(encoded_type)) + encoded_type)
+        digest.update(struct.pack(f"<B{array.ndim}Q", array.ndim, *array.shape))
+        digest.update(array.data if array.size else b"")
+    return digest.hexdigest()
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def measurement_of(kind: str, quote: bytes) -> str:
+    """The server's measured identity as its evidence states it: MRENCLAVE (hex) for SGX,
+    otherwise "sha256:" + the hex SHA-256 of the evidence quote."""
+    if kind == "intel-sgx":
+        from blindinfer.attestation.sgx_quote import parse_sgx_quote
+
+        return parse_sgx_quote(quote).body.mrenclave.hex()
+    return "sha256:" + hashlib.sha256(quote).hexdigest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: object, what: str) -> bytes:
+    if not isinstance(text, str) or "=" in text:
+        raise ProtocolError("invalid_receipt", f"the receipt's {what} is not base64url text")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError as exc:
+        raise ProtocolError("invalid_receipt", f"the receipt's {what} is not base64url") from exc
+
+
+def _canonical_json(document: Mapping[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def sign_receipt(payload: Mapping[str, Any], sign: Signer, kid: str) -> dict[str, str]:
+    """The JWS (flattened JSON serialization) of `payload`, signed by `sign`."""
+    header = _b64(_canonical_json({"alg": ALGORITHM, "typ": RECEIPT_TYPE, "kid": kid}))
+    body = _b64(_canonical_json(payload))
+    signature = sign(f"{header}.{body}".encode("ascii"))
+    return {"protected": header, "payload": body, "signature": _b64(signature)}
+
+
+def es256_sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
+    """ES256 as JWS wants it: r || s, 32 bytes each."""
+    r, s = decode_dss_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def parse_and_verify_jws(jws: object, public_key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
+    """The payload of `jws` if `public_key` signed it as a receipt; raises ProtocolError."""
+    if not isinstance(jws, Mapping) or set(jws) != {"protected", "payload", "signature"}:
+        raise ProtocolError("invalid_receipt", "a receipt is a flattened JWS JSON object")
+    protected, body = jws["protected"], jws["payload"]
+    header = _json_object(_unb64(protected, "protected header"), "protected header")
+    if header.get("alg") != ALGORITHM or header.get("typ") != RECEIPT_TYPE:
+        raise ProtocolError("invalid_receipt", f"the receipt is not an {ALGORITHM} receipt")
+    if set(header) - {"alg", "typ", "kid"}:
+        raise ProtocolError("invalid_receipt", "the receipt header has unknown parameters")
+    if not isinstance(header.get("kid"), str) or not hmac.compare_digest(
+        header["kid"], key_id(public_key)
+    ):
+        raise ProtocolError("invalid_receipt", "the receipt was signed by another key (kid)")
+    signature = _unb64(jws["signature"], "signature")
+    if len(signature) != 64 or not isinstance(public_key.curve, ec.SECP256R1):
+        raise ProtocolError("invalid_receipt", "the receipt's signature is not ES256")
+    der = encode_dss_signature(
+        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    )
+    try:
+        public_key.verify(der, f"{protected}.{body}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature as exc:
+        raise ProtocolError("invalid_receipt", "the receipt's signature does not verify") from exc
+    payload = _json_object(_unb64(body, "payload"), "payload")
+    if payload.get("v") != RECEIPT_VERSION:
+        raise ProtocolError("invalid_receipt", "unknown receipt version")
+    return payload
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    if len(raw) > MAX_JWS_BYTES:
+        raise ProtocolError("invalid_receipt", f"the receipt's {what} is too large")
+    try:
+        document = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError("invalid_receipt", f"the receipt's {what} is not JSON") from exc
+    if not isinstance(document, dict):
+        raise ProtocolError("invalid_receipt", f"the receipt's {what} is not a JSON object")
+    return document
