@@ -51,9 +51,11 @@ def spki_sha256(certificate: x509.Certificate) -> bytes:
     return hashlib.sha256(spki).digest()
 
 
-def make_tls_identity() -> TlsIdentity:
+def make_tls_identity(common_name: str = CERTIFICATE_COMMON_NAME) -> TlsIdentity:
+    """A fresh key pair and a self-signed certificate naming `common_name` (as CN and DNS
+    SAN); the key lives in memory only."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CERTIFICATE_COMMON_NAME)])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
@@ -64,9 +66,7 @@ def make_tls_identity() -> TlsIdentity:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(CERTIFICATE_COMMON_NAME)]), critical=False
-        )
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(

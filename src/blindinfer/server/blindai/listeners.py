@@ -16,21 +16,16 @@ the quote proves itself; in simulation BlindAI's client skips the quote anyway.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
-import socket
-import ssl
 import threading
 
 import uvicorn
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from blindinfer.server.blindai.apps import blindai_apps
+from blindinfer.server.serve import listening_socket
 from blindinfer.server.state import ServerState
-from blindinfer.server.tls import TlsIdentity, _load_from_memory, spki_sha256
+from blindinfer.server.tls import TlsIdentity, make_tls_identity
 
 log = logging.getLogger("blindinfer.server.blindai")
 
@@ -50,35 +45,7 @@ def has_blindai_name(certificate_der: bytes) -> bool:
 
 def make_blindai_identity() -> TlsIdentity:
     """An in-memory key and self-signed certificate for `blindai-srv` (never stored)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, BLINDAI_HOSTNAME)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(BLINDAI_HOSTNAME)]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    pem = certificate.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_from_memory(context, pem)
-    return TlsIdentity(
-        certificate_der=certificate.public_bytes(serialization.Encoding.DER),
-        spki_sha256=spki_sha256(certificate),
-        ssl_context=context,
-        _key=key,
-    )
+    return make_tls_identity(BLINDAI_HOSTNAME)
 
 
 def blindai_identity(state: ServerState) -> TlsIdentity:
@@ -86,14 +53,6 @@ def blindai_identity(state: ServerState) -> TlsIdentity:
         return state.identity
     log.info("the native certificate lacks the name %r: BlindAI ports get their own", "blindai-srv")
     return make_blindai_identity()
-
-
-def _socket(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    return sock
 
 
 class BlindAiListeners:
@@ -112,7 +71,7 @@ class BlindAiListeners:
     ) -> None:
         self.identity = identity or blindai_identity(state)
         apps = blindai_apps(state, self.identity)
-        self._sockets = [_socket(host, port) for port in ports]
+        self._sockets = [listening_socket(host, port) for port in ports]
         self.ports = tuple(int(s.getsockname()[1]) for s in self._sockets)
         self.servers: list[uvicorn.Server] = []
         for name in APP_ORDER:
