@@ -127,9 +127,21 @@ def attest_unwarned(
 ) -> VerifiedAttestation:
     """`attest` without the simulation warning, for callers that warn themselves (the
     AsyncClient runs this in a worker thread and warns from the caller's coroutine)."""
+    return _verified_bundle(url, policy, simulation, timeout, now, collateral_url)[0]
+
+
+def _verified_bundle(
+    url: str,
+    policy: Policy | None,
+    simulation: bool,
+    timeout: float,
+    now: int | None,
+    collateral_url: str | None,
+) -> tuple[VerifiedAttestation, EvidenceBundle]:
+    """Captures over a fresh nonce and verifies; the bundle is what receipts' proofs carry."""
     source = PccsCollateral(collateral_url) if collateral_url is not None else None
     bundle = capture(url, timeout=timeout, collateral=source)
-    return verify_bundle(bundle, policy=policy, simulation=simulation, now=now)
+    return verify_bundle(bundle, policy=policy, simulation=simulation, now=now), bundle
 
 
 def connect(
@@ -154,9 +166,9 @@ def connect(
     """
     if simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=2)
-    source = PccsCollateral(collateral_url) if collateral_url is not None else None
-    bundle = capture(url, timeout=timeout, collateral=source)
-    verified = verify_bundle(bundle, policy=load_policy(policy), simulation=simulation)
+    verified, bundle = _verified_bundle(
+        url, load_policy(policy), simulation, timeout, None, collateral_url
+    )
     return Client(
         check_url(url),
         verified,
