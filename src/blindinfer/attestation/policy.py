@@ -17,6 +17,9 @@ from typing import Any
 
 from blindinfer.attestation.blindai_manifest import BLINDAI_MANIFEST_KEYS, load_blindai_manifest
 from blindinfer.attestation.nvidia_policy import NvidiaGpuPolicy
+from blindinfer.attestation.policy_values import bool_value as _bool
+from blindinfer.attestation.policy_values import int_value as _int
+from blindinfer.attestation.policy_values import str_value as _str
 from blindinfer.attestation.snp_policy import SnpPolicy
 from blindinfer.attestation.tcb import TCB_STATUSES as ALL_TCB_STATUSES
 from blindinfer.attestation.tdx_policy import TdxPolicy
@@ -223,24 +226,6 @@ def _hex(value: object, where: str) -> bytes:
         return bytes.fromhex(value)
     except ValueError as exc:
         raise PolicyError(f"{where}: {value[:80]!r} is not hex") from exc
-
-
-def _int(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PolicyError(f"{where} values are integers")
-    return value
-
-
-def _bool(value: object, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise PolicyError(f"{where} is true or false")
-    return value
-
-
-def _str(value: object, where: str) -> str:
-    if not isinstance(value, str):
-        raise PolicyError(f"{where} values are strings")
-    return value
 
 
 def _masked(value: object, where: str, size: int) -> MaskedValue | None:

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Final
 
+from blindinfer.attestation.policy_values import bool_value as _bool
+from blindinfer.attestation.policy_values import int_value as _int
 from blindinfer.attestation.snp_report import (
     MAX_REPORT_VERSION,
     MIN_REPORT_VERSION,
@@ -221,18 +223,6 @@ def _hex(value: object, where: str, size: int) -> bytes:
     if len(raw) != size:
         raise PolicyError(f"{where} values are {size} bytes ({2 * size} hex digits)")
     return raw
-
-
-def _int(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PolicyError(f"{where} values are integers")
-    return value
-
-
-def _bool(value: object, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise PolicyError(f"{where} is true or false")
-    return value
 
 
 def _tcb_minimum(value: object) -> TcbMinimum:

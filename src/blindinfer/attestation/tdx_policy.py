@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from blindinfer.attestation.policy_values import bool_value as _bool
+from blindinfer.attestation.policy_values import str_value as _str
 from blindinfer.attestation.tcb import TCB_STATUSES as ALL_TCB_STATUSES
 from blindinfer.attestation.tdx_quote import TD_ATTR_DEBUG, TdReportBody
 from blindinfer.errors import Mismatch, PolicyError
@@ -245,18 +247,6 @@ def _hex(value: object, where: str, size: int) -> bytes:
             f"{where} values are {size} bytes ({2 * size} hex digits), not {len(raw)}"
         )
     return raw
-
-
-def _bool(value: object, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise PolicyError(f"{where} is true or false")
-    return value
-
-
-def _str(value: object, where: str) -> str:
-    if not isinstance(value, str):
-        raise PolicyError(f"{where} values are strings")
-    return value
 
 
 def _masked(value: object, where: str) -> MaskedBytes | None:
