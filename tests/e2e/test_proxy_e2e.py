@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 import blindinfer
 from blindinfer.cli.proxy import READY_PREFIX
 from blindinfer.cli.proxy import main as proxy_main
-from blindinfer.client.proxy import STATUS_PATH, ProxyConfig, RunningProxy
+from blindinfer.proxy.forward import STATUS_PATH, ProxyConfig, RunningProxy
 from blindinfer.server.auth import generate_api_key
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.process import ServerProcess, start_server

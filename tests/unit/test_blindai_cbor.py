@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from starlette.testclient import TestClient
 
-from blindinfer.attestation.sgx_quote import parse_sgx_quote
+from blindinfer.attestation.intel.sgx_quote import parse_sgx_quote
 from blindinfer.cli.demo_model import demo_input, demo_model
 from blindinfer.errors import ProtocolError
 from blindinfer.server.app import build_state, close_state

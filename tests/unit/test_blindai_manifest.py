@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from blindinfer.attestation.blindai_manifest import load_blindai_manifest
+from blindinfer.attestation.intel.blindai_manifest import load_blindai_manifest
+from blindinfer.attestation.intel.sgx_quote import parse_sgx_quote
+from blindinfer.attestation.intel.sgx_validate import validate_sgx
 from blindinfer.attestation.policy import MaskedValue, Policy
-from blindinfer.attestation.sgx_quote import parse_sgx_quote
-from blindinfer.attestation.validate import validate_sgx
 from blindinfer.errors import Mismatch, PolicyError
 
 VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blindinfer.attestation.pccs import HttpResponse
+from blindinfer.attestation.intel.pccs import HttpResponse
 from blindinfer.errors import QuoteParseError
 from blindinfer.tee.configfs_tsm import (
     ConfigfsTsmPlatform,

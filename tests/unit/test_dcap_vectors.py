@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from blindinfer.attestation.dcap import verify_dcap
+from blindinfer.attestation.intel.dcap import verify_dcap
 from blindinfer.attestation.roots import INTEL_SGX_ROOT
 from blindinfer.errors import QuoteVerificationError
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from blindinfer.attestation.authenticate import authenticate
-from blindinfer.attestation.dcap import verify_dcap
+from blindinfer.attestation.intel.dcap import verify_dcap
 from blindinfer.attestation.offline import intel_kind
 from blindinfer.attestation.roots import SIMULATION_ROOT
 from blindinfer.errors import QuoteVerificationError

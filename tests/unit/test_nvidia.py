@@ -21,10 +21,9 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blindinfer.attestation import nvidia as nvidia_module
-from blindinfer.attestation.nvidia import GpuNonceMismatchError, GpuVerified, verify_nvidia_gpu
-from blindinfer.attestation.nvidia_policy import NvidiaGpuPolicy
-from blindinfer.attestation.nvidia_spdm import (
+from blindinfer.attestation.nvidia import verify as nvidia_module
+from blindinfer.attestation.nvidia.policy import NvidiaGpuPolicy
+from blindinfer.attestation.nvidia.spdm import (
     MeasurementBlock,
     NvidiaGpuReport,
     OpaqueData,
@@ -33,6 +32,11 @@ from blindinfer.attestation.nvidia_spdm import (
     SpdmMeasurementResponse,
     decode_report_hex,
     parse_nvidia_report,
+)
+from blindinfer.attestation.nvidia.verify import (
+    GpuNonceMismatchError,
+    GpuVerified,
+    verify_nvidia_gpu,
 )
 from blindinfer.attestation.roots import TrustRoot
 from blindinfer.attestation.roots.nvidia import NVIDIA_DEVICE_ROOT, NVIDIA_DEVICE_ROOT_SHA256

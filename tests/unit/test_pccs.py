@@ -18,7 +18,7 @@ import dcap_qvl  # type: ignore[import-untyped]
 import pytest
 from cryptography import x509
 
-from blindinfer.attestation.pccs import (
+from blindinfer.attestation.intel.pccs import (
     CollateralError,
     HttpResponse,
     PccsCollateral,

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from starlette.testclient import TestClient
 
 import blindinfer
-from blindinfer.attestation.sgx_quote import parse_sgx_quote
+from blindinfer.attestation.intel.sgx_quote import parse_sgx_quote
 from blindinfer.attestation.verifier import verify_evidence
 from blindinfer.protocol.evidence import parse_evidence_document
 from blindinfer.server.app import build_state, create_app

@@ -14,14 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blindinfer.attestation.roots import INTEL_SGX_ROOT, SIMULATION_ROOT
-from blindinfer.attestation.sgx_quote import (
+from blindinfer.attestation.intel.sgx_quote import (
     MAX_CERT_DATA_SIZE,
     SIGNED_SIZE,
     SgxQuote,
     SgxReportBody,
     parse_sgx_quote,
 )
+from blindinfer.attestation.roots import INTEL_SGX_ROOT, SIMULATION_ROOT
 from blindinfer.errors import QuoteParseError
 from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER, SimulationPlatform
 

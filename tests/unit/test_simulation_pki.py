@@ -14,14 +14,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from blindinfer.attestation.dcap import DcapVerdict, verify_dcap
+from blindinfer.attestation.intel.dcap import DcapVerdict, verify_dcap
+from blindinfer.attestation.intel.sgx_quote import parse_sgx_quote
 from blindinfer.attestation.roots import (
     INTEL_SGX_ROOT,
     SIMULATION_ROOT,
     TrustRoot,
     root_for_der,
 )
-from blindinfer.attestation.sgx_quote import parse_sgx_quote
 from blindinfer.errors import QuoteVerificationError
 from blindinfer.tee.platform import Platform
 from blindinfer.tee.simulation import pki

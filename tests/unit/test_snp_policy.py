@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from blindinfer.attestation.snp_policy import SnpPolicy, TcbMinimum
-from blindinfer.attestation.snp_report import GuestPolicy, SnpReport, TcbVersion
+from blindinfer.attestation.snp.policy import SnpPolicy, TcbMinimum
+from blindinfer.attestation.snp.report import GuestPolicy, SnpReport, TcbVersion
 from blindinfer.errors import Mismatch, PolicyError
 
 MEASUREMENT = bytes(range(48))

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blindinfer.attestation.snp_report import (
+from blindinfer.attestation.snp.report import (
     REPORT_SIZE,
     SIGNED_SIZE,
     GuestPolicy,

@@ -23,14 +23,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from blindinfer.attestation.roots.amd import AMD_PRODUCTS, AmdProductRoots
-from blindinfer.attestation.snp import verify_snp
-from blindinfer.attestation.snp_policy import SnpPolicy
-from blindinfer.attestation.snp_report import (
+from blindinfer.attestation.snp.policy import SnpPolicy
+from blindinfer.attestation.snp.report import (
     GuestPolicy,
     SnpReport,
     TcbVersion,
     parse_snp_report,
 )
+from blindinfer.attestation.snp.verify import verify_snp
 from blindinfer.errors import Mismatch, QuoteParseError, QuoteVerificationError
 
 VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from blindinfer.attestation.tdx_policy import MaskedBytes, TdxPolicy
-from blindinfer.attestation.tdx_quote import TdReportBody, parse_tdx_quote
+from blindinfer.attestation.intel.tdx_policy import MaskedBytes, TdxPolicy
+from blindinfer.attestation.intel.tdx_quote import TdReportBody, parse_tdx_quote
 from blindinfer.errors import Mismatch, PolicyError
 
 VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blindinfer.attestation.roots import INTEL_SGX_ROOT
-from blindinfer.attestation.tdx_quote import (
+from blindinfer.attestation.intel.tdx_quote import (
     MAX_CERT_DATA_SIZE,
     MAX_QUOTE_SIZE,
     TD_REPORT10_SIZE,
@@ -23,6 +22,7 @@ from blindinfer.attestation.tdx_quote import (
     TdxQuote,
     parse_tdx_quote,
 )
+from blindinfer.attestation.roots import INTEL_SGX_ROOT
 from blindinfer.errors import QuoteParseError
 
 VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blindinfer.attestation.intel.sgx_quote import HEADER_SIZE, SIGNED_SIZE, parse_sgx_quote
 from blindinfer.attestation.policy import Policy, SgxPolicy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.attestation.roots import SIMULATION_ROOT
-from blindinfer.attestation.sgx_quote import HEADER_SIZE, SIGNED_SIZE, parse_sgx_quote
 from blindinfer.attestation.verifier import certificate_key_hash, verify_evidence
 from blindinfer.errors import (
     DebugEnclaveError,

@@ -14,13 +14,13 @@ from types import MappingProxyType
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from blindinfer.attestation.dcap import DcapVerdict, verify_dcap
+from blindinfer.attestation.intel.dcap import DcapVerdict, verify_dcap
+from blindinfer.attestation.intel.sgx_quote import SgxReportBody, parse_sgx_quote
+from blindinfer.attestation.intel.tdx_quote import TdReportBody, parse_tdx_quote
 from blindinfer.attestation.report import Claim
 from blindinfer.attestation.roots import INTEL_SGX_ROOT, TrustRoot, root_for_der
-from blindinfer.attestation.sgx_quote import SgxReportBody, parse_sgx_quote
-from blindinfer.attestation.snp import verify_snp
-from blindinfer.attestation.snp_report import SnpReport
-from blindinfer.attestation.tdx_quote import TdReportBody, parse_tdx_quote
+from blindinfer.attestation.snp.report import SnpReport
+from blindinfer.attestation.snp.verify import verify_snp
 from blindinfer.errors import (
     DebugEnclaveError,
     QuoteParseError,

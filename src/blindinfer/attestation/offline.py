@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from blindinfer.attestation.authenticate import Authentic, authenticate, authenticate_snp
-from blindinfer.attestation.nvidia import GpuVerified, verify_nvidia_gpu
+from blindinfer.attestation.nvidia.verify import GpuVerified, verify_nvidia_gpu
 from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import Claim
 from blindinfer.attestation.verifier import evaluate_policy

@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blindinfer.attestation.blindai_manifest import BLINDAI_MANIFEST_KEYS, load_blindai_manifest
-from blindinfer.attestation.nvidia_policy import NvidiaGpuPolicy
+from blindinfer.attestation.intel.blindai_manifest import (
+    BLINDAI_MANIFEST_KEYS,
+    load_blindai_manifest,
+)
+from blindinfer.attestation.intel.tdx_policy import TdxPolicy
+from blindinfer.attestation.nvidia.policy import NvidiaGpuPolicy
 from blindinfer.attestation.policy_values import bool_value as _bool
 from blindinfer.attestation.policy_values import int_value as _int
 from blindinfer.attestation.policy_values import str_value as _str
-from blindinfer.attestation.snp_policy import SnpPolicy
+from blindinfer.attestation.snp.policy import SnpPolicy
 from blindinfer.attestation.tcb import TCB_STATUSES as ALL_TCB_STATUSES
-from blindinfer.attestation.tdx_policy import TdxPolicy
 from blindinfer.errors import PolicyError
 
 TCB_STATUSES = frozenset(ALL_TCB_STATUSES)

@@ -23,13 +23,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from blindinfer.attestation.authenticate import Authentic, authenticate
-from blindinfer.attestation.nvidia import GpuVerified, verify_nvidia_gpu
+from blindinfer.attestation.intel.sgx_quote import SgxReportBody
+from blindinfer.attestation.intel.sgx_validate import validate_sgx
+from blindinfer.attestation.intel.tdx_quote import TdReportBody
+from blindinfer.attestation.nvidia.verify import GpuVerified, verify_nvidia_gpu
 from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import GpuSummary, VerifiedAttestation
-from blindinfer.attestation.sgx_quote import SgxReportBody
-from blindinfer.attestation.snp_report import SnpReport
-from blindinfer.attestation.tdx_quote import TdReportBody
-from blindinfer.attestation.validate import validate_sgx
+from blindinfer.attestation.snp.report import SnpReport
 from blindinfer.errors import (
     FreshnessError,
     KeyBindingError,

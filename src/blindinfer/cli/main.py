@@ -258,7 +258,7 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _attest(args: argparse.Namespace) -> int:
-    from blindinfer.attestation.pccs import PccsCollateral
+    from blindinfer.attestation.intel.pccs import PccsCollateral
     from blindinfer.attestation.policy import load_policy
     from blindinfer.client.client import SIMULATION_BANNER, capture, verify_bundle
 

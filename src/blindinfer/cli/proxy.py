@@ -73,7 +73,8 @@ def run_proxy(args: argparse.Namespace) -> int:
     """Serves until interrupted. Exit status 2 for a refused --listen or bad options."""
     from blindinfer.attestation.policy import load_policy
     from blindinfer.client.client import SIMULATION_BANNER
-    from blindinfer.client.proxy import (
+    from blindinfer.errors import SimulationWarning
+    from blindinfer.proxy.forward import (
         REMOTE_REFUSAL,
         AttestingProxy,
         ProxyConfig,
@@ -81,7 +82,6 @@ def run_proxy(args: argparse.Namespace) -> int:
         parse_listen,
         serve_proxy,
     )
-    from blindinfer.errors import SimulationWarning
 
     try:
         host, port = parse_listen(args.listen)

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 
 from blindinfer.attestation.bundle import EvidenceBundle
-from blindinfer.attestation.pccs import CollateralSource, PccsCollateral
+from blindinfer.attestation.intel.pccs import CollateralSource, PccsCollateral
 from blindinfer.attestation.policy import Policy, load_policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.attestation.verifier import verify_evidence

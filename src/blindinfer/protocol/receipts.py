@@ -80,7 +80,7 @@ def measurement_of(kind: str, quote: bytes) -> str:
     """The server's measured identity as its evidence states it: MRENCLAVE (hex) for SGX,
     otherwise "sha256:" + the hex SHA-256 of the evidence quote."""
     if kind == "intel-sgx":
-        from blindinfer.attestation.sgx_quote import parse_sgx_quote
+        from blindinfer.attestation.intel.sgx_quote import parse_sgx_quote
 
         return parse_sgx_quote(quote).body.mrenclave.hex()
     return "sha256:" + hashlib.sha256(quote).hexdigest()

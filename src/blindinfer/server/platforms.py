@@ -56,7 +56,7 @@ def _simulation(config: ServerConfig) -> Platform:
 
 
 def _hardware(choice: str, config: ServerConfig) -> Platform:
-    from blindinfer.attestation.pccs import CollateralError, PccsCollateral
+    from blindinfer.attestation.intel.pccs import CollateralError, PccsCollateral
     from blindinfer.tee.configfs_tsm import ConfigfsTsmPlatform, KdsVcekSource, TsmError
     from blindinfer.tee.gramine import GramineError, GramineSgxPlatform
 

@@ -48,7 +48,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
-from blindinfer.attestation.pccs import CollateralSource, Fetch, HttpResponse, httpx_fetch
+from blindinfer.attestation.intel.pccs import CollateralSource, Fetch, HttpResponse, httpx_fetch
 from blindinfer.errors import BlindInferError, QuoteParseError
 from blindinfer.tee.platform import REPORT_DATA_SIZE, Evidence
 

@@ -25,7 +25,7 @@ from typing import Final
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from blindinfer.attestation.pccs import CollateralSource
+from blindinfer.attestation.intel.pccs import CollateralSource
 from blindinfer.errors import BlindInferError
 from blindinfer.tee.platform import REPORT_DATA_SIZE, Evidence
 

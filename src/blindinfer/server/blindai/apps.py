@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from blindinfer.attestation.sgx_quote import parse_sgx_quote
+from blindinfer.attestation.intel.sgx_quote import parse_sgx_quote
 from blindinfer.errors import BlindInferError
 from blindinfer.server.auth import Action, authorize
 from blindinfer.server.blindai import cbor, schemas

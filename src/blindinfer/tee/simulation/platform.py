@@ -20,7 +20,7 @@ from typing import Final
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from blindinfer.attestation.sgx_quote import (
+from blindinfer.attestation.intel.sgx_quote import (
     ATTR_FLAG_DEBUG,
     ATTR_FLAG_INIT,
     ATTR_FLAG_MODE64BIT,

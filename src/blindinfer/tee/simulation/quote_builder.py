@@ -1,7 +1,7 @@
 """Assemble SGX DCAP v3 quotes the way Intel's quoting enclave would, in software.
 
 The byte layout is not repeated here: quotes are built from the client's own dataclasses
-(`blindinfer.attestation.sgx_quote`) and serialised by their `to_bytes`, so the builder
+(`blindinfer.attestation.intel.sgx_quote`) and serialised by their `to_bytes`, so the builder
 and the parser share one table per structure.
 
 Per platform instance, a fresh attestation key is certified by a simulated QE report
@@ -18,7 +18,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from blindinfer.attestation.sgx_quote import (
+from blindinfer.attestation.intel.sgx_quote import (
     ATT_KEY_TYPE_ECDSA_P256,
     CERT_DATA_TYPE_PCK_CHAIN,
     QUOTE_VERSION_SGX,

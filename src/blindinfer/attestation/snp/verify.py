@@ -34,7 +34,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from blindinfer.attestation.roots.amd import AMD_PRODUCTS, AmdProductRoots
-from blindinfer.attestation.snp_report import (
+from blindinfer.attestation.snp.report import (
     PRODUCT_TURIN,
     SIG_ALGO_ECDSA_P384_SHA384,
     SIGNING_KEY_VCEK,

@@ -5,7 +5,7 @@ fixed-size structure is described ONCE by a declarative table of `_Field`s that 
 both parsing and serialising, so the two can never disagree; the tests check that
 `parse_sgx_quote(b).to_bytes() == b` on real and simulated quotes.
 
-Parsing does not make a quote trustworthy (that is `attestation.dcap`'s job); it gives
+Parsing does not make a quote trustworthy (that is `attestation.intel.dcap`'s job); it gives
 the verifier typed fields to compare against a policy after dcap-qvl accepted the bytes.
 Any malformed input raises `QuoteParseError` and nothing else.
 """

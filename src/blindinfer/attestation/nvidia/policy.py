@@ -1,6 +1,6 @@
 """What a client requires of the server's NVIDIA GPU: the `[gpu]` policy section.
 
-A verified GPU report (`attestation.nvidia.verify_nvidia_gpu`) proves which firmware,
+A verified GPU report (`attestation.nvidia.verify.verify_nvidia_gpu`) proves which firmware,
 VBIOS and driver an authentic H100 measured; this section says which of those are
 acceptable. Because this client does not fetch NVIDIA's signed reference manifests
 (RIMs) online, the user supplies reference values in a JSON file that they obtained and
@@ -41,7 +41,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from blindinfer.attestation.nvidia import GpuVerified
+from blindinfer.attestation.nvidia.verify import GpuVerified
 from blindinfer.errors import Mismatch, PolicyError
 
 MAX_REFERENCE_FILE_BYTES: Final = 1 << 20

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from blindinfer.attestation.policy_values import bool_value as _bool
 from blindinfer.attestation.policy_values import int_value as _int
-from blindinfer.attestation.snp_report import (
+from blindinfer.attestation.snp.report import (
     MAX_REPORT_VERSION,
     MIN_REPORT_VERSION,
     SnpReport,

@@ -10,7 +10,7 @@ What it does NOT do yet (both need network access to NVIDIA, and are optional st
 for later): online revocation checks of the device chain (NVIDIA's OCSP responder), and
 fetching NVIDIA's signed reference measurements (RIMs) for the driver and the VBIOS.
 Until then the caller compares measurements with reference values it trusts
-(`attestation.nvidia_policy`), and a revoked device would still verify.
+(`attestation.nvidia.policy`), and a revoked device would still verify.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
-from blindinfer.attestation.nvidia_spdm import (
+from blindinfer.attestation.nvidia.spdm import (
     NONCE_SIZE,
     SIGNATURE_SIZE,
     NvidiaGpuReport,
@@ -304,7 +304,7 @@ def verify_nvidia_gpu(
     NOT done (optional later steps, they need NVIDIA's online services): OCSP
     revocation of the device chain, and fetching/verifying NVIDIA's RIMs (reference
     measurements for driver and VBIOS). Compare `measurements` with reference values
-    through `attestation.nvidia_policy` instead.
+    through `attestation.nvidia.policy` instead.
     """
     when = _as_utc(now)
     if expected_nonce is not None and (

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from blindinfer.attestation.intel.tdx_quote import TD_ATTR_DEBUG, TdReportBody
 from blindinfer.attestation.policy_values import bool_value as _bool
 from blindinfer.attestation.policy_values import str_value as _str
 from blindinfer.attestation.tcb import TCB_STATUSES as ALL_TCB_STATUSES
-from blindinfer.attestation.tdx_quote import TD_ATTR_DEBUG, TdReportBody
 from blindinfer.errors import Mismatch, PolicyError
 
 __all__ = ["MEASUREMENT_FIELDS", "PINNING_FIELDS", "MaskedBytes", "TdxPolicy"]

@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from blindinfer.errors import BlindInferError
 
-log = logging.getLogger("blindinfer.attestation.pccs")
+log = logging.getLogger("blindinfer.attestation.intel.pccs")
 
 MAX_RESPONSE_SIZE: Final = 4 * 1024 * 1024
 """Largest PCCS/KDS response body accepted (the platform PCK CRL is the largest, ~10 KiB)."""

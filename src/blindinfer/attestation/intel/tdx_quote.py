@@ -8,7 +8,7 @@ described ONCE by a declarative `_Field` table that drives both parsing and seri
 so the two cannot disagree; the tests check `parse_tdx_quote(b).to_bytes() == b` on every
 real TDX quote of the shared vectors.
 
-Parsing does not make a quote trustworthy (that is `attestation.dcap`'s job: dcap-qvl
+Parsing does not make a quote trustworthy (that is `attestation.intel.dcap`'s job: dcap-qvl
 verifies TDX quotes too); it gives the verifier typed fields (MRTD, RTMRs, TD attributes,
 ...) to compare with a `TdxPolicy` after dcap-qvl accepted the bytes. Any malformed input
 raises `QuoteParseError` and nothing else.
@@ -20,13 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from blindinfer.attestation.layout import Field as _Field
-from blindinfer.attestation.layout import check_fields as _check_fields
-from blindinfer.attestation.layout import check_table as _check_table
-from blindinfer.attestation.layout import decode as _decode
-from blindinfer.attestation.layout import encode as _encode
-from blindinfer.attestation.layout import raw as _b
-from blindinfer.attestation.sgx_quote import (
+from blindinfer.attestation.intel.sgx_quote import (
     ATT_KEY_TYPE_ECDSA_P256,
     ATTESTATION_KEY_SIZE,
     HEADER_FIELDS,
@@ -42,6 +36,12 @@ from blindinfer.attestation.sgx_quote import (
     parse_cert_tail,
     pck_chain,
 )
+from blindinfer.attestation.layout import Field as _Field
+from blindinfer.attestation.layout import check_fields as _check_fields
+from blindinfer.attestation.layout import check_table as _check_table
+from blindinfer.attestation.layout import decode as _decode
+from blindinfer.attestation.layout import encode as _encode
+from blindinfer.attestation.layout import raw as _b
 from blindinfer.errors import QuoteParseError
 
 __all__ = [

@@ -52,7 +52,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from blindinfer.attestation.pccs import PccsCollateral
+from blindinfer.attestation.intel.pccs import PccsCollateral
 from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.client.client import capture, verify_bundle

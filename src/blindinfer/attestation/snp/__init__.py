@@ -1,0 +1,2 @@
+"""AMD SEV-SNP attestation reports: parser, verifier against the pinned AMD roots, and the
+[snp] policy section."""
