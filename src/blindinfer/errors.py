@@ -10,7 +10,9 @@
     │   ├── KeyBindingError         the evidence does not bind the TLS key we talk to
     │   └── FreshnessError          the evidence does not answer our nonce
     ├── PolicyError                 a policy file or object is malformed
+    ├── UsageError                  a wrong argument: bad URL, unknown dtype, unreadable file
     ├── ProtocolError               a message on the wire is malformed (either side)
+    ├── ConnectionFailedError       the server could not be reached, or the connection broke
     └── ServerError                 the server answered a request with a structured error
 
 Shared by the client and the server; it imports nothing from either.
@@ -78,6 +80,12 @@ class PolicyError(BlindInferError):
     """A policy is malformed: unknown field, wrong size, wrong type."""
 
 
+class UsageError(BlindInferError, ValueError):
+    """The caller passed something unusable (an `http://` URL, a directory for a model file,
+    an unknown dtype); the message says what to pass instead. Also a ValueError, so code
+    that caught ValueError for these keeps working."""
+
+
 class ProtocolError(BlindInferError):
     """A wire message is malformed; `code` is machine-readable, the message is for humans."""
 
@@ -85,6 +93,12 @@ class ProtocolError(BlindInferError):
         self.code = code
         self.message = message
         super().__init__(f"{code}: {message}")
+
+
+class ConnectionFailedError(BlindInferError):
+    """The server could not be reached (refused, unknown host, timeout, broken connection).
+
+    The transport's own exception is kept as `__cause__`; the message says what to check."""
 
 
 class ServerError(BlindInferError):
