@@ -21,7 +21,6 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blindinfer.attestation.nvidia import verify as nvidia_module
 from blindinfer.attestation.nvidia.policy import NvidiaGpuPolicy
 from blindinfer.attestation.nvidia.spdm import (
     MeasurementBlock,
@@ -38,6 +37,7 @@ from blindinfer.attestation.nvidia.verify import (
     GpuVerified,
     verify_nvidia_gpu,
 )
+from blindinfer.attestation.nvidia import verify as nvidia_module
 from blindinfer.attestation.roots import TrustRoot
 from blindinfer.attestation.roots.nvidia import NVIDIA_DEVICE_ROOT, NVIDIA_DEVICE_ROOT_SHA256
 from blindinfer.errors import (
@@ -47,9 +47,9 @@ from blindinfer.errors import (
     QuoteParseError,
     QuoteVerificationError,
 )
+from support import vectors
+from support.vectors import VECTORS
 
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"
-MANIFEST = VECTORS / "manifest.json"
 CASE_ID = "nvidia_h100_trustee_case1"
 
 VERIFY_AT = datetime(2025, 1, 1, tzinfo=UTC)
@@ -70,13 +70,9 @@ EXPECTED_BLOCK_2 = (
 
 
 def _case() -> dict[str, Any]:
-    if not MANIFEST.is_file():
-        pytest.skip(f"attestation vectors not present at {VECTORS}: real GPU evidence untested")
-    for case in json.loads(MANIFEST.read_text()):
-        if case["id"] == CASE_ID:
-            assert case["kind"] == "nvidia-gpu-spdm"
-            return dict(case)
-    pytest.skip(f"case {CASE_ID} is not in {MANIFEST}")
+    case = vectors.case(CASE_ID)
+    assert case["kind"] == "nvidia-gpu-spdm"
+    return case
 
 
 @pytest.fixture(scope="module")
@@ -467,12 +463,11 @@ def test_fuzz_mutated_real_report(data: st.DataObject) -> None:
 
 
 def _mutation_bases() -> list[bytes]:
-    """The real report when present, else a small report built here (always)."""
-    bases = [_small_report()]
-    if MANIFEST.is_file():
-        case = next(c for c in json.loads(MANIFEST.read_text()) if c["id"] == CASE_ID)
-        bases.append(decode_report_hex((VECTORS / case["evidence"]).read_text()))
-    return bases
+    """A small report built here, and every real report."""
+    return [_small_report()] + [
+        decode_report_hex(vectors.path(case, "evidence").read_text())
+        for case in vectors.cases("nvidia-gpu-spdm")
+    ]
 
 
 def _small_report() -> bytes:
@@ -526,7 +521,9 @@ def test_built_report_round_trips() -> None:
         (lambda b: b[:2] + b"\x00" + b[3:], "signed response"),
         (lambda b: b[:37] + b"\x12" + b[38:], "SPDM version"),
         (lambda b: b[:38] + b"\x61" + b[39:], "MEASUREMENTS"),
-        (lambda b: b + b"\x00", "signature is 96"),
+        (lambda b: b + b"\x01", "signature is 96"),
+        (lambda b: b + bytes(5), "up to 4 zero bytes of padding"),
+        (lambda b: b + b"\x00\x07", "up to 4 zero bytes of padding"),
         (lambda b: b[:-1], "signature is 96"),
         (lambda b: b[:41] + b"\x00" + b[42:], "no measurement blocks"),
         (lambda b: b[:46] + b"\x02" + b[47:], "specification"),
@@ -535,6 +532,18 @@ def test_built_report_round_trips() -> None:
 def test_malformed_reports_name_the_problem(mutate: Any, message: str) -> None:
     with pytest.raises(QuoteParseError, match=message):
         parse_nvidia_report(mutate(_small_report()))
+
+
+def test_zero_padding_after_the_signature_is_kept_and_not_signed() -> None:
+    """Real H100s in Confidential Containers leave one zero byte after the signature."""
+    raw = _small_report()
+    padded = parse_nvidia_report(raw + b"\x00")
+    plain = parse_nvidia_report(raw)
+    assert padded.response.trailing_padding == 1
+    assert plain.response.trailing_padding == 0
+    assert padded.signed_bytes == plain.signed_bytes == raw[:-96]
+    assert padded.signature == plain.signature == b"\x33" * 96
+    assert padded.to_bytes() == raw + b"\x00"
 
 
 def test_duplicate_opaque_field_is_refused() -> None:
@@ -551,3 +560,46 @@ def test_hex_decoding_errors() -> None:
     with pytest.raises(QuoteParseError, match="hex"):
         decode_report_hex("zz")
     assert decode_report_hex(b" 00ff\n") == b"\x00\xff"
+
+
+# --- every real report in the manifest -----------------------------------------------
+
+# What each real report proves, read off independently (trustee's claims for case 1; the
+# CoCo report's opaque data as NVIDIA's and trustee's verifiers print it).
+REAL_EXPECTED = {
+    "nvidia_h100_trustee_case1": {"trailing_padding": 0, "fwid": EXPECTED_FWID},
+    "nvidia_h100_trustee_coco": {
+        "trailing_padding": 1,
+        "driver_version": "580.95.05",
+        "vbios_version": "96.00.74.00.1a",
+        "fwid": (
+            "f1ae7d0093a3f5689cced58045c9744f94eb2aa4ddca8813"
+            "5197fb41a7be45576c2881cf920e2cbcc090b1cb921f7b2d"
+        ),
+    },
+}
+
+
+@pytest.mark.parametrize("case", vectors.case_params("nvidia-gpu-spdm"))
+def test_every_real_report_reaches_its_expected_outcome(case: dict[str, Any]) -> None:
+    assert case["expect"] == "ok"
+    expected = REAL_EXPECTED[case["id"]]
+    report = decode_report_hex(vectors.path(case, "evidence").read_text())
+    chain = vectors.path(case, "cert_chain").read_bytes()
+    nonce = bytes.fromhex(case["expected_nonce_hex"])
+    verified = verify_nvidia_gpu(report, chain, expected_nonce=nonce, now=VERIFY_AT)
+    assert verified.nonce == nonce
+    assert len(verified.measurements) == 64
+    assert verified.fwid is not None and verified.fwid.hex() == expected["fwid"]
+    for name in ("driver_version", "vbios_version"):
+        if name in expected:
+            assert getattr(verified, name) == expected[name]
+    parsed = verified.report
+    assert parsed.response.trailing_padding == expected["trailing_padding"]
+    assert parsed.to_bytes() == report
+    with pytest.raises(FreshnessError):
+        verify_nvidia_gpu(report, chain, expected_nonce=bytes(32), now=VERIFY_AT)
+    if expected["trailing_padding"]:
+        # the padding is not signed, but anything other than zeros there is refused
+        with pytest.raises(QuoteParseError, match="zero bytes of padding"):
+            verify_nvidia_gpu(report[:-1] + b"\x01", chain, expected_nonce=nonce, now=VERIFY_AT)

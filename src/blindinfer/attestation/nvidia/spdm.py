@@ -14,7 +14,8 @@ DMTF SPDM 1.1 specification, DSP0274):
                                             number of blocks (u8), record length (u24 LE),
                                             measurement record, responder nonce (32),
                                             opaque length (u16 LE), opaque data,
-                                            signature (ECDSA P-384, r || s, 96 bytes)
+                                            signature (ECDSA P-384, r || s, 96 bytes),
+                                            then up to 4 zero bytes of padding (below)
 
 Every multi-byte integer is little-endian. Each measurement block is (index u8,
 measurement specification u8 = 1 for DMTF, size u16) followed by a DMTF measurement
@@ -24,6 +25,13 @@ firmware ID, ... (`OPAQUE_FIELD_NAMES`).
 
 The signature covers the request and the response up to the signature (`signed_bytes`),
 hashed with SHA-384: including the request is what binds the requester's nonce.
+
+The signature starts right after the opaque data, as NVIDIA's verifier and trustee read it
+(both take `SIGNATURE_SIZE` bytes at that offset and stop). Reports captured in a
+Confidential Containers H100 deployment (driver 580.95.05) carry one zero byte after the
+signature; it is outside what the GPU signed. Up to `MAX_TRAILING_PADDING` zero bytes are
+therefore accepted and kept (`trailing_padding`, so `raw` still round-trips); anything else
+after the signature (a non-zero byte, more padding, a short signature) is malformed.
 
 Every fixed-size structure is described ONCE by a declarative table of `_Field`s that
 drives parsing and serialising, so the two cannot disagree; lengths and counts in the
@@ -61,6 +69,9 @@ SPDM_MEASUREMENTS: Final = 0x60
 NONCE_SIZE: Final = 32
 SIGNATURE_SIZE: Final = 96
 """ECDSA P-384 signature as NVIDIA's GPUs write it: r and s, 48 bytes each, big-endian."""
+
+MAX_TRAILING_PADDING: Final = 4
+"""Zero bytes allowed after the signature (one seen from real H100s; never signed)."""
 
 DMTF_MEASUREMENT_SPECIFICATION: Final = 0x01
 REQUEST_PARAM1_SIGNATURE_REQUESTED: Final = 0x01
@@ -382,6 +393,8 @@ class SpdmMeasurementResponse:
     nonce: bytes
     opaque: OpaqueData
     signature: bytes
+    trailing_padding: int = 0
+    """Zero bytes the capture left after the signature (0 for NVIDIA's own samples)."""
 
     def __post_init__(self) -> None:
         _check_fields(RESPONSE_HEADER_FIELDS, self, _DERIVED_HEADER)
@@ -398,6 +411,8 @@ class SpdmMeasurementResponse:
             raise ValueError("opaque must be OpaqueData")
         if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_SIZE:
             raise ValueError(f"signature must be {SIGNATURE_SIZE} bytes")
+        if not 0 <= self.trailing_padding <= MAX_TRAILING_PADDING:
+            raise ValueError(f"trailing padding must be 0..{MAX_TRAILING_PADDING} bytes")
 
     def record_bytes(self) -> bytes:
         """The measurement record: every block, in order."""
@@ -411,7 +426,14 @@ class SpdmMeasurementResponse:
         header["measurement_record_length"] = len(record)
         tail = _encode(RESPONSE_NONCE_FIELDS, {"nonce": self.nonce, "opaque_length": len(opaque)})
         return b"".join(
-            (_encode(RESPONSE_HEADER_FIELDS, header), record, tail, opaque, self.signature)
+            (
+                _encode(RESPONSE_HEADER_FIELDS, header),
+                record,
+                tail,
+                opaque,
+                self.signature,
+                bytes(self.trailing_padding),
+            )
         )
 
 
@@ -437,7 +459,7 @@ class NvidiaGpuReport:
     @property
     def signed_bytes(self) -> bytes:
         """Request + response without the signature: what the GPU signed (with SHA-384)."""
-        return self.raw[: len(self.raw) - SIGNATURE_SIZE]
+        return self.raw[: len(self.raw) - SIGNATURE_SIZE - self.response.trailing_padding]
 
     @property
     def signature(self) -> bytes:
@@ -571,11 +593,18 @@ def _parse_response(reader: _Reader, request: SpdmMeasurementRequest) -> SpdmMea
     blocks = _parse_blocks(record, head["number_of_blocks"])
     tail = reader.table(RESPONSE_NONCE_FIELDS, RESPONSE_NONCE_SIZE, "responder nonce")
     opaque = _parse_opaque(reader.take(tail["opaque_length"], "opaque data"))
-    if reader.left != SIGNATURE_SIZE:
+    left = reader.left
+    if left < SIGNATURE_SIZE:
         raise QuoteParseError(
-            f"{reader.left} bytes follow the opaque data; the signature is {SIGNATURE_SIZE}"
+            f"{left} bytes follow the opaque data; the signature is {SIGNATURE_SIZE}"
         )
     signature = reader.take(SIGNATURE_SIZE, "signature")
+    padding = reader.take(reader.left, "padding")
+    if len(padding) > MAX_TRAILING_PADDING or padding.count(0) != len(padding):
+        raise QuoteParseError(
+            f"{left} bytes follow the opaque data: the signature is {SIGNATURE_SIZE}, and "
+            f"after it only up to {MAX_TRAILING_PADDING} zero bytes of padding are allowed"
+        )
     return SpdmMeasurementResponse(
         spdm_version=head["spdm_version"],
         response_code=head["response_code"],
@@ -585,6 +614,7 @@ def _parse_response(reader: _Reader, request: SpdmMeasurementRequest) -> SpdmMea
         nonce=tail["nonce"],
         opaque=opaque,
         signature=signature,
+        trailing_padding=len(padding),
     )
 
 
