@@ -46,8 +46,7 @@ def running(platform: Platform) -> Iterator[str]:
 
 
 def case(case_id: str) -> dict[str, Any]:
-    vectors.require_vectors()
-    return next(c for c in vectors.cases_all() if c["id"] == case_id)
+    return vectors.case(case_id)
 
 
 @pytest.fixture

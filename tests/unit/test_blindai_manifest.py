@@ -3,8 +3,6 @@ table; debug, unknown keys and unsatisfiable masks are refused."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from blindinfer.attestation.intel.blindai_manifest import load_blindai_manifest
@@ -12,8 +10,8 @@ from blindinfer.attestation.intel.sgx_quote import parse_sgx_quote
 from blindinfer.attestation.intel.sgx_validate import validate_sgx
 from blindinfer.attestation.policy import MaskedValue, Policy
 from blindinfer.errors import Mismatch, PolicyError
+from support.vectors import VECTORS
 
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"
 REAL_SGX = VECTORS / "files" / "phala-dcap-qvl" / "sample_sgx_quote"
 
 # MRENCLAVE of the real SGX vector quote (phala-dcap-qvl sample).
@@ -98,8 +96,6 @@ def test_tcb_statuses_and_advisories_can_be_widened_on_purpose() -> None:
 def test_manifest_policy_against_the_real_sgx_quote() -> None:
     """The same decision BlindAI's validate_attestation makes on identity and attributes:
     the real quote (flags 0x5, xfrm 0xe7, miscselect 0) satisfies the sample manifest."""
-    if not REAL_SGX.is_file():
-        pytest.skip(f"attestation vectors not present at {VECTORS.resolve()}")
     body = parse_sgx_quote(REAL_SGX.read_bytes()).body
     sgx = Policy.from_dict({"sgx": load_blindai_manifest(SAMPLE)}).sgx
     assert sgx is not None

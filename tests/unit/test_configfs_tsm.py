@@ -10,7 +10,6 @@ removes the entry. Tests then look at the bytes left on disk and at what was rem
 from __future__ import annotations
 
 import errno
-import json
 import struct
 import uuid
 from pathlib import Path
@@ -38,13 +37,14 @@ from blindinfer.tee.configfs_tsm import (
     probe_provider,
 )
 from blindinfer.tee.detect import detect_platform
+from support import vectors
 from support.fake_configfs import FakeConfigfs, VectorCollateral, ask_ark, cert_table
+from support.vectors import VECTORS
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Parsed a serial number:cryptography.utils.CryptographyDeprecationWarning"
 )  # AMD chip certificates carry serial number 0 (see the vectors' README)
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "attestation-vectors"
 VCEK_GUID = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd")
 VLEK_GUID = uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1")
 ASK_GUID = uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782")
@@ -52,15 +52,10 @@ ARK_GUID = uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae")
 
 
 def manifest_case(case_id: str) -> dict[str, Any]:
-    manifest = VECTORS / "manifest.json"
-    if not manifest.is_file():
-        pytest.skip(f"attestation vectors not present at {VECTORS}")
-    return next(c for c in json.loads(manifest.read_text()) if c["id"] == case_id)
+    return vectors.case(case_id)
 
 
 def vector(rel: str) -> bytes:
-    if not (VECTORS / rel).is_file():
-        pytest.skip(f"attestation vectors not present at {VECTORS}")
     return (VECTORS / rel).read_bytes()
 
 

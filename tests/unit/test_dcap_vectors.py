@@ -3,8 +3,6 @@ intel-dcap case of the shared manifest reaches exactly its expected outcome."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,22 +10,12 @@ import pytest
 from blindinfer.attestation.intel.dcap import verify_dcap
 from blindinfer.attestation.roots import INTEL_SGX_ROOT
 from blindinfer.errors import QuoteVerificationError
-
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"
-MANIFEST = VECTORS / "manifest.json"
+from support import vectors
+from support.vectors import VECTORS
 
 
 def _cases() -> list[Any]:
-    if not MANIFEST.is_file():
-        return [
-            pytest.param(
-                None,
-                id="no-vectors",
-                marks=pytest.mark.skip(reason=f"attestation vectors not present at {VECTORS}"),
-            )
-        ]
-    cases = [c for c in json.loads(MANIFEST.read_text()) if c["kind"] == "intel-dcap"]
-    return [pytest.param(c, id=c["id"]) for c in cases]
+    return vectors.case_params("intel-dcap")
 
 
 def _evidence(case: dict[str, Any]) -> bytes:
@@ -39,9 +27,7 @@ def _evidence(case: dict[str, Any]) -> bytes:
 
 
 def test_manifest_has_the_expected_intel_cases() -> None:
-    if not MANIFEST.is_file():
-        pytest.skip(f"attestation vectors not present at {VECTORS}")
-    ids = {c["id"] for c in json.loads(MANIFEST.read_text()) if c["kind"] == "intel-dcap"}
+    ids = set(vectors.case_ids("intel-dcap"))
     assert {"sgx_v3_phala_processor", "neg_sgx_debug_occlum", "neg_expired_collateral"} <= ids
 
 

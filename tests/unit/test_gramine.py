@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -17,17 +16,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from blindinfer.tee import gramine
 from blindinfer.tee.detect import describe_missing, detect_platform
 from blindinfer.tee.gramine import SEALING_INFO, GramineError, GramineSgxPlatform
+from support import vectors
+from support.vectors import VECTORS
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "attestation-vectors"
 SGX_CASE = "sgx_v3_phala_processor"
 SEAL_KEY = bytes(range(0x40, 0x50))
 
 
 def sgx_case() -> dict[str, Any]:
-    manifest = VECTORS / "manifest.json"
-    if not manifest.is_file():
-        pytest.skip(f"attestation vectors not present at {VECTORS}")
-    return next(c for c in json.loads(manifest.read_text()) if c["id"] == SGX_CASE)
+    return vectors.case(SGX_CASE)
 
 
 class VectorCollateral:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import urllib.parse
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import dcap_qvl  # type: ignore[import-untyped]
@@ -25,9 +24,9 @@ from blindinfer.attestation.intel.pccs import (
     quote_identity,
     raw_json_members,
 )
+from support import vectors
+from support.vectors import VECTORS
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "attestation-vectors"
-SKIP = f"attestation vectors not present at {VECTORS}"
 DAY = 86400
 
 # (manifest id, TEE path segment); one SGX (processor CA), one TDX (platform CA).
@@ -35,11 +34,7 @@ CASES = ["sgx_v3_phala_processor", "tdx_v4_gcp_cos113"]
 
 
 def load_case(case_id: str) -> dict[str, Any]:
-    manifest = VECTORS / "manifest.json"
-    if not manifest.is_file():
-        pytest.skip(SKIP)
-    cases: dict[str, dict[str, Any]] = {c["id"]: c for c in json.loads(manifest.read_text())}
-    return cases[case_id]
+    return vectors.case(case_id)
 
 
 def quote_of(case: dict[str, Any]) -> bytes:

@@ -33,7 +33,6 @@ def test_collateral_age_must_be_positive() -> None:
 
 
 def _tdx_case() -> tuple[bytes, str, int]:
-    vectors.require_vectors()
     case = next(c for c in vectors.cases("intel-dcap") if c["id"] == "tdx_v4_phala")
     return (
         vectors.path(case, "evidence").read_bytes(),

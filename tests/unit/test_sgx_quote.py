@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import re
 import struct
-from pathlib import Path
 
 import dcap_qvl  # type: ignore[import-untyped]  # has a .pyi but no py.typed marker
 import pytest
@@ -24,13 +23,10 @@ from blindinfer.attestation.intel.sgx_quote import (
 from blindinfer.attestation.roots import INTEL_SGX_ROOT, SIMULATION_ROOT
 from blindinfer.errors import QuoteParseError
 from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER, SimulationPlatform
+from support.vectors import VECTORS
 
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"
 REAL_SGX = VECTORS / "files" / "phala-dcap-qvl" / "sample_sgx_quote"
 REAL_TDX = VECTORS / "files" / "phala-dcap-qvl" / "sample_tdx_quote"
-needs_vectors = pytest.mark.skipif(
-    not REAL_SGX.is_file(), reason=f"attestation vectors not present at {VECTORS}"
-)
 
 # Offsets inside the signature data of a v3 quote (after its u32 length at 432).
 SIG = SIGNED_SIZE + 4
@@ -39,8 +35,6 @@ QE_AUTH_LEN = SIG + 64 + 64 + 384 + 64
 
 @pytest.fixture(scope="module")
 def real() -> bytes:
-    if not REAL_SGX.is_file():
-        pytest.skip(f"attestation vectors not present at {VECTORS}")
     return REAL_SGX.read_bytes()
 
 
@@ -105,7 +99,6 @@ def _with(raw: bytes, offset: int, new: bytes) -> bytes:
     return raw[:offset] + new + raw[offset + len(new) :]
 
 
-@needs_vectors
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -130,7 +123,6 @@ def test_malformed_quotes_are_refused_with_a_reason(mutate: object, message: str
         parse_sgx_quote(mutate(raw))
 
 
-@needs_vectors
 def test_tdx_quote_is_not_an_sgx_quote() -> None:
     with pytest.raises(QuoteParseError, match="version 4 is not 3"):
         parse_sgx_quote(REAL_TDX.read_bytes())
@@ -192,7 +184,6 @@ def test_arbitrary_signature_data_only_raises_quote_parse_error(tail: bytes) -> 
     _parse_fully(_SIM_QUOTE[:SIGNED_SIZE] + struct.pack("<I", len(tail)) + tail)
 
 
-@needs_vectors
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, 4599), st.integers(0, 255)), min_size=1, max_size=8))
 def test_mutated_real_quote_only_raises_quote_parse_error(edits: list[tuple[int, int]]) -> None:
@@ -202,7 +193,6 @@ def test_mutated_real_quote_only_raises_quote_parse_error(edits: list[tuple[int,
     _parse_fully(bytes(data))
 
 
-@needs_vectors
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 4599))
 def test_every_truncation_of_a_real_quote_is_refused(length: int) -> None:

@@ -5,7 +5,6 @@ input."""
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,26 +20,19 @@ from blindinfer.attestation.snp.report import (
     product_from_cpuid,
 )
 from blindinfer.errors import QuoteParseError
+from support.vectors import VECTORS
 
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"
 GOSEV_REPORT = VECTORS / "files" / "go-sev-guest" / "attestation.bin"
 TRUSTEE_REPORT = VECTORS / "files" / "trustee" / "test-report.bin"
-needs_vectors = pytest.mark.skipif(
-    not GOSEV_REPORT.is_file(), reason=f"attestation vectors not present at {VECTORS}"
-)
 
 
 @pytest.fixture(scope="module")
 def gosev() -> bytes:
-    if not GOSEV_REPORT.is_file():
-        pytest.skip(f"attestation vectors not present at {VECTORS}")
     return GOSEV_REPORT.read_bytes()
 
 
 @pytest.fixture(scope="module")
 def trustee() -> bytes:
-    if not TRUSTEE_REPORT.is_file():
-        pytest.skip(f"attestation vectors not present at {VECTORS}")
     return TRUSTEE_REPORT.read_bytes()
 
 
@@ -52,7 +44,6 @@ def _u32(value: int) -> bytes:
     return value.to_bytes(4, "little")
 
 
-@needs_vectors
 def test_go_sev_guest_report_fields(gosev: bytes) -> None:
     report = parse_snp_report(gosev)
     assert report.version == 2
@@ -92,7 +83,6 @@ def test_go_sev_guest_report_fields(gosev: bytes) -> None:
     assert report.signature_r[48:] == report.signature_s[48:] == bytes(24)
 
 
-@needs_vectors
 def test_trustee_report_fields(trustee: bytes) -> None:
     report = parse_snp_report(trustee)
     assert report.version == 2
@@ -117,7 +107,6 @@ def test_trustee_report_fields(trustee: bytes) -> None:
     assert (report.current_major, report.current_minor, report.current_build) == (1, 52, 4)
 
 
-@needs_vectors
 @pytest.mark.parametrize("name", ["gosev", "trustee"])
 def test_round_trip_is_byte_exact(name: str, request: pytest.FixtureRequest) -> None:
     raw: bytes = request.getfixturevalue(name)
@@ -127,7 +116,6 @@ def test_round_trip_is_byte_exact(name: str, request: pytest.FixtureRequest) -> 
     assert len(raw) == REPORT_SIZE
 
 
-@needs_vectors
 def test_offset_skips_a_prefix(gosev: bytes) -> None:
     assert parse_snp_report(b"\xaa" * 16 + gosev, offset=16).to_bytes() == gosev
     with pytest.raises(QuoteParseError, match="1184 bytes"):
@@ -143,14 +131,12 @@ def test_non_bytes_raise_parse_error() -> None:
         parse_snp_report("not bytes")  # type: ignore[arg-type]
 
 
-@needs_vectors
 @pytest.mark.parametrize("version", [0, 1, 6, 0xFFFFFFFF])
 def test_unsupported_versions_are_refused(gosev: bytes, version: int) -> None:
     with pytest.raises(QuoteParseError, match=f"report version {version} is not supported"):
         parse_snp_report(_set(gosev, 0, _u32(version)))
 
 
-@needs_vectors
 @pytest.mark.parametrize(
     ("offset", "value", "message"),
     [
@@ -182,7 +168,6 @@ def test_reserved_regions_must_be_zero(
         parse_snp_report(_set(gosev, offset, value))
 
 
-@needs_vectors
 def test_version_3_reads_cpuid_and_picks_the_tcb_layout(gosev: bytes) -> None:
     milan = parse_snp_report(_set(_set(gosev, 0, _u32(3)), 0x188, b"\x19\x01\x01"))
     assert (milan.cpuid_fam_id, milan.cpuid_mod_id, milan.cpuid_step) == (0x19, 1, 1)
@@ -196,7 +181,6 @@ def test_version_3_reads_cpuid_and_picks_the_tcb_layout(gosev: bytes) -> None:
     assert (t.fmc, t.bootloader, t.tee, t.snp, t.microcode) == (2, 0, 0, 0, 0x44)
 
 
-@needs_vectors
 def test_version_4_still_reserves_the_mitigation_vectors(gosev: bytes) -> None:
     v4 = _set(gosev, 0, _u32(4))
     assert parse_snp_report(v4).version == 4
@@ -204,7 +188,6 @@ def test_version_4_still_reserves_the_mitigation_vectors(gosev: bytes) -> None:
         parse_snp_report(_set(v4, 0x1F8, b"\x01"))
 
 
-@needs_vectors
 def test_version_5_reads_the_mitigation_vectors(gosev: bytes) -> None:
     v5 = _set(_set(_set(gosev, 0, _u32(5)), 0x1F8, b"\x03"), 0x200, b"\x07")
     report = parse_snp_report(v5)
@@ -212,7 +195,6 @@ def test_version_5_reads_the_mitigation_vectors(gosev: bytes) -> None:
     assert report.to_bytes() == v5
 
 
-@needs_vectors
 def test_for_product_rereads_tcbs_without_changing_bytes(gosev: bytes) -> None:
     report = parse_snp_report(gosev)
     turin = report.for_product("Turin")
@@ -250,7 +232,6 @@ def test_product_from_cpuid(family: int, model: int, product: str | None) -> Non
     assert product_from_cpuid(family, model) == product
 
 
-@needs_vectors
 def test_construction_checks_sizes(gosev: bytes) -> None:
     report = parse_snp_report(gosev)
     fields = {name: getattr(report, name) for name in SnpReport.__dataclass_fields__}
@@ -274,7 +255,6 @@ def test_arbitrary_bytes_raise_only_parse_errors(data: bytes) -> None:
 _REAL = GOSEV_REPORT.read_bytes() if GOSEV_REPORT.is_file() else bytes(REPORT_SIZE)
 
 
-@needs_vectors
 @given(
     st.lists(
         st.tuples(st.integers(0, REPORT_SIZE - 1), st.integers(0, 255)), min_size=1, max_size=8

@@ -9,9 +9,7 @@ import base64
 import dataclasses
 import datetime as dt
 import hashlib
-import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,17 +30,14 @@ from blindinfer.attestation.snp.report import (
 )
 from blindinfer.attestation.snp.verify import verify_snp
 from blindinfer.errors import Mismatch, QuoteParseError, QuoteVerificationError
+from support import vectors
+from support.vectors import VECTORS
 
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"
-MANIFEST = VECTORS / "manifest.json"
 MILAN_CHAIN = VECTORS / "files" / "go-sev-guest" / "ask_ark_milan.pem"
 GOSEV_REPORT = VECTORS / "files" / "go-sev-guest" / "attestation.bin"
 GOSEV_VCEK = VECTORS / "files" / "go-sev-guest" / "vcek.testcer"
 TRUSTEE_REPORT = VECTORS / "files" / "trustee" / "test-report.bin"
 TRUSTEE_VCEK = VECTORS / "files" / "trustee" / "test-vcek.der"
-needs_vectors = pytest.mark.skipif(
-    not MANIFEST.is_file(), reason=f"attestation vectors not present at {VECTORS}"
-)
 GOSEV_AT = dt.datetime(2022, 9, 25, tzinfo=dt.UTC)
 TRUSTEE_AT = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 
@@ -103,16 +98,7 @@ VLEK_AT = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)
 
 
 def _manifest_cases() -> list[Any]:
-    if not MANIFEST.is_file():
-        return [
-            pytest.param(
-                None,
-                id="no-vectors",
-                marks=pytest.mark.skip(reason=f"attestation vectors not present at {VECTORS}"),
-            )
-        ]
-    cases = [c for c in json.loads(MANIFEST.read_text()) if c["kind"] == "amd-sev-snp"]
-    return [pytest.param(c, id=c["id"]) for c in cases]
+    return vectors.case_params("amd-sev-snp")
 
 
 def _case_inputs(case: dict[str, Any]) -> tuple[bytes, bytes, bytes, dt.datetime]:
@@ -124,9 +110,8 @@ def _case_inputs(case: dict[str, Any]) -> tuple[bytes, bytes, bytes, dt.datetime
     return report, chip, chain, dt.datetime.fromisoformat(str(case["verify_at"]))
 
 
-@needs_vectors
 def test_manifest_has_the_expected_snp_cases() -> None:
-    ids = {c["id"] for c in json.loads(MANIFEST.read_text()) if c["kind"] == "amd-sev-snp"}
+    ids = set(vectors.case_ids("amd-sev-snp"))
     assert {"snp_milan_gosevguest_debug_guest", "snp_milan_trustee", "neg_snp_wrong_vcek"} <= ids
 
 
@@ -145,7 +130,6 @@ def test_amd_sev_snp_vector(case: dict[str, Any]) -> None:
         assert EXPECTED_REASONS[case["id"]] in str(info.value)
 
 
-@needs_vectors
 def test_debug_guest_verifies_but_the_default_policy_refuses_it() -> None:
     verified = verify_snp(
         GOSEV_REPORT.read_bytes(),
@@ -163,7 +147,6 @@ def test_debug_guest_verifies_but_the_default_policy_refuses_it() -> None:
     assert SnpPolicy(allow_debug=True).validate(verified.report) == []
 
 
-@needs_vectors
 def test_trustee_report_passes_the_default_policy() -> None:
     verified = verify_snp(
         TRUSTEE_REPORT.read_bytes(), TRUSTEE_VCEK.read_bytes(), now=int(TRUSTEE_AT.timestamp())
@@ -172,7 +155,6 @@ def test_trustee_report_passes_the_default_policy() -> None:
     assert SnpPolicy().validate(verified.report) == []
 
 
-@needs_vectors
 def test_pem_chip_certificate_is_accepted() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -180,7 +162,6 @@ def test_pem_chip_certificate_is_accepted() -> None:
     assert verify_snp(TRUSTEE_REPORT.read_bytes(), pem, now=TRUSTEE_AT).product == "Milan"
 
 
-@needs_vectors
 def test_serial_zero_warning_does_not_escape(recwarn: pytest.WarningsRecorder) -> None:
     verify_snp(TRUSTEE_REPORT.read_bytes(), TRUSTEE_VCEK.read_bytes(), now=TRUSTEE_AT)
     assert not [w for w in recwarn if "serial" in str(w.message).lower()]
@@ -190,7 +171,6 @@ def _flip(data: bytes, offset: int) -> bytes:
     return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]
 
 
-@needs_vectors
 @pytest.mark.parametrize(
     "offset",
     [0x050, 0x090, 0x1A0 + 63, 0x1F0, 0x2A0, 0x2E8 + 10],
@@ -204,26 +184,22 @@ def test_flipped_report_bytes_fail_the_signature(offset: int) -> None:
         verify_snp(report, TRUSTEE_VCEK.read_bytes(), now=TRUSTEE_AT)
 
 
-@needs_vectors
 def test_another_chips_vcek_fails_the_report_signature() -> None:
     with pytest.raises(QuoteVerificationError, match="report signature does not verify"):
         verify_snp(GOSEV_REPORT.read_bytes(), TRUSTEE_VCEK.read_bytes(), now=TRUSTEE_AT)
 
 
-@needs_vectors
 def test_flipped_vcek_signature_fails_the_chain() -> None:
     vcek = _flip(TRUSTEE_VCEK.read_bytes(), len(TRUSTEE_VCEK.read_bytes()) - 1)
     with pytest.raises(QuoteVerificationError, match="the VCEK is not signed by 'SEV-Milan'"):
         verify_snp(TRUSTEE_REPORT.read_bytes(), vcek, now=TRUSTEE_AT)
 
 
-@needs_vectors
 def test_garbage_vcek_is_a_parse_error() -> None:
     with pytest.raises(QuoteParseError, match=r"not an X\.509 certificate"):
         verify_snp(TRUSTEE_REPORT.read_bytes(), b"\x30\x03\x02\x01", now=TRUSTEE_AT)
 
 
-@needs_vectors
 @pytest.mark.parametrize(
     ("at", "reason"),
     [
@@ -242,7 +218,6 @@ def test_outside_the_validity_period(at: dt.datetime | int, reason: str) -> None
         )
 
 
-@needs_vectors
 def test_naive_now_is_refused() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         verify_snp(GOSEV_REPORT.read_bytes(), GOSEV_VCEK.read_bytes(), now=dt.datetime(2022, 9, 25))
@@ -295,7 +270,6 @@ def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(Encoding.DER)
 
 
-@needs_vectors
 def test_a_chain_whose_ark_is_not_pinned_is_refused() -> None:
     real_ask = x509.load_pem_x509_certificates(MILAN_CHAIN.read_bytes())[0]
     key = _rsa()
@@ -309,7 +283,6 @@ def test_a_chain_whose_ark_is_not_pinned_is_refused() -> None:
         )
 
 
-@needs_vectors
 def test_a_chain_whose_ask_is_not_pinned_is_refused() -> None:
     real_ark = x509.load_pem_x509_certificates(MILAN_CHAIN.read_bytes())[1]
     ark_key, ask_key = _rsa(), _rsa()
@@ -323,7 +296,6 @@ def test_a_chain_whose_ask_is_not_pinned_is_refused() -> None:
         )
 
 
-@needs_vectors
 def test_another_products_chain_is_refused() -> None:
     genoa = AMD_PRODUCTS["Genoa"]
     chain = _pem(
@@ -699,7 +671,6 @@ def test_crls(pki: FakePki) -> None:
             verify_snp(report, cert, now=FAKE_AT, trusted_products=trusted, crls=[crl])
 
 
-@needs_vectors
 def test_a_foreign_crl_is_refused_for_amds_chain(pki: FakePki) -> None:
     # A CRL from the fake ARK (same issuer name, other key) does not speak for AMD's chain.
     crl = x509.load_der_x509_crl(pki.crl()).public_bytes(Encoding.PEM)

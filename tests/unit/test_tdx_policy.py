@@ -4,7 +4,6 @@ Mismatch; malformed policies raise PolicyError naming `tdx.<field>`."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +11,8 @@ import pytest
 from blindinfer.attestation.intel.tdx_policy import MaskedBytes, TdxPolicy
 from blindinfer.attestation.intel.tdx_quote import TdReportBody, parse_tdx_quote
 from blindinfer.errors import Mismatch, PolicyError
+from support.vectors import VECTORS
 
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"
 REAL_V4 = VECTORS / "files" / "phala-dcap-qvl" / "sample_tdx_quote"
 
 MEASUREMENTS = (
@@ -215,8 +214,6 @@ def test_direct_construction_is_checked_too() -> None:
 
 
 def test_real_v4_quote_against_a_pinned_policy() -> None:
-    if not REAL_V4.is_file():
-        pytest.skip(f"attestation vectors not present at {VECTORS.resolve()}")
     body = parse_tdx_quote(REAL_V4.read_bytes()).body
     policy = TdxPolicy.from_dict(
         {

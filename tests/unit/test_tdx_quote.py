@@ -4,9 +4,7 @@ refusals with QuoteParseError, and no other exception for any input."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import struct
-from pathlib import Path
 
 import dcap_qvl  # type: ignore[import-untyped]  # has a .pyi but no py.typed marker
 import pytest
@@ -24,10 +22,10 @@ from blindinfer.attestation.intel.tdx_quote import (
 )
 from blindinfer.attestation.roots import INTEL_SGX_ROOT
 from blindinfer.errors import QuoteParseError
+from support import vectors
+from support.vectors import VECTORS
 
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"
 FILES = VECTORS / "files"
-SKIP_REASON = f"attestation vectors not present at {VECTORS.resolve()}"
 
 # Offsets in a v4 quote: body at 48, signature data length at 632, signature data at 636.
 V4_SIG_LEN = 48 + TD_REPORT10_SIZE
@@ -38,20 +36,14 @@ V4_QE_AUTH_LEN = V4_QE_CERT + 384 + 64
 
 
 def _read(relative: str) -> bytes:
-    path = FILES / relative
-    if not path.is_file():
-        pytest.skip(SKIP_REASON)
-    return path.read_bytes()
+    return (FILES / relative).read_bytes()
 
 
 def _tdx_cases() -> list[tuple[str, str]]:
     """(id, evidence path) of every intel-dcap case whose quote is TDX (v4 or v5)."""
-    manifest = VECTORS / "manifest.json"
-    if not manifest.is_file():
-        return []
     cases: list[tuple[str, str]] = []
-    for case in json.loads(manifest.read_text(encoding="utf-8")):
-        if case["kind"] != "intel-dcap" or case.get("evidence_encoding") != "binary":
+    for case in vectors.cases("intel-dcap"):
+        if case.get("evidence_encoding") != "binary":
             continue
         head = (VECTORS / case["evidence"]).read_bytes()[:2]
         if int.from_bytes(head, "little") in (4, 5):
@@ -73,16 +65,12 @@ def v5() -> bytes:
 
 
 def test_the_manifest_has_tdx_cases() -> None:
-    if not (VECTORS / "manifest.json").is_file():
-        pytest.skip(SKIP_REASON)
     ids = {case_id for case_id, _ in TDX_CASES}
     assert {"tdx_v4_phala", "tdx_v4_gcp_cos113", "tdx_v5_td15_gotdxguest"} <= ids
 
 
-@pytest.mark.parametrize(("case_id", "evidence"), TDX_CASES or [("none", "")])
+@pytest.mark.parametrize(("case_id", "evidence"), TDX_CASES)
 def test_every_real_tdx_quote_round_trips(case_id: str, evidence: str) -> None:
-    if not TDX_CASES:
-        pytest.skip(SKIP_REASON)
     raw = (VECTORS / evidence).read_bytes()
     q = parse_tdx_quote(raw)
     assert q.raw == raw
@@ -299,10 +287,7 @@ def test_fuzz_random_bytes(data: bytes) -> None:
     st.integers(0, 5006),
 )
 def test_fuzz_mutated_real_quotes(name: str, edits: list[tuple[int, int]], cut: int) -> None:
-    path = FILES / name
-    if not path.is_file():
-        pytest.skip(SKIP_REASON)
-    data = bytearray(path.read_bytes())
+    data = bytearray((FILES / name).read_bytes())
     for offset, value in edits:
         data[offset] = value
     _only_parse_errors(bytes(data[:cut]))
@@ -315,9 +300,6 @@ def test_fuzz_mutated_real_quotes(name: str, edits: list[tuple[int, int]], cut: 
     st.integers(0, 0xFFFFFFFF),
 )
 def test_fuzz_length_and_type_fields(offset: int, value: int) -> None:
-    path = FILES / "phala-dcap-qvl/sample_tdx_quote"
-    if not path.is_file():
-        pytest.skip(SKIP_REASON)
-    data = bytearray(path.read_bytes())
+    data = bytearray((FILES / "phala-dcap-qvl/sample_tdx_quote").read_bytes())
     data[offset : offset + 4] = value.to_bytes(4, "little")
     _only_parse_errors(bytes(data))
