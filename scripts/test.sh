@@ -3,13 +3,20 @@
 # Works on a fresh machine with only Python and pip. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step() { echo "==> $*"; }
+pip_quiet() { .venv/bin/pip install --quiet --disable-pip-version-check "$@"; }
+
+if [ -x .venv/bin/python ]; then step "using the existing .venv"; else step "creating .venv"; fi
 python3 -m venv .venv
 # torch only serves the MiniLM export in the tests; the 2.13.0 CPU build is small and, on
 # this project's machines, already on disk. Installed first so nothing pulls a CUDA build.
-.venv/bin/pip install --quiet --disable-pip-version-check 'torch==2.13.0'
-.venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+step "installing torch 2.13.0 (CPU build, for the MiniLM export in the tests)"
+pip_quiet 'torch==2.13.0'
+step "installing blindinfer with its test dependencies (-e '.[test]')"
+pip_quiet -e '.[test]'
 # BlindAI Core's unmodified client, for the compatibility tests (no deps: see pyproject)
-.venv/bin/pip install --quiet --disable-pip-version-check --no-deps \
-    'blindai==0.6.3' 'sgx-dcap-quote-verify-python'
+step "installing BlindAI Core's client 0.6.3, without its dependencies (compatibility tests)"
+pip_quiet --no-deps 'blindai==0.6.3' 'sgx-dcap-quote-verify-python'
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+step "running the tests (pytest${*:+ $*})"
 .venv/bin/python -m pytest "$@"
