@@ -17,6 +17,7 @@ from blindinfer.client.tensors import Tensor
 from blindinfer.errors import (
     AttestationError,
     BlindInferError,
+    ConnectionFailedError,
     DebugEnclaveError,
     FreshnessError,
     KeyBindingError,
@@ -29,6 +30,7 @@ from blindinfer.errors import (
     ServerError,
     SimulationNotAllowedError,
     SimulationWarning,
+    UsageError,
 )
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "AttestationError",
     "BlindInferError",
     "Client",
+    "ConnectionFailedError",
     "DebugEnclaveError",
     "FreshnessError",
     "KeyBindingError",
@@ -57,6 +60,7 @@ __all__ = [
     "SimulationWarning",
     "Tensor",
     "TensorMetadata",
+    "UsageError",
     "VerifiedAttestation",
     "__version__",
     "attest",

@@ -18,6 +18,7 @@ def test_exported_names() -> None:
         "AttestationError",
         "BlindInferError",
         "Client",
+        "ConnectionFailedError",
         "DebugEnclaveError",
         "FreshnessError",
         "KeyBindingError",
@@ -39,6 +40,7 @@ def test_exported_names() -> None:
         "SimulationWarning",
         "Tensor",
         "TensorMetadata",
+        "UsageError",
         "VerifiedAttestation",
         "__version__",
         "attest",
@@ -78,6 +80,14 @@ def test_error_family() -> None:
     ]
     for error in attestation:
         assert issubclass(error, blindinfer.AttestationError)
-    for error in (blindinfer.PolicyError, blindinfer.ProtocolError, blindinfer.ServerError):
+    others = (
+        blindinfer.PolicyError,
+        blindinfer.ProtocolError,
+        blindinfer.ServerError,
+        blindinfer.ConnectionFailedError,
+        blindinfer.UsageError,
+    )
+    for error in others:
         assert issubclass(error, blindinfer.BlindInferError)
         assert not issubclass(error, blindinfer.AttestationError)
+    assert issubclass(blindinfer.UsageError, ValueError)  # code catching ValueError still works

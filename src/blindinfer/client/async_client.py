@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from blindinfer.attestation.policy import Policy, load_policy
+from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.client.client import SIMULATION_BANNER, attest_unwarned
 from blindinfer.client.common import (
@@ -37,8 +37,12 @@ from blindinfer.client.common import (
     http_options,
     infer_call,
     infer_outputs,
+    json_answer,
     metadata_call,
+    model_list,
     needs_input_names,
+    policy_of,
+    request_errors,
     share_call,
     upload_call,
 )
@@ -61,7 +65,8 @@ async def connect_async(
     retry: RetryPolicy = DEFAULT_RETRY,
     max_connections: int | None = None,
 ) -> AsyncClient:
-    """`connect()` for asyncio: returns only once the evidence verified against `policy`."""
+    """`connect()` for asyncio: returns only once the evidence verified against `policy`;
+    raises the same `blindinfer.BlindInferError`s as `connect()`."""
     return await _connect(
         url,
         policy=policy,
@@ -88,7 +93,7 @@ async def _connect(
     stacklevel: int,
 ) -> AsyncClient:
     base = check_url(url)
-    loaded = load_policy(policy)
+    loaded = policy_of(policy)
     if simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=stacklevel)
     verified = await asyncio.to_thread(
@@ -148,9 +153,10 @@ class AsyncClient:
         retry: RetryPolicy = DEFAULT_RETRY,
         max_connections: int | None = None,
     ) -> None:
-        self.url = url
+        self.url = check_url(url)
         self.attestation = attestation
         self.retry = retry
+        self._timeout = timeout
         self._http = httpx.AsyncClient(
             **http_options(
                 url,
@@ -214,24 +220,24 @@ class AsyncClient:
     ) -> ModelInfo:
         """See `Client.upload_model`; `progress` is called on the event loop."""
         response = await self._send(upload_call(model, name, share_with, progress))
-        return ModelInfo.from_json(response.json())
+        return json_answer(response, ModelInfo.from_json)
 
     async def delete_model(self, model: str) -> ModelInfo:
         response = await self._send(delete_call(model))
         self._metadata.pop(model, None)
-        return ModelInfo.from_json(response.json())
+        return json_answer(response, ModelInfo.from_json)
 
     async def share_model(self, model: str, tenants: Sequence[str]) -> ModelInfo:
         """Lets other tenants run `model` ("*" = every tenant); [] makes it private again."""
-        return ModelInfo.from_json((await self._send(share_call(model, tenants))).json())
+        return json_answer(await self._send(share_call(model, tenants)), ModelInfo.from_json)
 
     async def list_models(self) -> list[ModelInfo]:
-        return [ModelInfo.from_json(item) for item in (await self._send(INDEX_CALL)).json()]
+        return json_answer(await self._send(INDEX_CALL), model_list)
 
     async def model_metadata(self, model: str) -> ModelMetadata:
         if model not in self._metadata:
             response = await self._send(metadata_call(model))
-            self._metadata[model] = ModelMetadata.from_json(response.json())
+            self._metadata[model] = json_answer(response, ModelMetadata.from_json)
         return self._metadata[model]
 
     async def run_model(
@@ -246,6 +252,7 @@ class AsyncClient:
 
     async def _send(self, call: Call) -> httpx.Response:
         async def attempt() -> httpx.Response:
-            return await self._http.send(build_request(self._http, call, asynchronous=True))
+            with request_errors(self.url, self._timeout, call):
+                return await self._http.send(build_request(self._http, call, asynchronous=True))
 
         return await asend_with_retries(attempt, self.retry)

@@ -22,7 +22,7 @@ import numpy as np
 
 from blindinfer.attestation.bundle import EvidenceBundle
 from blindinfer.attestation.intel.pccs import CollateralSource, PccsCollateral
-from blindinfer.attestation.policy import Policy, load_policy
+from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.attestation.verifier import verify_evidence
 from blindinfer.client.common import (
@@ -35,8 +35,12 @@ from blindinfer.client.common import (
     infer_call,
     infer_outputs,
     infer_response,
+    json_answer,
     metadata_call,
+    model_list,
     needs_input_names,
+    policy_of,
+    request_errors,
     send_with_retries,
     share_call,
     upload_call,
@@ -163,14 +167,19 @@ def connect(
     connection. `retry`: how requests refused with 429/503 are retried (`NO_RETRY`: never;
     see `blindinfer.client.retry`). `max_connections`: size of the connection pool
     (default: httpx's, 100).
+
+    Every failure is a `blindinfer.BlindInferError`: `UsageError` for a URL that is not
+    `https://host:port` or a policy path that is missing, `PolicyError` for a malformed
+    policy, `ConnectionFailedError` when the server cannot be reached, an `AttestationError`
+    when it cannot be trusted.
     """
+    base = check_url(url)
+    loaded = policy_of(policy)
     if simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=2)
-    verified, bundle = _verified_bundle(
-        url, load_policy(policy), simulation, timeout, None, collateral_url
-    )
+    verified, bundle = _verified_bundle(base, loaded, simulation, timeout, None, collateral_url)
     return Client(
-        check_url(url),
+        base,
         verified,
         timeout=timeout,
         api_key=api_key,
@@ -197,13 +206,14 @@ class Client:
         max_connections: int | None = None,
         bundle: EvidenceBundle | None = None,
     ) -> None:
-        self.url = url
+        self.url = check_url(url)
         self.attestation = attestation
         self.bundle = bundle
         """The evidence verified at connect (what receipts' proofs carry)."""
         self._boot_evidence: EvidenceDocument | None = None
         self._boot_lock = threading.Lock()
         self.retry = retry
+        self._timeout = timeout
         self._http = httpx.Client(
             **http_options(
                 url,
@@ -249,13 +259,13 @@ class Client:
         verified, signed upload receipt.
         """
         response = self._send(upload_call(model, name, share_with, progress, receipt))
-        return self._model_info(response.json(), "upload" if receipt else None)
+        return json_answer(response, lambda d: self._model_info(d, "upload" if receipt else None))
 
     def delete_model(self, model: str, *, receipt: bool = False) -> ModelInfo:
         """Deletes `model` and its sealed copies; `receipt`: with a signed delete receipt."""
         response = self._send(delete_call(model, receipt))
         self._metadata.pop(model, None)
-        return self._model_info(response.json(), "delete" if receipt else None)
+        return json_answer(response, lambda d: self._model_info(d, "delete" if receipt else None))
 
     def _model_info(self, document: Any, receipt_kind: str | None) -> ModelInfo:
         info = ModelInfo.from_json(document)
@@ -299,15 +309,15 @@ class Client:
 
     def share_model(self, model: str, tenants: Sequence[str]) -> ModelInfo:
         """Lets other tenants run `model` ("*" = every tenant); [] makes it private again."""
-        return ModelInfo.from_json(self._send(share_call(model, tenants)).json())
+        return json_answer(self._send(share_call(model, tenants)), ModelInfo.from_json)
 
     def list_models(self) -> list[ModelInfo]:
-        return [ModelInfo.from_json(item) for item in self._send(INDEX_CALL).json()]
+        return json_answer(self._send(INDEX_CALL), model_list)
 
     def model_metadata(self, model: str) -> ModelMetadata:
         if model not in self._metadata:
             response = self._send(metadata_call(model))
-            self._metadata[model] = ModelMetadata.from_json(response.json())
+            self._metadata[model] = json_answer(response, ModelMetadata.from_json)
         return self._metadata[model]
 
     def run_model(
@@ -342,6 +352,7 @@ class Client:
 
     def _send(self, call: Call) -> httpx.Response:
         def attempt() -> httpx.Response:
-            return self._http.send(build_request(self._http, call, asynchronous=False))
+            with request_errors(self.url, self._timeout, call):
+                return self._http.send(build_request(self._http, call, asynchronous=False))
 
         return send_with_retries(attempt, self.retry)

@@ -8,27 +8,42 @@
 - `server_error`, `infer_outputs`: reading answers; `retry_delay`: the retry policy applied
   to an answer (policy and rationale in `blindinfer.client.retry`).
 - `http_options`: the pinned TLS transport, pool, timeout and API key of the httpx client.
+- `request_errors`, `json_answer`, `policy_of`: every failure as a blindinfer error (a
+  connection failure, an unreadable model file, a malformed answer, a bad policy argument).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
 import numpy as np
 
+from blindinfer.attestation.policy import Policy, load_policy
 from blindinfer.attestation.report import VerifiedAttestation
+from blindinfer.client.models import ModelInfo
 from blindinfer.client.retry import RetryPolicy
-from blindinfer.client.transport import NO_DELAY, pinned_context
-from blindinfer.errors import ServerError
+from blindinfer.client.transport import NO_DELAY, connection_failed, pinned_context
+from blindinfer.errors import BlindInferError, ProtocolError, ServerError, UsageError
 from blindinfer.protocol.inference import (
     InferResponse,
     encode_infer_request,
@@ -38,9 +53,48 @@ from blindinfer.protocol.inference import (
 from blindinfer.protocol.limits import TensorLimits
 
 log = logging.getLogger("blindinfer.client")
+T = TypeVar("T")
 UPLOAD_CHUNK = 1 << 20
 Progress = Callable[[int, int | None], None]
 """`progress(bytes_sent, total_bytes)`; total is None when unknown (never, for uploads)."""
+
+
+class ModelFileError(OSError):
+    """The model file could not be read while it was uploaded (gone, changed, unreadable);
+    the client raises it as a UsageError naming the file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def model_file(model: str | Path) -> tuple[Path, int]:
+    """The path and size of a model file; UsageError naming it unless it is a readable file."""
+    path = Path(model)
+    try:
+        info = path.stat()
+    except FileNotFoundError as exc:
+        raise UsageError(f"model file {str(path)!r} does not exist") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read the model file {str(path)!r}: {_why(exc)}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(
+            f"{str(path)!r} is a directory: upload_model takes an ONNX model file, its bytes, "
+            "or an onnx.ModelProto"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{str(path)!r} is not a regular file: pass an ONNX model file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot read the model file {str(path)!r}: {_why(exc)}") from exc
+    return path, info.st_size
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +116,16 @@ class Upload:
         if isinstance(model, bytes | bytearray | memoryview):
             data = bytes(model)
             return cls(len(data), data=data, progress=progress)
-        if isinstance(model, str | Path):
-            path = Path(model)
-            return cls(path.stat().st_size, path=path, progress=progress)
+        if isinstance(model, str | os.PathLike):
+            path, size = model_file(os.fspath(model))
+            return cls(size, path=path, progress=progress)
         serialize = getattr(model, "SerializeToString", None)
         if callable(serialize):
             data = bytes(serialize())
             return cls(len(data), data=data, progress=progress)
-        raise TypeError("upload a path, bytes, or an onnx.ModelProto")
+        raise UsageError(
+            f"cannot upload a {type(model).__name__}: pass a path, bytes, or an onnx.ModelProto"
+        )
 
     def chunks(self) -> Iterator[bytes]:
         report = self._reporter()
@@ -113,16 +169,23 @@ class Upload:
                 yield self.data[start : start + UPLOAD_CHUNK]
             return
         assert self.path is not None
-        with self.path.open("rb") as handle:
+        try:
+            handle = self.path.open("rb")
+        except OSError as exc:
+            raise ModelFileError(self.path, f"cannot be read: {_why(exc)}") from exc
+        with handle:
             left = self.size
             while left:
-                chunk = handle.read(min(UPLOAD_CHUNK, left))
+                try:
+                    chunk = handle.read(min(UPLOAD_CHUNK, left))
+                except OSError as exc:
+                    raise ModelFileError(self.path, f"cannot be read: {_why(exc)}") from exc
                 if not chunk:
-                    raise OSError(f"{self.path} shrank while it was being uploaded")
+                    raise ModelFileError(self.path, "shrank while it was being uploaded")
                 left -= len(chunk)
                 yield chunk
             if handle.read(1):
-                raise OSError(f"{self.path} grew while it was being uploaded")
+                raise ModelFileError(self.path, "grew while it was being uploaded")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +284,62 @@ def build_request(
         json=call.json,
         content=content,
         headers=call.headers,
+    )
+
+
+@contextmanager
+def request_errors(url: str, timeout: float, call: Call) -> Iterator[None]:
+    """Raises the failures of sending `call` on the pinned connection as blindinfer errors:
+    the transport's as ConnectionFailedError (KeyBindingError if another key answers), an
+    unreadable model file as UsageError; each keeps the original as `__cause__`."""
+    try:
+        yield
+    except ModelFileError as exc:
+        raise UsageError(f"cannot upload the model file {str(exc.path)!r}: {exc.reason}") from exc
+    except httpx.RequestError as exc:
+        request = f"{call.method} {call.path}"
+        raise connection_failed(exc, url, timeout, request=request, pinned=True) from exc
+
+
+def json_answer(response: httpx.Response, build: Callable[[Any], T]) -> T:
+    """`build(the JSON answer)`; a ProtocolError if the answer is not what the API sends."""
+    try:
+        return build(response.json())
+    except BlindInferError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        request = response.request
+        raise ProtocolError(
+            "malformed_answer",
+            f"the server's answer to {request.method} {request.url.path} is not the API's: "
+            f"{type(exc).__name__}: {exc}",
+        ) from exc
+
+
+def model_list(document: Any) -> list[ModelInfo]:
+    if not isinstance(document, list):
+        raise TypeError("the model index is not a list")
+    return [ModelInfo.from_json(item) for item in document]
+
+
+def policy_of(policy: object) -> Policy:
+    """`connect()`'s policy argument as a Policy: UsageError for a missing file, a directory
+    or something that is no policy at all; PolicyError (from load_policy) if malformed."""
+    if isinstance(policy, str | os.PathLike):
+        path = Path(policy)
+        if not path.exists():
+            raise UsageError(
+                f"policy file {str(path)!r} does not exist (pass the path of a policy TOML file, "
+                "e.g. one written by `blindinfer policy --from URL`, a Policy or a dict)"
+            )
+        if path.is_dir():
+            raise UsageError(f"policy path {str(path)!r} is a directory, not a policy file")
+        return load_policy(path)
+    if isinstance(policy, Policy | Mapping):
+        return load_policy(policy)
+    raise UsageError(
+        f"policy must be a blindinfer.Policy, a dict, or the path of a policy file, "
+        f"got {type(policy).__name__}"
     )
 
 

@@ -5,22 +5,37 @@ made inside the TEE: it only carries our nonce out and the evidence back, then w
 certificate the handshake actually presented. Phase 2 (pinned) trusts exactly that
 certificate and nothing else, so every later handshake fails before a request byte is
 written if anyone else answers.
+
+Failures of either phase leave here as blindinfer errors (`connection_failed`), never as
+httpx's: `ConnectionFailedError` when the server cannot be reached or the connection broke,
+`KeyBindingError` when a pinned connection meets a certificate other than the attested one;
+the transport's exception stays chained as `__cause__`.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from blindinfer.errors import ProtocolError
+from blindinfer.errors import (
+    BlindInferError,
+    ConnectionFailedError,
+    KeyBindingError,
+    ProtocolError,
+    UsageError,
+)
 from blindinfer.protocol.evidence import MAX_EVIDENCE_BYTES, encode_nonce_request
 
+E = TypeVar("E", bound=BaseException)
 NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
@@ -30,10 +45,34 @@ class DiscoveredEvidence:
     certificate_der: bytes
 
 
-def check_url(url: str) -> str:
+URL_HINT = "use https://host:port, e.g. https://127.0.0.1:9924"
+
+
+def check_url(url: object) -> str:
+    """The server's base URL without a trailing slash; UsageError unless `https://host[:port]`."""
+    if not isinstance(url, str) or not url.strip():
+        raise UsageError(f"no server URL given ({url!r}): {URL_HINT}")
     parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ValueError(f"blindinfer connects over https only, got {url!r}")
+    if "://" not in url:
+        raise UsageError(
+            f"no scheme in {url!r}: use https://{url.lstrip('/')} "
+            "(blindinfer connects over https only)"
+        )
+    if parts.scheme != "https":
+        fixed = f"https://{parts.netloc}{parts.path}" if parts.netloc else "https://host:port"
+        raise UsageError(
+            f"blindinfer connects over https only, got {url!r}: use {fixed} "
+            "(the server speaks TLS only)"
+        )
+    if not parts.hostname:
+        raise UsageError(f"no host in {url!r}: {URL_HINT}")
+    try:
+        port = parts.port
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise UsageError(f"bad URL {url!r} ({exc}): {URL_HINT}") from exc
+    if port == 0:
+        raise UsageError(f"bad port 0 in {url!r}: {URL_HINT}, with a port from 1 to 65535")
     return url.rstrip("/")
 
 
@@ -66,6 +105,7 @@ def transport(context: ssl.SSLContext) -> httpx.HTTPTransport:
 def fetch_evidence(url: str, nonce: bytes, timeout: float) -> DiscoveredEvidence:
     """POSTs the nonce and returns the evidence with the certificate of THIS connection."""
     with (
+        translated_errors(url, timeout, request="POST /v2/attestation", pinned=False),
         httpx.Client(transport=transport(_discovery_context()), timeout=timeout) as client,
         client.stream(
             "POST",
@@ -88,3 +128,125 @@ def fetch_evidence(url: str, nonce: bytes, timeout: float) -> DiscoveredEvidence
     if not certificate:
         raise ProtocolError("no_certificate", "the TLS handshake presented no certificate")
     return DiscoveredEvidence(bytes(body), certificate)
+
+
+# -- failures, in words ---------------------------------------------------------------------
+
+
+@contextmanager
+def translated_errors(
+    url: str, timeout: float | None, *, request: str | None, pinned: bool
+) -> Iterator[None]:
+    """Raises httpx's (and the socket's) failures inside as blindinfer errors, chained."""
+    try:
+        yield
+    except (httpx.RequestError, OSError) as exc:
+        raise connection_failed(exc, url, timeout, request=request, pinned=pinned) from exc
+
+
+def connection_failed(
+    exc: BaseException,
+    url: str,
+    timeout: float | None,
+    *,
+    request: str | None = None,
+    pinned: bool,
+) -> BlindInferError:
+    """The blindinfer error for a transport failure talking to `url` (the caller chains it).
+
+    `request` ("POST /v2/...") names what was being sent; `pinned`: the connection trusts
+    only the attested certificate, so a failed certificate check means someone else answers.
+    """
+    during = f" during {request}" if request else ""
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        after = "" if timeout is None else f" after {timeout:g} s"
+        phase = _timeout_phase(exc)
+        if phase == "connecting to":
+            during = ""
+        return ConnectionFailedError(
+            f"timed out{after} {phase} {url}{during} "
+            "(is the server up and not overloaded? a larger timeout= waits longer)"
+        )
+    refused_certificate = _cause(exc, ssl.SSLCertVerificationError)
+    if pinned and refused_certificate is not None:
+        reason = refused_certificate.verify_message or str(refused_certificate)
+        return KeyBindingError(
+            f"{url} did not present the attested TLS certificate ({reason}): whoever answers "
+            "is not the server that was attested; nothing was sent (connect() again to "
+            "re-attest)"
+        )
+    if not isinstance(exc, httpx.TransportError | OSError):
+        return ProtocolError("bad_answer", f"cannot read the answer of {url}{during}: {exc}")
+    unknown_host = _cause(exc, socket.gaierror)
+    if unknown_host is not None:
+        host = urlsplit(url).hostname or url
+        return ConnectionFailedError(
+            f"unknown host {host!r} in {url} (check the name: {_reason(unknown_host)})"
+        )
+    if _cause(exc, ConnectionRefusedError) is not None:
+        return ConnectionFailedError(
+            f"cannot connect to {url}: connection refused (is the server running, and on "
+            "this port?)"
+        )
+    connecting = isinstance(exc, httpx.ConnectError)
+    tls = _cause(exc, ssl.SSLError)
+    broken = _cause(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
+    if connecting and (tls is not None or broken is not None):
+        if isinstance(broken, ConnectionResetError):
+            what = "the connection was reset"
+        elif tls is None or isinstance(tls, ssl.SSLEOFError):
+            what = "the server closed the connection"
+        elif tls.reason == "WRONG_VERSION_NUMBER":
+            what = "the answer is not TLS"
+        else:
+            what = tls.reason or str(tls)
+        return ConnectionFailedError(
+            f"TLS handshake with {url} failed: {what} (is this the server's HTTPS port, not "
+            "a plain-HTTP one?)"
+        )
+    if connecting:
+        return ConnectionFailedError(
+            f"cannot connect to {url}: {_reason(exc)} (check the address and the network)"
+        )
+    if broken is not None:
+        what = "connection reset" if isinstance(broken, ConnectionResetError) else _reason(broken)
+    elif isinstance(exc, httpx.RemoteProtocolError) and "without sending" in str(exc):
+        what = "the server closed it without answering"
+    else:
+        what = _reason(exc)
+    return ConnectionFailedError(
+        f"the connection to {url} broke{during}: {what} (did the server stop or restart? "
+        "the request may have reached it)"
+    )
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _cause(exc: BaseException, kind: type[E] | tuple[type[E], ...]) -> E | None:
+    return next((e for e in _causes(exc) if isinstance(e, kind)), None)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:].rstrip(".")
+
+
+def _timeout_phase(exc: BaseException) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connecting to"
+    if isinstance(exc, httpx.WriteTimeout):
+        return "sending to"
+    if isinstance(exc, httpx.PoolTimeout):
+        return "waiting for a free connection to"
+    if isinstance(exc, httpx.ReadTimeout):
+        return "waiting for the answer of"
+    return "talking to"
