@@ -155,9 +155,11 @@ def test_pinned_client_never_talks_to_another_key(
 ) -> None:
     with _connect(server.url, policy) as genuine:
         redirected = Client(mitm.url, genuine.attestation, timeout=10)
-        with pytest.raises(blindinfer.KeyBindingError, match="attested TLS certificate") as caught:
-            with redirected:
-                redirected.upload_model(b"secret model bytes")
+        with (
+            pytest.raises(blindinfer.KeyBindingError, match="attested TLS certificate") as caught,
+            redirected,
+        ):
+            redirected.upload_model(b"secret model bytes")
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
     assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value.__cause__)
     assert mitm.seen == []
