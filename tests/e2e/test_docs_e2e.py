@@ -1,10 +1,13 @@
-"""The documentation's code runs as written, against the server the docs tell you to start.
+"""The documentation matches the code: its snippets run, its field lists are complete.
 
 docs/blindai-compat.md: its first bash block starts the server and its first python block
 is a complete program for the unmodified BlindAI 0.6.3 client. The test starts the server
 with that command and runs that program, changing only the port numbers (to free ones, so
 that it never collides with anything else on the machine), then compares the printed
 outputs with onnxruntime in-process, bit for bit.
+
+docs/protocol.md: its table of the evidence document names exactly the fields the server
+writes.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import onnxruntime as ort
 import pytest
 
 from blindinfer.cli.demo_model import demo_input, demo_model
+from blindinfer.protocol.evidence import EvidenceDocument, evidence_document_json
 from blindinfer.server.process import start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPAT_DOC = ROOT / "docs" / "blindai-compat.md"
+PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
 CONNECT = 'core.connect("127.0.0.1",'
 
 pytestmark = pytest.mark.e2e
@@ -108,3 +113,16 @@ def test_blindai_compat_first_snippet_runs_as_written(tmp_path: Path) -> None:
     for name, want in expected.items():
         got = np.asarray(printed[name], dtype=want.dtype)
         assert got.shape == want.shape and np.array_equal(got, want), name
+
+
+def test_protocol_doc_lists_every_evidence_field() -> None:
+    text = PROTOCOL_DOC.read_text()
+    section = text[text.index("## Attestation") :]
+    section = section[: section.index("\n## ", 1)]
+    documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE)
+    example = code_blocks(section, "json")[0]
+    written = evidence_document_json(
+        EvidenceDocument("intel-sgx", "simulation", bytes(32), b"q", "", b"c")
+    )
+    assert documented == list(written)
+    assert re.findall(r'"(\w+)":', example) == list(written)
