@@ -196,17 +196,18 @@ def connection_failed(
             what = "the connection was reset"
         elif tls is None or isinstance(tls, ssl.SSLEOFError):
             what = "the server closed the connection"
-        elif tls.reason == "WRONG_VERSION_NUMBER":
+        elif "WRONG_VERSION_NUMBER" in str(tls):
             what = "the answer is not TLS"
         else:
-            what = tls.reason or str(tls)
+            what = getattr(tls, "reason", None) or _reason(tls)
         return ConnectionFailedError(
             f"TLS handshake with {url} failed: {what} (is this the server's HTTPS port, not "
             "a plain-HTTP one?)"
         )
     if connecting:
         return ConnectionFailedError(
-            f"cannot connect to {url}: {_reason(exc)} (check the address and the network)"
+            f"cannot connect to {url}: {_reason(_cause(exc, OSError) or exc)} (check the "
+            "address and the network)"
         )
     if broken is not None:
         what = "connection reset" if isinstance(broken, ConnectionResetError) else _reason(broken)
