@@ -5,16 +5,61 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
+import socket
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from blindinfer.errors import BlindInferError, SimulationWarning
+from blindinfer.cli.args import (
+    SIZE_HELP,
+    TIME_FORMATS,
+    HelpFormatter,
+    Parser,
+    directory_or_new,
+    https_url,
+    human_size,
+    port,
+    readable_file,
+    size,
+    time_value,
+)
+from blindinfer.cli.errors import (
+    DEBUG_ENV,
+    EXIT_INTERRUPTED,
+    debug_requested,
+    report,
+    simulation_banner,
+)
+from blindinfer.errors import SimulationWarning, UsageError
 
 DEFAULT_URL = "https://127.0.0.1:9924"
+
+DESCRIPTION = """\
+blindinfer runs ONNX models inside a Trusted Execution Environment (Intel SGX or TDX,
+AMD SEV-SNP) and lets you check, before sending any data, that the server is the code
+you expect on genuine hardware (remote attestation). Without a TEE it runs only in an
+insecure simulation mode, for trying it out.
+
+Start with:
+  blindinfer serve --simulation          run a server (port 9924) without a TEE, to try it
+  blindinfer measure --simulation        the MRENCLAVE a policy should pin
+  blindinfer policy --from https://127.0.0.1:9924 --simulation > policy.toml
+  blindinfer attest https://127.0.0.1:9924 --policy policy.toml --simulation
+then upload, run, models and delete (each with --policy), or `blindinfer demo` for all
+of it at once. `blindinfer COMMAND --help` describes each command.
+
+Exit status: 0 ok, 1 evidence refused, 2 usage error, 3 policy mismatch, 4 server error
+or unreachable, 130 interrupted. Docs: docs/cli.md (this command), docs/policy.md."""
+
+CLIENT_EPILOG = (
+    "Exit status: 0 ok; 1 evidence refused; 2 usage error; 3 policy mismatch; "
+    "4 server error or unreachable."
+)
 
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
@@ -22,43 +67,85 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         "--platform",
         choices=("auto", "simulation", "gramine-sgx", "tdx", "snp"),
         default="auto",
-        help="TEE to take evidence from (default: auto-detect; never simulation unless asked)",
+        help="TEE to take evidence from; auto detects one, and never picks simulation",
     )
     parser.add_argument(
         "--simulation",
         action="store_true",
-        help="run without a TEE (insecure); = --platform simulation",
+        help="run without a TEE (insecure: protects nothing); same as --platform simulation",
     )
-    parser.add_argument("--pccs-url", help="Intel PCCS/PCS base URL for DCAP collateral")
-    parser.add_argument("--kds-url", help="AMD KDS base URL, if the host does not supply the VCEK")
-    parser.add_argument("--snp-product", choices=("Milan", "Genoa", "Turin"))
-    parser.add_argument("--snp-vmpl", type=int, choices=(0, 1, 2, 3))
-    parser.add_argument("--max-model-bytes", type=int, default=512 << 20)
-    parser.add_argument("--max-request-bytes", type=int, default=64 << 20)
-    parser.add_argument("--max-models", type=int, default=32)
     parser.add_argument(
-        "--memory-budget-bytes", type=int, default=4 << 30, help="measured memory of loaded models"
+        "--pccs-url", help="Intel PCCS/PCS base URL for DCAP collateral (needed on SGX)"
     )
-    parser.add_argument("--max-stored-bytes", type=int, default=16 << 30, help="sealed storage")
+    parser.add_argument("--kds-url", help="AMD KDS base URL, if the host does not supply the VCEK")
+    parser.add_argument(
+        "--snp-product",
+        choices=("Milan", "Genoa", "Turin"),
+        help="AMD product, for SEV-SNP reports older than version 3 (default: from the report)",
+    )
+    parser.add_argument(
+        "--snp-vmpl",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="VMPL to request SEV-SNP reports at (default: the kernel's)",
+    )
+    parser.add_argument(
+        "--max-model-bytes", type=size, default="512M", help=f"largest model upload; {SIZE_HELP}"
+    )
+    parser.add_argument(
+        "--max-request-bytes", type=size, default="64M", help="largest inference request body"
+    )
+    parser.add_argument("--max-models", type=int, default=32, help="most models held at once")
+    parser.add_argument(
+        "--memory-budget-bytes",
+        type=size,
+        default="4G",
+        help="measured memory of loaded models; least recently used ones are evicted past it",
+    )
+    parser.add_argument("--max-stored-bytes", type=size, default="16G", help="sealed model storage")
     parser.add_argument("--workers", type=int, default=2, help="inference worker processes")
-    parser.add_argument("--worker-memory-bytes", type=int, default=8 << 30)
-    parser.add_argument("--queue-limit", type=int, default=64)
+    parser.add_argument(
+        "--worker-memory-bytes",
+        type=size,
+        default="8G",
+        help="address-space limit of each inference worker",
+    )
+    parser.add_argument(
+        "--queue-limit",
+        type=int,
+        default=64,
+        help="requests waiting for a worker before the server answers 503",
+    )
     parser.add_argument(
         "--intra-op-threads",
         type=int,
         default=0,
         help="onnxruntime threads per worker (0: all cores; cores/workers isolates tenants)",
     )
-    parser.add_argument("--inference-timeout-ms", type=int, default=60_000)
-    parser.add_argument("--store-dir", help="persist sealed models here (default: memory only)")
-    parser.add_argument("--auth-file", help="tenants and API key hashes (default: open mode)")
+    parser.add_argument(
+        "--inference-timeout-ms", type=int, default=60_000, help="time limit of one inference"
+    )
+    parser.add_argument(
+        "--store-dir",
+        type=directory_or_new("--store-dir"),
+        help="persist sealed models in this directory (default: memory only, lost at exit)",
+    )
+    parser.add_argument(
+        "--auth-file",
+        type=readable_file("auth file"),
+        help="TOML of tenants and API key hashes (default: open mode, everyone is admin)",
+    )
     parser.add_argument(
         "--metrics-model-names",
         action="store_true",
         help="label per-model inference counts in /metrics by model name (default: no names)",
     )
-    parser.add_argument("--isvprodid", type=int, default=1)
-    parser.add_argument("--isvsvn", type=int, default=1)
+    parser.add_argument(
+        "--isvprodid", type=int, default=1, help="ISVPRODID the simulated enclave reports"
+    )
+    parser.add_argument(
+        "--isvsvn", type=int, default=1, help="ISVSVN the simulated enclave reports"
+    )
     parser.add_argument(
         "--simulate-debug-enclave",
         action="store_true",
@@ -66,140 +153,303 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _client_options(parser: argparse.ArgumentParser, *, policy_required: bool = True) -> None:
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
-    parser.add_argument("--policy", required=policy_required, help="policy TOML file")
+def _simulation_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--simulation", action="store_true", help="accept a SIMULATION server (no TEE, insecure)"
+        "--simulation",
+        action="store_true",
+        help="accept a SIMULATION server (no TEE, insecure: for testing only)",
+    )
+
+
+def _policy_option(parser: argparse.ArgumentParser, *, required: bool, help: str) -> None:
+    parser.add_argument("--policy", required=required, type=readable_file("policy file"), help=help)
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", type=https_url, default=DEFAULT_URL, help="server URL, https://host:port"
+    )
+    _policy_option(
+        parser, required=True, help="policy TOML the server must satisfy (blindinfer policy)"
+    )
+    _simulation_option(parser)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("BLINDINFER_API_KEY"),
+        help="API key of your tenant, sent only over the attested channel "
+        "(default: $BLINDINFER_API_KEY; none in open mode)",
+    )
+
+
+def _command(
+    commands: Any, name: str, help: str, description: str | None = None, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=help,
+        description=description or help[0].upper() + help[1:] + ".",
+        epilog=epilog,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
-        "--api-key", default=os.environ.get("BLINDINFER_API_KEY"), help="or BLINDINFER_API_KEY"
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"on failure, also print the Python traceback (or {DEBUG_ENV}=1)",
     )
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blindinfer", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="blindinfer", description=DESCRIPTION)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"on failure, also print the Python traceback (or {DEBUG_ENV}=1)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the attested inference server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=9924)
+    serve = _command(
+        commands,
+        "serve",
+        "run the attested inference server",
+        "Run the attested inference server. Without a TEE it refuses to start unless "
+        "--simulation is given. Sizes: " + SIZE_HELP + ".",
+        "Exit status: 0 stopped; 2 usage error (bad value, port in use, no TEE without "
+        "--simulation); 130 interrupted.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument(
+        "--port", type=port, default=9924, help="TCP port to listen on (0: any free port)"
+    )
     serve.add_argument(
         "--blindai-compat",
         action="store_true",
         help="also serve BlindAI Core 0.6.3 clients (ports 9923 HTTP, 9924 and 9925 TLS)",
     )
     serve.add_argument(
-        "--blindai-ports", default="9923,9924,9925", help="attestation,run,management ports"
+        "--blindai-ports",
+        default="9923,9924,9925",
+        help="with --blindai-compat: its attestation,run,management ports",
     )
     _server_options(serve)
 
-    measure = commands.add_parser("measure", help="print the MRENCLAVE a policy should pin")
+    measure = _command(
+        commands,
+        "measure",
+        "print the MRENCLAVE a policy should pin",
+        "Print the simulated MRENCLAVE of this build with these server settings (the same "
+        "options as serve). Like serve, it refuses without --simulation where there is no "
+        "TEE; on a TEE, measure the enclave with its own tools (docs/deploy-*.md).",
+    )
     _server_options(measure)
 
-    attest = commands.add_parser("attest", help="verify a server's evidence and print a report")
-    attest.add_argument("url")
-    attest.add_argument("--policy", help="policy TOML (without it: authenticity only)")
-    attest.add_argument("--simulation", action="store_true")
-    attest.add_argument("--json", action="store_true")
-    attest.add_argument("--save", type=Path, metavar="BUNDLE", help="write the evidence bundle")
+    attest = _command(
+        commands,
+        "attest",
+        "verify a server's evidence and print a report",
+        epilog=CLIENT_EPILOG,
+    )
+    attest.add_argument("url", type=https_url, help="server URL, https://host:port")
+    _policy_option(attest, required=False, help="policy TOML (without it: authenticity only)")
+    _simulation_option(attest)
+    attest.add_argument("--json", action="store_true", help="print the report as JSON")
     attest.add_argument(
-        "--collateral-url", help="fetch Intel collateral from this PCCS/PCS, not from the server"
+        "--save",
+        type=Path,
+        metavar="BUNDLE",
+        help="write the evidence bundle here, for `blindinfer verify` (even if refused)",
+    )
+    attest.add_argument(
+        "--collateral-url",
+        help="fetch Intel collateral from this PCCS/PCS (default: the collateral the server sends)",
     )
 
-    verify = commands.add_parser(
+    verify = _command(
+        commands,
         "verify",
-        help="verify evidence offline (a bundle, or raw Intel/AMD/NVIDIA evidence)",
-        description="Exit status: 0 authentic (and policy satisfied, if given); "
-        "1 not authentic; 3 authentic but the policy is not satisfied.",
+        "verify evidence offline (a bundle, or raw Intel/AMD/NVIDIA evidence)",
+        epilog="Exit status: 0 authentic (and policy satisfied, if given); "
+        "1 not authentic; 2 usage error; 3 authentic but the policy is not satisfied.",
     )
-    verify.add_argument("bundle", nargs="?", type=Path, help="bundle from `attest --save`")
-    verify.add_argument("--intel-quote", type=Path, help="SGX or TDX DCAP quote (binary)")
-    verify.add_argument("--collateral", type=Path, help="dcap-qvl collateral JSON")
-    verify.add_argument("--snp-report", type=Path, help="SEV-SNP attestation report (binary)")
-    verify.add_argument("--vcek", type=Path, help="VCEK or VLEK certificate (DER or PEM)")
-    verify.add_argument("--ask-ark", type=Path, help="PEM with the ASK/ASVK and the ARK")
-    verify.add_argument("--nvidia-report", type=Path, help="H100 SPDM report (hex text or binary)")
-    verify.add_argument("--nvidia-certs", type=Path, help="GPU device certificate chain (PEM)")
+    verify.add_argument(
+        "bundle",
+        nargs="?",
+        type=readable_file("bundle"),
+        help="bundle from `attest --save`",
+    )
+    verify.add_argument(
+        "--intel-quote", type=readable_file("quote file"), help="SGX or TDX DCAP quote (binary)"
+    )
+    verify.add_argument(
+        "--collateral", type=readable_file("collateral file"), help="dcap-qvl collateral JSON"
+    )
+    verify.add_argument(
+        "--snp-report",
+        type=readable_file("SNP report file"),
+        help="SEV-SNP attestation report (binary)",
+    )
+    verify.add_argument(
+        "--vcek", type=readable_file("VCEK file"), help="VCEK or VLEK certificate (DER or PEM)"
+    )
+    verify.add_argument(
+        "--ask-ark",
+        type=readable_file("ASK/ARK file"),
+        help="PEM with the ASK/ASVK and the ARK (default: the pinned AMD roots)",
+    )
+    verify.add_argument(
+        "--nvidia-report",
+        type=readable_file("NVIDIA report file"),
+        help="H100 SPDM report (hex text or binary)",
+    )
+    verify.add_argument(
+        "--nvidia-certs",
+        type=readable_file("NVIDIA certificate file"),
+        help="GPU device certificate chain (PEM)",
+    )
     verify.add_argument("--nonce", help="expected nonce (hex) of the NVIDIA report")
-    verify.add_argument("--at", help="verification time: Unix seconds or ISO 8601 (default: now)")
-    verify.add_argument("--policy", help="policy TOML (without it: authenticity only)")
-    verify.add_argument("--simulation", action="store_true", help="accept the simulation root")
-    verify.add_argument("--json", action="store_true")
-
-    receipt = commands.add_parser(
-        "verify-receipt",
-        help="verify a receipt's proof offline (from Receipt.save)",
-        description="Exit status: 0 the receipt verifies; 1 it does not (the reason is printed).",
+    verify.add_argument(
+        "--at",
+        type=time_value,
+        help=f"verification time: {TIME_FORMATS} (default: now; a bundle's capture time)",
     )
-    receipt.add_argument("proof", type=Path, help="proof JSON written by Receipt.save")
-    receipt.add_argument("--policy", required=True, help="policy TOML file")
-    receipt.add_argument("--simulation", action="store_true", help="accept the simulation root")
-    receipt.add_argument("--inputs", type=Path, help=".npz of the inputs to check the digest of")
-    receipt.add_argument("--outputs", type=Path, help=".npz of the outputs to check")
+    _policy_option(verify, required=False, help="policy TOML (without it: authenticity only)")
+    verify.add_argument(
+        "--simulation", action="store_true", help="accept the simulation root (testing only)"
+    )
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    policy = commands.add_parser("policy", help="print a policy from a server's evidence")
-    policy.add_argument("--from", dest="source", required=True, metavar="URL")
-    policy.add_argument("--simulation", action="store_true")
+    receipt = _command(
+        commands,
+        "verify-receipt",
+        "verify a receipt's proof offline (from Receipt.save)",
+        epilog="Exit status: 0 the receipt verifies; 1 it does not (the reason is printed); "
+        "2 usage error (a missing file, a bad value).",
+    )
+    receipt.add_argument(
+        "proof", type=readable_file("proof file"), help="proof JSON written by Receipt.save"
+    )
+    _policy_option(receipt, required=True, help="policy TOML the attested server had to satisfy")
+    receipt.add_argument(
+        "--simulation", action="store_true", help="accept the simulation root (testing only)"
+    )
+    receipt.add_argument(
+        "--inputs",
+        type=readable_file("inputs file"),
+        help=".npz of the inputs to check the digest of (default: not checked)",
+    )
+    receipt.add_argument(
+        "--outputs",
+        type=readable_file("outputs file"),
+        help=".npz of the outputs to check (default: not checked)",
+    )
 
-    upload = commands.add_parser("upload", help="upload an ONNX model")
-    upload.add_argument("model", type=Path)
-    upload.add_argument("--name")
+    policy = _command(
+        commands,
+        "policy",
+        "print a policy from a server's evidence",
+        "Print a policy TOML filled with the values a server reports, for you to compare "
+        "with what `blindinfer measure` printed before you trust it.",
+        CLIENT_EPILOG,
+    )
+    policy.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        type=https_url,
+        metavar="URL",
+        help="server URL, https://host:port",
+    )
+    _simulation_option(policy)
+
+    upload = _command(commands, "upload", "upload an ONNX model", epilog=CLIENT_EPILOG)
+    upload.add_argument("model", type=readable_file("model file"), help="the .onnx file")
+    upload.add_argument("--name", help="name to run it by (default: none, run it by model_id)")
     _client_options(upload)
 
-    run = commands.add_parser("run", help="run a model on inputs from an .npz file")
+    run = _command(
+        commands,
+        "run",
+        "run a model on inputs from an .npz or .npy file",
+        epilog=CLIENT_EPILOG,
+    )
     run.add_argument("model", help="model name, model_id or SHA-256")
-    run.add_argument("inputs", type=Path, help=".npz with one array per input name")
+    run.add_argument(
+        "inputs",
+        type=readable_file("inputs file"),
+        help=".npz with one array per input name, or .npy with the one input of a "
+        "single-input model",
+    )
     run.add_argument("--output", type=Path, help="write outputs to this .npz (default: print)")
     _client_options(run)
 
-    delete = commands.add_parser("delete", help="delete a model")
-    delete.add_argument("model")
+    delete = _command(commands, "delete", "delete a model", epilog=CLIENT_EPILOG)
+    delete.add_argument("model", help="model name, model_id or SHA-256")
     _client_options(delete)
 
-    models = commands.add_parser("models", help="list the models")
+    models = _command(commands, "models", "list the models", epilog=CLIENT_EPILOG)
+    models.add_argument(
+        "--long",
+        "-l",
+        action="store_true",
+        help="full SHA-256 hashes and sizes in bytes (default: hashes shortened to an "
+        "unambiguous prefix, sizes rounded)",
+    )
+    models.add_argument("--json", action="store_true", help="print the list as JSON")
     _client_options(models)
 
-    commands.add_parser("demo", help="start a simulation server and run the whole flow")
+    _command(commands, "demo", "start a simulation server and run the whole flow")
 
-    audit = commands.add_parser("audit", help="inspect the server's audit log")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit = _command(commands, "audit", "inspect the server's audit log")
+    audit_commands = audit.add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION", parser_class=Parser
+    )
     audit_verify = audit_commands.add_parser(
         "verify",
         help="check an audit log's hash chain",
-        description="Exit status: 0 intact chain; 1 broken chain, missing anchor or "
-        "unreadable file.",
+        description="Check an audit log's hash chain offline.",
+        epilog="Exit status: 0 intact chain; 1 broken chain or missing anchor; "
+        "2 the file is missing or not readable.",
+        formatter_class=HelpFormatter,
     )
-    audit_verify.add_argument("path", type=Path, help="the audit log (JSON lines)")
-    audit_verify.add_argument("--json", action="store_true")
+    audit_verify.add_argument(
+        "path", type=readable_file("audit log"), help="the audit log (JSON lines)"
+    )
+    audit_verify.add_argument("--json", action="store_true", help="print the result as JSON")
     audit_verify.add_argument(
         "--anchor",
         metavar="HASH",
         help="a head hash recorded elsewhere that must still be in the log",
     )
 
-    from blindinfer.cli.proxy import add_proxy_arguments  # argparse only
+    from blindinfer.cli.proxy import PROXY_DESCRIPTION, add_proxy_arguments  # argparse only
 
-    proxy = commands.add_parser(
-        "proxy", help="attesting proxy for any Open Inference Protocol client"
+    proxy = _command(
+        commands,
+        "proxy",
+        "attesting proxy for any Open Inference Protocol client",
+        PROXY_DESCRIPTION,
+        CLIENT_EPILOG,
     )
     add_proxy_arguments(proxy)
 
-    keys = commands.add_parser("new-key", help="make an API key and its config snippet")
-    keys.add_argument("--tenant", required=True)
-    keys.add_argument("--role", choices=("admin", "owner", "user"), required=True)
-    keys.add_argument("--key-id", required=True)
+    keys = _command(commands, "new-key", "make an API key and its config snippet")
+    keys.add_argument("--tenant", required=True, help="tenant the key belongs to")
+    keys.add_argument(
+        "--role",
+        choices=("admin", "owner", "user"),
+        required=True,
+        help="admin: everything; owner: upload and manage its models; user: run them",
+    )
+    keys.add_argument("--key-id", required=True, help="a name for this key, e.g. alice-laptop")
     return parser
 
 
 def _config(args: argparse.Namespace) -> object:
     from blindinfer.server.config import Limits, ServerConfig
 
-    return ServerConfig(
-        host=getattr(args, "host", "127.0.0.1"),
-        port=getattr(args, "port", 9924),
-        simulation=args.simulation,
-        limits=Limits(
+    try:
+        limits = Limits(
             max_model_bytes=args.max_model_bytes,
             max_request_bytes=args.max_request_bytes,
             max_models=args.max_models,
@@ -209,7 +459,17 @@ def _config(args: argparse.Namespace) -> object:
             worker_memory_bytes=args.worker_memory_bytes,
             queue_limit=args.queue_limit,
             inference_timeout_ms=args.inference_timeout_ms,
-        ),
+        )
+    except ValueError as exc:  # "limit workers must be ...": name the option instead
+        text = str(exc)
+        for field in dataclasses.fields(Limits):
+            text = text.replace(f"limit {field.name} ", f"--{field.name.replace('_', '-')} ")
+        raise UsageError(text) from exc
+    return ServerConfig(
+        host=getattr(args, "host", "127.0.0.1"),
+        port=getattr(args, "port", 9924),
+        simulation=args.simulation,
+        limits=limits,
         isvprodid=args.isvprodid,
         isvsvn=args.isvsvn,
         simulate_debug_enclave=args.simulate_debug_enclave,
@@ -219,14 +479,54 @@ def _config(args: argparse.Namespace) -> object:
         snp_product=args.snp_product,
         snp_vmpl=args.snp_vmpl,
         store_dir=args.store_dir,
-        auth_file=args.auth_file,
+        auth_file=str(args.auth_file) if args.auth_file else None,
         intra_op_threads=args.intra_op_threads,
         metrics_model_names=args.metrics_model_names,
     )
 
 
+def check_listen(host: str, port: int, option: str = "--port") -> None:
+    """Binds and releases `host:port` the way the server will, so that a port in use or a
+    wrong address is a usage error before any worker or platform starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except socket.gaierror:
+        raise UsageError(
+            f"cannot listen on {host}: unknown host or address\n"
+            "give an address of this machine with --host (127.0.0.1, 0.0.0.0, ::1)"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"cannot listen on {host}:{port}: the port is already in use (is another "
+                f"server running?)\npick another one with {option}, or stop what listens there"
+            ) from None
+        if exc.errno == errno.EACCES:
+            raise UsageError(
+                f"cannot listen on {host}:{port}: permission denied\n"
+                f"ports below 1024 need privileges: pick another one with {option}"
+            ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(
+                f"cannot listen on {host}: not an address of this machine\n"
+                "give one of its addresses (127.0.0.1, 0.0.0.0, ::1)"
+            ) from None
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _two_lines(text: str) -> str:
+    """The server's refusal "no TEE ...; start with --simulation ..." as what went wrong,
+    then what to do."""
+    return text.replace("; start with --simulation", "\nstart with --simulation", 1)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from blindinfer.server.auth import AuthConfigError
     from blindinfer.server.config import ServerConfig
+    from blindinfer.server.platforms import NoPlatformError
     from blindinfer.server.process import READY_PREFIX
     from blindinfer.server.serve import serve
 
@@ -235,13 +535,24 @@ def _serve(args: argparse.Namespace) -> int:
     if args.blindai_compat:
         from blindinfer.server.blindai import parse_ports
 
-        config = dataclasses.replace(
-            config, blindai_compat=True, blindai_ports=parse_ports(args.blindai_ports)
-        )
+        try:
+            ports = parse_ports(args.blindai_ports)
+        except ValueError as exc:
+            raise UsageError(f"--blindai-ports: {exc}") from exc
+        config = dataclasses.replace(config, blindai_compat=True, blindai_ports=ports)
     if config.simulate_debug_enclave and config.platform_choice != "simulation":
-        raise SystemExit("--simulate-debug-enclave needs --simulation")
+        raise UsageError("--simulate-debug-enclave needs --simulation")
+    check_listen(config.host, config.port)
+    if config.blindai_compat:
+        for number in config.blindai_ports:
+            check_listen(config.host, number, "--blindai-ports")
     host = f"[{config.host}]" if ":" in config.host else config.host
-    serve(config, on_ready=lambda port: print(f"{READY_PREFIX}https://{host}:{port}", flush=True))
+    try:
+        serve(
+            config, on_ready=lambda port: print(f"{READY_PREFIX}https://{host}:{port}", flush=True)
+        )
+    except (NoPlatformError, AuthConfigError) as exc:
+        raise UsageError(_two_lines(str(exc))) from exc
     return 0
 
 
@@ -252,6 +563,25 @@ def _measure(args: argparse.Namespace) -> int:
 
     config = _config(args)
     assert isinstance(config, ServerConfig)
+    choice = config.platform_choice
+    if choice == "auto":
+        from blindinfer.tee.detect import describe_missing, detect_platform
+
+        detected = detect_platform()
+        if detected is None:  # the same refusal as `serve` (server/platforms.py)
+            raise UsageError(
+                _two_lines(
+                    describe_missing() + "; start with --simulation to run without "
+                    "confidentiality guarantees"
+                )
+            )
+        choice = detected
+    if choice != "simulation":
+        raise UsageError(
+            f"measure computes the simulated MRENCLAVE only; on {choice}, measure the "
+            "enclave or VM image with the platform's tools\nsee docs/deploy-gramine-sgx.md "
+            "and docs/deploy-tdx-snp.md, or pass --simulation for the simulated value"
+        )
     print(f"mrenclave = {simulated_mrenclave(config).hex()}")
     print(f"mrsigner  = {SIMULATION_MRSIGNER.hex()}  (simulation signer)")
     return 0
@@ -299,6 +629,85 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_inputs(path: Path) -> dict[str, Any] | Any:
+    """Arrays by input name from an .npz, or the one array of an .npy (a NumPy array,
+    for a single-input model). A file that is neither is a usage error."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UsageError(
+            f"{path} is not a NumPy .npz or .npy file ({one_reason(exc)})\n"
+            "save inputs with numpy.savez(path, input_name=array) or numpy.save(path, array)"
+        ) from exc
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def one_reason(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _run_inputs(client: Any, model: str, path: Path) -> Any:
+    inputs = load_inputs(path)
+    if isinstance(inputs, dict):
+        return inputs
+    names = [spec.name for spec in client.model_metadata(model).inputs]
+    if len(names) != 1:
+        raise UsageError(
+            f"{path} holds one array, but model {model!r} takes {len(names)} inputs "
+            f"({', '.join(names)})\nsave them in an .npz by input name: "
+            f"numpy.savez('inputs.npz', {', '.join(f'{n}=...' for n in names)})"
+        )
+    return {names[0]: inputs}
+
+
+def _short_prefix(values: Sequence[str], minimum: int) -> int:
+    """The shortest prefix length (at least `minimum`) that tells all `values` apart."""
+    length = minimum
+    longest = max((len(v) for v in values), default=0)
+    while length < longest and len({v[:length] for v in values}) < len(set(values)):
+        length += 1
+    return length
+
+
+def print_models(infos: Sequence[Any], *, long: bool, stream: Any = None) -> None:
+    """A table with a header: NAME, MODEL ID, SIZE, SHA-256, OWNER, SHARED WITH.
+
+    Model ids are printed whole (34 characters: what run and delete take); SHA-256 hashes
+    are shortened to the shortest prefix, at least 16 hex digits, that tells the listed
+    models apart, and sizes rounded, unless `long` (full hashes, sizes in bytes)."""
+    out = stream if stream is not None else sys.stdout
+    if not infos:
+        print("no models", file=out)
+        return
+    hash_length = 64 if long else _short_prefix([i.sha256 for i in infos], 16)
+    rows = [("NAME", "MODEL ID", "SIZE", "SHA-256", "OWNER", "SHARED WITH")]
+    for info in infos:
+        rows.append(
+            (
+                info.name or "-",
+                info.model_id,
+                str(info.size) if long else human_size(info.size),
+                info.sha256[:hash_length],
+                info.owner or "-",
+                ",".join(info.shared_with) or "-",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            cell.rjust(width) if column == 2 else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip(), file=out)
+
+
 def _with_client(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -312,9 +721,7 @@ def _with_client(args: argparse.Namespace) -> int:
             info = upload_with_progress(client, args.model, args.name)
             print(json.dumps({"model_id": info.model_id, "name": info.name, "sha256": info.sha256}))
         elif args.command == "run":
-            with np.load(args.inputs) as archive:
-                inputs = {name: archive[name] for name in archive.files}
-            outputs = client.run_model(args.model, inputs)
+            outputs = client.run_model(args.model, _run_inputs(client, args.model, args.inputs))
             if args.output:
                 np.savez(args.output, **outputs)  # type: ignore[arg-type]
             else:
@@ -323,9 +730,21 @@ def _with_client(args: argparse.Namespace) -> int:
         elif args.command == "delete":
             info = client.delete_model(args.model)
             print(json.dumps({"deleted": info.model_id, "name": info.name}))
+        elif args.json:
+            documents = [
+                {
+                    "name": i.name,
+                    "model_id": i.model_id,
+                    "sha256": i.sha256,
+                    "size": i.size,
+                    "owner": i.owner,
+                    "shared_with": list(i.shared_with),
+                }
+                for i in client.list_models()
+            ]
+            print(json.dumps(documents, indent=2))
         else:
-            for info in client.list_models():
-                print(f"{info.model_id}  {info.sha256[:16]}  {info.size:>12}  {info.name}")
+            print_models(client.list_models(), long=args.long)
     return 0
 
 
@@ -375,16 +794,27 @@ _COMMANDS = {
 }
 
 
+def target_of(args: argparse.Namespace) -> str | None:
+    """The server a command talks to, for messages about reaching it."""
+    for name in ("url", "source", "upstream"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.simplefilter("always", SimulationWarning)
     try:
-        return _COMMANDS[args.command](args)
-    except BlindInferError as exc:
-        print(f"blindinfer: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        args = build_parser().parse_args(argv)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    prog = f"blindinfer {args.command}"
+    debug = debug_requested(bool(getattr(args, "debug", False)))
+    try:
+        with simulation_banner():
+            return _COMMANDS[args.command](args)
+    except (Exception, KeyboardInterrupt) as exc:  # every failure: its line and exit status
+        return report(exc, prog=prog, target=target_of(args), debug=debug)
 
 
 if __name__ == "__main__":

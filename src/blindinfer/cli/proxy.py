@@ -7,8 +7,8 @@ Point tritonclient, KServe's SDK or curl at http://127.0.0.1:8000: the proxy for
 the upstream only while its attestation verifies against the policy, over TLS pinned to
 the attested key. Also runnable as `python -m blindinfer.cli.proxy ...`.
 
-This module imports only argparse at import time; uvicorn and the proxy are loaded by
-`run_proxy`, so `add_proxy_arguments` is cheap for the main parser.
+This module imports only argparse and blindinfer.cli.args at import time; uvicorn and the
+proxy are loaded by `run_proxy`, so `add_proxy_arguments` is cheap for the main parser.
 """
 
 from __future__ import annotations
@@ -19,20 +19,41 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from blindinfer.cli.args import SIZE_HELP, https_url, size
+
 READY_PREFIX = "blindinfer proxy: listening on "
 
 
+PROXY_DESCRIPTION = (
+    "Attesting proxy: local Open Inference Protocol clients (tritonclient, KServe's SDK, "
+    "curl) talk plain HTTP to --listen; the proxy forwards only while the upstream's "
+    "attestation verifies against --policy, over TLS pinned to the attested key. It checks "
+    "the upstream once before it starts listening (see --start-unattested). Sizes: "
+    + SIZE_HELP
+    + "."
+)
+
+
 def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", required=True, help="policy TOML file the upstream must meet")
     parser.add_argument(
-        "--upstream", required=True, metavar="URL", help="the blindinfer server, https://host:port"
+        "--policy",
+        required=True,
+        help="policy TOML file the upstream must meet",
+    )
+    parser.add_argument(
+        "--upstream",
+        required=True,
+        type=https_url,
+        metavar="URL",
+        help="the blindinfer server, https://host:port",
     )
     parser.add_argument(
         "--listen",
+        type=listen_address,
         default="127.0.0.1:8000",
         metavar="HOST:PORT",
-        help="local plain-HTTP address (default 127.0.0.1:8000; loopback only without "
-        "--allow-remote)",
+        help="local plain-HTTP address, loopback only without --allow-remote "
+        "(default: 127.0.0.1:8000)",
     )
     parser.add_argument(
         "--allow-remote",
@@ -41,56 +62,80 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
         "and requests through it carry the proxy's API key",
     )
     parser.add_argument(
-        "--simulation", action="store_true", help="accept a SIMULATION upstream (no TEE, insecure)"
+        "--simulation",
+        action="store_true",
+        help="accept a SIMULATION upstream (no TEE, insecure: for testing only)",
     )
     parser.add_argument(
         "--api-key",
         default=os.environ.get("BLINDINFER_API_KEY"),
-        help="added by the proxy on the attested channel (or BLINDINFER_API_KEY)",
+        help="added by the proxy on the attested channel (default: $BLINDINFER_API_KEY)",
     )
     parser.add_argument(
         "--forward-client-authorization",
         action="store_true",
-        help="pass local callers' Authorization header upstream (dropped by default)",
+        help="pass local callers' Authorization header upstream (default: dropped)",
     )
     parser.add_argument(
         "--reattest-seconds",
         type=float,
         default=300.0,
-        help="attest again with a fresh nonce this often (default 300)",
+        help="attest again with a fresh nonce this often",
     )
     parser.add_argument(
-        "--collateral-url", help="fetch Intel collateral from this PCCS/PCS, not from the server"
+        "--start-unattested",
+        action="store_true",
+        help="start even if the upstream cannot be attested yet, answering 503 until it is "
+        "(default: exit with the reason)",
     )
-    parser.add_argument("--max-request-bytes", type=int, default=1 << 30)
-    parser.add_argument("--max-response-bytes", type=int, default=1 << 30)
     parser.add_argument(
-        "--timeout", type=float, default=120.0, help="upstream timeout in seconds (default 120)"
+        "--collateral-url",
+        help="fetch Intel collateral from this PCCS/PCS (default: what the server sends)",
     )
+    parser.add_argument(
+        "--max-request-bytes", type=size, default="1G", help="largest request body forwarded"
+    )
+    parser.add_argument(
+        "--max-response-bytes", type=size, default="1G", help="largest response body forwarded"
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="upstream timeout in seconds")
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """argparse type for --listen: HOST:PORT, [V6]:PORT or :PORT (loopback)."""
+    host, sep, number = text.rpartition(":")
+    if not sep or not number.isdigit() or not 0 <= int(number) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"invalid address {text!r}: expected HOST:PORT with a port from 1 to 65535 "
+            "(0: any free port), e.g. 127.0.0.1:8000"
+        )
+    return host.strip("[]") or "127.0.0.1", int(number)
 
 
 def run_proxy(args: argparse.Namespace) -> int:
-    """Serves until interrupted. Exit status 2 for a refused --listen or bad options."""
+    """Serves until interrupted. Failures raise; `blindinfer.cli.errors` maps them to the
+    exit status (2 for a refused --listen or bad options, 1/3/4 for an upstream that
+    cannot be attested at start)."""
     from blindinfer.attestation.policy import load_policy
-    from blindinfer.client.client import SIMULATION_BANNER
-    from blindinfer.errors import SimulationWarning
+    from blindinfer.cli.main import check_listen
+    from blindinfer.client.client import SIMULATION_BANNER, attest_unwarned
+    from blindinfer.errors import SimulationWarning, UsageError
     from blindinfer.proxy.forward import (
         REMOTE_REFUSAL,
         AttestingProxy,
         ProxyConfig,
         is_loopback,
-        parse_listen,
         serve_proxy,
     )
 
+    host, port = args.listen if isinstance(args.listen, tuple) else listen_address(args.listen)
+    if not is_loopback(host) and not args.allow_remote:
+        raise UsageError(REMOTE_REFUSAL.format(host=host))
+    policy = load_policy(args.policy)
     try:
-        host, port = parse_listen(args.listen)
-        if not is_loopback(host) and not args.allow_remote:
-            print(f"blindinfer: {REMOTE_REFUSAL.format(host=host)}", file=sys.stderr)
-            return 2
         config = ProxyConfig(
             upstream=args.upstream,
-            policy=load_policy(args.policy),
+            policy=policy,
             simulation=args.simulation,
             api_key=args.api_key or None,
             forward_client_authorization=args.forward_client_authorization,
@@ -101,10 +146,18 @@ def run_proxy(args: argparse.Namespace) -> int:
             timeout=args.timeout,
         )
     except ValueError as exc:
-        print(f"blindinfer: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from exc
+    check_listen(host, port, "--listen")
     if args.simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=1)
+    if not args.start_unattested:  # a wrong --upstream or policy is an error, not a 503
+        attest_unwarned(
+            config.upstream,
+            policy=policy,
+            simulation=args.simulation,
+            timeout=min(args.timeout, 30.0),
+            collateral_url=args.collateral_url,
+        )
     shown = f"[{host}]" if ":" in host else host
 
     def ready(app: AttestingProxy, bound: int) -> None:
@@ -119,19 +172,24 @@ def run_proxy(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from blindinfer.errors import BlindInferError, SimulationWarning
+    from blindinfer.cli.args import Parser
+    from blindinfer.cli.errors import debug_requested, report, simulation_banner
 
-    parser = argparse.ArgumentParser(prog="blindinfer proxy", description=__doc__)
+    parser = Parser(prog="blindinfer proxy", description=PROXY_DESCRIPTION)
     add_proxy_arguments(parser)
-    args = parser.parse_args(argv)
-    warnings.simplefilter("always", SimulationWarning)
+    parser.add_argument(
+        "--debug", action="store_true", help="on failure, also print the Python traceback"
+    )
     try:
-        return run_proxy(args)
-    except BlindInferError as exc:
-        print(f"blindinfer: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error: argparse printed it
+        return exc.code if isinstance(exc.code, int) else 2
+    debug = debug_requested(args.debug)
+    try:
+        with simulation_banner():
+            return run_proxy(args)
+    except (Exception, KeyboardInterrupt) as exc:  # each failure: its line and exit status
+        return report(exc, prog="blindinfer proxy", target=args.upstream, debug=debug)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,24 @@ from pathlib import Path
 from blindinfer.attestation.bundle import load_bundle
 from blindinfer.attestation.offline import (
     OfflineResult,
-    parse_time,
     verify_intel_offline,
     verify_nvidia_offline,
     verify_snp_offline,
 )
 from blindinfer.attestation.policy import Policy, load_policy
+from blindinfer.cli.args import parse_time
+from blindinfer.cli.errors import EXIT_POLICY, EXIT_USAGE, refusal_reason
+from blindinfer.cli.errors import EXIT_REFUSED as EXIT_NOT_AUTHENTIC
 from blindinfer.client.client import verify_bundle
-from blindinfer.errors import AttestationError, BlindInferError, Mismatch, PolicyMismatchError
+from blindinfer.errors import (
+    AttestationError,
+    BlindInferError,
+    Mismatch,
+    PolicyMismatchError,
+    UsageError,
+)
 
-EXIT_NOT_AUTHENTIC = 1
-EXIT_USAGE = 2
-EXIT_POLICY = 3
+__all__ = ["EXIT_NOT_AUTHENTIC", "EXIT_POLICY", "EXIT_USAGE", "run_verify"]
 
 
 def _read_hex_or_binary(path: Path) -> bytes:
@@ -56,7 +62,26 @@ def _print(document: dict[str, object], as_json: bool) -> None:
         print("policy        not checked (authenticity only)")
 
 
-def _rejected(exc: BlindInferError, as_json: bool) -> int:
+def _at(value: object) -> int | None:
+    """`--at` as parsed by the CLI (an int), or as text from callers of run_verify."""
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return parse_time(str(value))
+    except ValueError as exc:
+        raise UsageError(f"--at: {exc}") from None
+
+
+def _nonce(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"--nonce: {text!r} is not hex (e.g. --nonce 9f2c...)") from None
+
+
+def _rejected(exc: BlindInferError, as_json: bool, source: str = "the server") -> int:
     if as_json:
         print(
             json.dumps(
@@ -64,7 +89,7 @@ def _rejected(exc: BlindInferError, as_json: bool) -> int:
             )
         )
     else:
-        print(f"REJECTED: {type(exc).__name__}: {exc}")
+        print(f"REJECTED: {refusal_reason(exc, source)}")
     return EXIT_NOT_AUTHENTIC
 
 
@@ -79,7 +104,8 @@ def _mismatch_dicts(mismatches: tuple[Mismatch, ...]) -> list[dict[str, str]]:
 
 def run_verify(args: argparse.Namespace) -> int:
     policy: Policy | None = load_policy(args.policy) if args.policy else None
-    at = parse_time(args.at) if args.at else int(time.time())
+    given = _at(args.at)
+    at = given if given is not None else int(time.time())
     try:
         if args.bundle is not None:
             return _bundle(args, policy)
@@ -120,7 +146,7 @@ def run_verify(args: argparse.Namespace) -> int:
             claims, mismatches = verify_nvidia_offline(
                 _read_hex_or_binary(args.nvidia_report),
                 args.nvidia_certs.read_bytes(),
-                nonce=bytes.fromhex(args.nonce) if args.nonce else None,
+                nonce=_nonce(args.nonce),
                 policy=policy,
                 at=at,
             )
@@ -151,7 +177,8 @@ def _offline(result: OfflineResult) -> dict[str, object]:
 
 def _bundle(args: argparse.Namespace, policy: Policy | None) -> int:
     bundle = load_bundle(args.bundle)
-    at = parse_time(args.at) if args.at else bundle.captured_at
+    given = _at(args.at)
+    at = given if given is not None else bundle.captured_at
     try:
         report = verify_bundle(bundle, policy=policy, simulation=args.simulation, now=at)
     except PolicyMismatchError as exc:
@@ -166,7 +193,7 @@ def _bundle(args: argparse.Namespace, policy: Policy | None) -> int:
         )
         return EXIT_POLICY
     except BlindInferError as exc:
-        return _rejected(exc, args.json)
+        return _rejected(exc, args.json, f"the server of {args.bundle} ({bundle.source})")
     document = {
         "authentic": True,
         "source": bundle.source,

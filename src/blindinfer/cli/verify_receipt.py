@@ -4,34 +4,51 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
 from blindinfer.attestation.policy import load_policy
+from blindinfer.cli.errors import EXIT_REFUSED, refusal_reason
 from blindinfer.client.receipts import load_proof, verify_proof
-from blindinfer.errors import BlindInferError
+from blindinfer.errors import BlindInferError, UsageError
 
-EXIT_REFUSED = 1
+__all__ = ["EXIT_REFUSED", "run_verify_receipt"]
 
 
-def _tensors(path: object) -> dict[str, np.ndarray] | None:
+def _tensors(path: object, option: str) -> dict[str, np.ndarray] | None:
+    """The arrays of an .npz by name; anything else is a usage error naming `option`."""
     if path is None:
         return None
-    with np.load(str(path)) as archive:
+    try:
+        loaded = np.load(str(path), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise UsageError(f"{option}: {path} is not a NumPy .npz file ({exc})") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise UsageError(
+            f"{option}: {path} holds one bare array; receipts name each tensor, so save them "
+            "by name: numpy.savez(path, input_name=array)"
+        )
+    with loaded as archive:
         return {name: archive[name] for name in archive.files}
 
 
 def run_verify_receipt(args: argparse.Namespace) -> int:
+    """Exit 0 valid, 1 refused (printed on stdout, with the reason); a missing or malformed
+    policy or tensor file raises (usage errors, exit 2, via blindinfer.cli.errors)."""
+    policy = load_policy(args.policy)
+    inputs = _tensors(args.inputs, "--inputs")
+    outputs = _tensors(args.outputs, "--outputs")
     try:
         receipt = verify_proof(
             load_proof(args.proof),
-            policy=load_policy(args.policy),
+            policy=policy,
             simulation=args.simulation,
-            inputs=_tensors(args.inputs),
-            outputs=_tensors(args.outputs),
+            inputs=inputs,
+            outputs=outputs,
         )
     except (BlindInferError, OSError, ValueError) as exc:
-        print(f"REFUSED: {type(exc).__name__}: {exc}")
+        print(f"REFUSED: {refusal_reason(exc, f'the server of {Path(args.proof).name}')}")
         return EXIT_REFUSED
     checked = ["evidence valid at the receipt's time", "signed by the attested TLS key"]
     checked += [f"{n} match" for n, p in (("inputs", args.inputs), ("outputs", args.outputs)) if p]
