@@ -90,7 +90,7 @@ def summary(report: VerifiedAttestation, *, bit_exact: bool, deleted: bool) -> l
         f"  - the model was deleted from the server: {'yes' if deleted else 'NO'}",
         "NOT proven, because this is a simulation:",
         "  - there is no TEE: the server's operator can read its memory, your model and inputs",
-        "  - the simulation root is not Intel's: its key ships with blindinfer, anyone can sign",
+        "  - the simulation root is not Intel's: anyone can sign quotes with its shipped key",
         "  - a real deployment needs TEE hardware and a policy from a measured build",
         "    (docs/deploy-gramine-sgx.md, docs/deploy-tdx-snp.md)",
     ]
