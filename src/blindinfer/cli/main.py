@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+import textwrap
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,23 +91,35 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         help="VMPL to request SEV-SNP reports at (default: the kernel's)",
     )
     parser.add_argument(
-        "--max-model-bytes", type=size, default="512M", help=f"largest model upload; {SIZE_HELP}"
+        "--max-model-bytes",
+        type=size,
+        metavar="SIZE",
+        default="512M",
+        help=f"largest model upload; {SIZE_HELP}",
     )
     parser.add_argument(
-        "--max-request-bytes", type=size, default="64M", help="largest inference request body"
+        "--max-request-bytes",
+        type=size,
+        metavar="SIZE",
+        default="64M",
+        help="largest inference request body",
     )
     parser.add_argument("--max-models", type=int, default=32, help="most models held at once")
     parser.add_argument(
         "--memory-budget-bytes",
         type=size,
+        metavar="SIZE",
         default="4G",
         help="measured memory of loaded models; least recently used ones are evicted past it",
     )
-    parser.add_argument("--max-stored-bytes", type=size, default="16G", help="sealed model storage")
+    parser.add_argument(
+        "--max-stored-bytes", type=size, metavar="SIZE", default="16G", help="sealed model storage"
+    )
     parser.add_argument("--workers", type=int, default=2, help="inference worker processes")
     parser.add_argument(
         "--worker-memory-bytes",
         type=size,
+        metavar="SIZE",
         default="8G",
         help="address-space limit of each inference worker",
     )
@@ -181,14 +194,19 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _wrap(text: str | None) -> str | None:
+    """Descriptions are printed as written (the top-level one has a layout): wrap them."""
+    return None if text is None else textwrap.fill(text, 88)
+
+
 def _command(
     commands: Any, name: str, help: str, description: str | None = None, epilog: str | None = None
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(
         name,
         help=help,
-        description=description or help[0].upper() + help[1:] + ".",
-        epilog=epilog,
+        description=_wrap(description or help[0].upper() + help[1:] + "."),
+        epilog=_wrap(epilog),
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
@@ -639,8 +657,9 @@ def load_inputs(path: Path) -> dict[str, Any] | Any:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        reason = "" if "pickle" in str(exc) else f" ({one_reason(exc)})"
         raise UsageError(
-            f"{path} is not a NumPy .npz or .npy file ({one_reason(exc)})\n"
+            f"{path} is not a NumPy .npz or .npy file{reason}\n"
             "save inputs with numpy.savez(path, input_name=array) or numpy.save(path, array)"
         ) from exc
     if isinstance(loaded, np.ndarray):

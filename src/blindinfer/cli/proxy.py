@@ -93,10 +93,18 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
         help="fetch Intel collateral from this PCCS/PCS (default: what the server sends)",
     )
     parser.add_argument(
-        "--max-request-bytes", type=size, default="1G", help="largest request body forwarded"
+        "--max-request-bytes",
+        type=size,
+        metavar="SIZE",
+        default="1G",
+        help="largest request body forwarded",
     )
     parser.add_argument(
-        "--max-response-bytes", type=size, default="1G", help="largest response body forwarded"
+        "--max-response-bytes",
+        type=size,
+        metavar="SIZE",
+        default="1G",
+        help="largest response body forwarded",
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="upstream timeout in seconds")
 

@@ -25,6 +25,7 @@ from blindinfer.errors import (
     BlindInferError,
     Mismatch,
     PolicyMismatchError,
+    ProtocolError,
     UsageError,
 )
 
@@ -176,7 +177,13 @@ def _offline(result: OfflineResult) -> dict[str, object]:
 
 
 def _bundle(args: argparse.Namespace, policy: Policy | None) -> int:
-    bundle = load_bundle(args.bundle)
+    try:
+        bundle = load_bundle(args.bundle)
+    except ProtocolError as exc:
+        raise UsageError(
+            f"{args.bundle} is not an evidence bundle ({exc.message})\n"
+            "give the file that `blindinfer attest --save` wrote, or raw evidence options"
+        ) from exc
     given = _at(args.at)
     at = given if given is not None else bundle.captured_at
     try:
