@@ -13,6 +13,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from blindinfer.errors import BlindInferError
 from blindinfer.protocol.limits import TensorLimits
@@ -20,6 +21,7 @@ from blindinfer.runtime.workers import WorkerPool
 from blindinfer.server import metrics as server_metrics
 from blindinfer.server.audit import AuditLog
 from blindinfer.server.auth import AuthConfig, Authenticator
+from blindinfer.server.bodies import CloseUnreadBodies
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.errors import handle_exception
 from blindinfer.server.quotas import TenantQuotas
@@ -145,10 +147,14 @@ def create_app(state: ServerState) -> Starlette:
         exception_handlers={
             BlindInferError: handle_exception,
             HTTPException: handle_exception,
+            # a client gone mid-body is an ordinary accident: answered (to nobody) and
+            # counted, never re-raised to uvicorn as a server error with a traceback
+            ClientDisconnect: handle_exception,
             Exception: handle_exception,
         },
         lifespan=lifespan,
     )
     app.state.blindinfer = state
+    app.add_middleware(CloseUnreadBodies)
     server_metrics.install(app, model_names=state.config.metrics_model_names)
     return app

@@ -1,43 +1,163 @@
-"""Reading request bodies with a bound: the limit is enforced while streaming, so an
-oversized body is refused after at most `limit` bytes, whatever Content-Length claims."""
+"""Reading request bodies with a bound, and what happens to bodies nobody reads.
+
+- The limit is checked against Content-Length before a byte of the body is read (so a
+  client hears "too large" at once, not after sending it), and again while streaming, so
+  a body without Content-Length is refused after at most `limit` bytes.
+- A client that closes the connection mid-body raises `ClientDisconnectedError`: not a
+  server failure (see server/errors.py), and nothing read so far is kept.
+- `CloseUnreadBodies`: a reply sent before a large body was read in full (every early
+  refusal) closes the connection, instead of the server reading and discarding the rest
+  of the body to keep the connection alive, and the client sending it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 
-from starlette.requests import Request
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from blindinfer.server.errors import MissingHeaderError, PayloadTooLargeError
+from blindinfer.server.errors import (
+    ClientDisconnectedError,
+    MissingHeaderError,
+    PayloadTooLargeError,
+)
+
+DRAIN_LIMIT = 64 * 1024
+"""Unread body bytes the server still reads and drops to keep a connection alive; a
+reply that leaves more unread closes the connection."""
 
 
-def _declared_length(request: Request, limit: int) -> None:
+def human_size(size: int) -> str:
+    """`size` bytes in binary units, for messages: '512 bytes', '8.0 MiB'."""
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _bytes(size: int) -> str:
+    """'1048576 bytes (1.0 MiB)': exact for machines, readable for people."""
+    return f"{size} bytes" if size < 1024 else f"{size} bytes ({human_size(size)})"
+
+
+def declared_length(request: Request) -> int | None:
+    """The body's Content-Length, None without one (a chunked body)."""
     declared = request.headers.get("content-length")
     if declared is None:
-        return
+        return None
     if not (declared.isascii() and declared.isdigit()) or len(declared) > 19:
         raise MissingHeaderError("Content-Length must be a non-negative decimal integer")
-    if int(declared) > limit:
-        raise PayloadTooLargeError(f"the body is {declared} bytes; the limit is {limit} bytes")
+    return int(declared)
 
 
-async def read_bounded(request: Request, limit: int) -> bytes:
-    _declared_length(request, limit)
+def too_large_message(what: str, limit: int, setting: str | None, size: int | None = None) -> str:
+    """'the model is 9000000 bytes (8.6 MiB); the limit is 200000 bytes (195.3 KiB,
+    --max-model-bytes)'; without `size`, '... is larger than the limit of ...'."""
+    notes = [human_size(limit)] if limit >= 1024 else []
+    if setting:
+        notes.append(setting)
+    bound = f"{limit} bytes" + (f" ({', '.join(notes)})" if notes else "")
+    if size is None:
+        return f"{what} is larger than the limit of {bound}"
+    return f"{what} is {_bytes(size)}; the limit is {bound}"
+
+
+def check_declared_length(
+    request: Request, limit: int, *, what: str = "the request body", setting: str | None = None
+) -> int | None:
+    """Refuses (413) a body whose Content-Length is over `limit` before it is read."""
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
+        raise PayloadTooLargeError(too_large_message(what, limit, setting, declared))
+    return declared
+
+
+async def read_bounded(
+    request: Request,
+    limit: int,
+    *,
+    what: str = "the request body",
+    setting: str | None = None,
+) -> bytes:
+    """The whole body, at most `limit` bytes (413 otherwise, before reading if it can)."""
+    check_declared_length(request, limit, what=what, setting=setting)
     chunks = bytearray()
-    async for chunk in request.stream():
-        if len(chunks) + len(chunk) > limit:
-            raise PayloadTooLargeError(f"the body is larger than the limit of {limit} bytes")
-        chunks += chunk
+    try:
+        async for chunk in request.stream():
+            if len(chunks) + len(chunk) > limit:
+                raise PayloadTooLargeError(too_large_message(what, limit, setting))
+            chunks += chunk
+    except ClientDisconnect:
+        raise ClientDisconnectedError("the client disconnected mid-body") from None
     return bytes(chunks)
 
 
-async def read_bounded_hashed(request: Request, limit: int) -> tuple[bytes, str]:
+async def read_bounded_hashed(
+    request: Request, limit: int, *, setting: str | None = None
+) -> tuple[bytes, str]:
     """Streams an upload while hashing it, so the SHA-256 costs no second pass."""
-    _declared_length(request, limit)
+    check_declared_length(request, limit, what="the model", setting=setting)
     chunks = bytearray()
     digest = hashlib.sha256()
-    async for chunk in request.stream():
-        if len(chunks) + len(chunk) > limit:
-            raise PayloadTooLargeError(f"the model is larger than the limit of {limit} bytes")
-        chunks += chunk
-        digest.update(chunk)
+    try:
+        async for chunk in request.stream():
+            if len(chunks) + len(chunk) > limit:
+                raise PayloadTooLargeError(too_large_message("the model", limit, setting))
+            chunks += chunk
+            digest.update(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnectedError("the client disconnected mid-upload") from None
     return bytes(chunks), digest.hexdigest()
+
+
+class CloseUnreadBodies:
+    """Adds `Connection: close` to a reply sent while more than DRAIN_LIMIT bytes of the
+    request body are still unread (or an unknown amount: a chunked body).
+
+    Without it the server would answer at once, then keep the connection by reading and
+    discarding the rest of the body, and a client that sends its whole body before it
+    reads (most do) would wait for the upload to finish to see the refusal. Closing lets
+    its next write fail, and it reads the reply that is already there.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        chunked = "transfer-encoding" in headers
+        raw = headers.get("content-length", "")
+        declared = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 19 else 0
+        if not chunked and declared <= DRAIN_LIMIT:
+            await self.app(scope, receive, send)
+            return
+        received = 0
+        complete = False
+
+        async def receive_and_count() -> Message:
+            nonlocal received, complete
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+            return message
+
+        async def send_and_close(message: Message) -> None:
+            if message["type"] == "http.response.start" and not complete:
+                unread_is_large = chunked or declared - received > DRAIN_LIMIT
+                present = [name.lower() for name, _ in message.get("headers", [])]
+                if unread_is_large and b"connection" not in present:
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), (b"connection", b"close")],
+                    }
+            await send(message)
+
+        await self.app(scope, receive_and_count, send_and_close)

@@ -4,6 +4,10 @@ Every response body is `{"error": <human message>, "code": <machine code>}` (OIP
 read "error"). Unexpected exceptions become a generic 500 whose body says nothing about
 the failure; only the exception's type name is logged, never its message (it may quote
 user data) and never a traceback to the client.
+
+A client that goes away before its request body is complete is no server failure: it is
+answered 499 "client_disconnected" (nginx's "client closed request"; nobody receives it,
+but /metrics counts it) and logged as one INFO line naming the route template only.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import math
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from blindinfer.errors import BlindInferError, ProtocolError
@@ -26,6 +30,7 @@ from blindinfer.runtime.errors import (
     WorkerCrashedError,
 )
 from blindinfer.server.auth import AccessError, ForbiddenError
+from blindinfer.server.metrics import CLIENT_CLOSED_REQUEST, method_label, route_template
 from blindinfer.store.errors import (
     InvalidModelNameError,
     MemoryBudgetError,
@@ -44,6 +49,13 @@ class PayloadTooLargeError(BlindInferError):
 
 class MissingHeaderError(BlindInferError):
     """A required header is missing or malformed."""
+
+
+class ClientDisconnectedError(BlindInferError):
+    """The client closed the connection before its request body was complete."""
+
+
+CLIENT_DISCONNECTED = "client_disconnected"
 
 
 # exception type -> (HTTP status, machine code); the first matching entry wins.
@@ -86,6 +98,12 @@ def response_headers(exc: BaseException) -> dict[str, str]:
 
 
 def status_and_code(exc: BaseException) -> tuple[int, str, str]:
+    if isinstance(exc, ClientDisconnect | ClientDisconnectedError):
+        return (
+            CLIENT_CLOSED_REQUEST,
+            CLIENT_DISCONNECTED,
+            "the client closed the connection before the request body was complete",
+        )
     if isinstance(exc, ProtocolError | InvalidTensorError):
         return 400, exc.code, exc.message
     if isinstance(exc, ForbiddenError) and not exc.visible:
@@ -104,6 +122,16 @@ def status_and_code(exc: BaseException) -> tuple[int, str, str]:
 
 async def handle_exception(request: Request, exc: Exception) -> Response:
     status, code, message = status_and_code(exc)
+    if status == CLIENT_CLOSED_REQUEST:
+        log.info("a client disconnected before its request body was complete (%s)", _where(request))
+        # Nobody reads this; Connection: close spares the server any further reading.
+        return _json(status, code, message, {"Connection": "close"})
     if status >= 500:
         log.error("request failed with %s", type(exc).__name__)
     return _json(status, code, message, response_headers(exc))
+
+
+def _where(request: Request) -> str:
+    """Method and route template, never the path itself (paths carry model names)."""
+    template, _ = route_template(getattr(request.app, "routes", ()), request.scope)
+    return f"{method_label(request.scope)} {template}"

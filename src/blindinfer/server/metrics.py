@@ -15,6 +15,10 @@ What is recorded, and what never is:
   labelled by the owning tenant and the model's *registered* name, resolved exactly as the
   route resolves it. A reference that does not resolve is never recorded, so unknown names
   sent by callers never reach the output.
+- clients that went away before their request body was complete, by route template and
+  method (``blindinfer_client_disconnects_total``); in the request counter they have
+  ``status="499"`` (nginx's "client closed request"): never a 5xx, which means the server
+  failed.
 - never tensor content, request ids, headers or bodies.
 """
 
@@ -56,6 +60,9 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     30.0,
     60.0,
 )
+CLIENT_CLOSED_REQUEST = 499
+"""The status recorded for a request whose client disconnected before its body was
+complete; the error handler answers it (to nobody) so that the route's reply says so."""
 INFER_TEMPLATES = frozenset({"/v2/models/{ref}/infer", "/v2/models/{ref}/versions/{version}/infer"})
 
 Labels = tuple[str, ...]
@@ -237,6 +244,13 @@ class ServerMetrics:
             "blindinfer_http_requests_in_flight", "HTTP requests being served now."
         )
         self.in_flight.set(0)
+        self.client_disconnects = Counter(
+            "blindinfer_client_disconnects_total",
+            "Requests whose client closed the connection before the request body was "
+            'complete (counted with status="499" in blindinfer_http_requests_total), by '
+            "route template and method.",
+            ("route", "method"),
+        )
         self.model_inferences: Counter | None = None
         if model_names:
             self.model_inferences = Counter(
@@ -250,7 +264,12 @@ class ServerMetrics:
         self.latency.observe(seconds, route, method)
 
     def render(self) -> str:
-        parts = [self.requests.render(), self.latency.render(), self.in_flight.render()]
+        parts = [
+            self.requests.render(),
+            self.latency.render(),
+            self.in_flight.render(),
+            self.client_disconnects.render(),
+        ]
         if self.model_inferences is not None:
             parts.append(self.model_inferences.render())
         return "".join(parts)
@@ -276,7 +295,8 @@ def route_template(routes: Iterable[BaseRoute], scope: Scope) -> tuple[str, dict
     return partial if partial is not None else (UNMATCHED, {})
 
 
-def _method(scope: Scope) -> str:
+def method_label(scope: Scope) -> str:
+    """The request's method as a label: one of METHODS, else "other"."""
     method = str(scope.get("method", "")).upper()
     return method if method in METHODS else OTHER_METHOD
 
@@ -286,7 +306,9 @@ class MetricsMiddleware:
 
     Register it around the router (``app.add_middleware(MetricsMiddleware, metrics=m)``).
     An exception that escapes before a response started is counted as 500, which is what
-    Starlette's outermost error middleware then answers.
+    Starlette's outermost error middleware then answers, unless the client had already
+    gone (the app was told ``http.disconnect`` before any response): a request nobody
+    waits for any more is a client disconnect, whatever the app did next.
     """
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
@@ -300,22 +322,35 @@ class MetricsMiddleware:
         owner = scope.get("app")
         routes: Iterable[BaseRoute] = getattr(owner, "routes", ())
         template, params = route_template(routes, scope)
-        method = _method(scope)
+        method = method_label(scope)
         status = 500
+        started = False
+        client_gone = False
+
+        async def receive_and_watch() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not started:
+                client_gone = True
+            return message
 
         async def send_and_watch(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                started = True
             await send(message)
 
         self.metrics.in_flight.inc()
         start = time.perf_counter()
         try:
-            await self.app(scope, receive, send_and_watch)
+            await self.app(scope, receive_and_watch, send_and_watch)
         finally:
             elapsed = time.perf_counter() - start
             self.metrics.in_flight.dec()
+            if status == CLIENT_CLOSED_REQUEST or (client_gone and not started):
+                status = CLIENT_CLOSED_REQUEST
+                self.metrics.client_disconnects.inc(template, method)
             self.metrics.observe_request(template, method, status, elapsed)
             if (
                 self.metrics.model_inferences is not None

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import IO
 
 READY_PREFIX = "blindinfer: serving on "
 
@@ -46,12 +47,17 @@ class ServerProcess:
 
 
 def start_server(
-    args: Sequence[str] = ("--simulation",), *, timeout: float = 60.0
+    args: Sequence[str] = ("--simulation",),
+    *,
+    timeout: float = 60.0,
+    stderr: int | IO[str] | None = None,
 ) -> ServerProcess:
-    """Runs `blindinfer serve --port 0 ARGS` and returns once it prints its address."""
+    """Runs `blindinfer serve --port 0 ARGS` and returns once it prints its address.
+
+    The server's log goes to `stderr` (inherited by default; a file to inspect it)."""
     command = [sys.executable, "-m", "blindinfer.cli.main", "serve", "--port", "0", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     deadline = time.monotonic() + timeout
     assert process.stdout is not None
     while time.monotonic() < deadline:

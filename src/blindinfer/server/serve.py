@@ -11,6 +11,7 @@ import uvicorn
 
 from blindinfer.server.app import build_state, create_app
 from blindinfer.server.config import ServerConfig
+from blindinfer.server.connection import abort_unread_bodies
 from blindinfer.server.platforms import select_platform
 from blindinfer.server.state import ServerState
 from blindinfer.server.tls import make_tls_identity
@@ -42,6 +43,8 @@ def build_server_and_state(
         timeout_keep_alive=30,
     )
     uv_config.load()
+    # an early refusal must reach a client still sending its body (see connection.py)
+    uv_config.http_protocol_class = abort_unread_bodies(uv_config.http_protocol_class)
     # uvicorn only knows key files; ours lives in memory, so hand it the context directly.
     uv_config.ssl = identity.ssl_context
     return uvicorn.Server(uv_config), state

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -274,6 +274,7 @@ def _app(
         exception_handlers={
             BlindInferError: handle_exception,
             HTTPException: handle_exception,
+            ClientDisconnect: handle_exception,  # 499, not a server error (errors.py)
             Exception: handle_exception,
         },
     )

@@ -90,7 +90,9 @@ async def infer(request: Request) -> Response:
     record = state.model_for(principal, request.path_params["ref"], Action.RUN)
     if request.path_params.get("version", MODEL_VERSION) != MODEL_VERSION:
         raise UnknownModelError(f"model version does not exist; use {MODEL_VERSION!r}")
-    body = await read_bounded(request, state.config.limits.max_request_bytes)
+    body = await read_bounded(
+        request, state.config.limits.max_request_bytes, setting="--max-request-bytes"
+    )
     parsed = parse_infer_request(
         body, parse_header_length(request.headers.get(HEADER_LENGTH)), state.tensor_limits
     )
