@@ -38,10 +38,18 @@ from blindinfer.server.auth import (
     check_tenant_name,
     visible_to,
 )
-from blindinfer.server.bodies import read_bounded, read_bounded_hashed
+from blindinfer.server.bodies import (
+    check_declared_length,
+    read_bounded,
+    read_bounded_hashed,
+    too_large_message,
+)
 from blindinfer.server.errors import PayloadTooLargeError
 from blindinfer.server.respond import json_response as _json
 from blindinfer.server.respond import server_state as _state
+from blindinfer.server.state import ServerState
+from blindinfer.store.errors import InvalidModelNameError, StoreFullError
+from blindinfer.store.names import check_name, is_model_id, is_sha256
 from blindinfer.store.sealed import ModelRecord
 
 ANONYMOUS = "_"
@@ -49,6 +57,9 @@ TRITON_FILE_PARAMETER = "file:1/model.onnx"
 MAX_SHARED_TENANTS = 64
 DELETE_STATEMENT = ["model", "sealed_copies"]
 """What a delete receipt states was destroyed: the model and every sealed copy of it."""
+MAX_MODEL_BYTES_SETTING = "--max-model-bytes"
+MAX_REQUEST_BYTES_SETTING = "--max-request-bytes"
+_SHOWN_NAME_CHARS = 64
 
 
 def describe(model: ModelRecord) -> dict[str, object]:
@@ -79,20 +90,72 @@ def _tenants(value: object) -> list[str]:
     return list(value)
 
 
-async def _store(request: Request, principal: Principal, data: bytes, sha256: str) -> Response:
+def check_model_name(name: str) -> str:
+    """`name` if it may name a model, else InvalidModelNameError saying what names may be."""
+    try:
+        return check_name(name)
+    except InvalidModelNameError:
+        pass
+    shown = repr(name[:_SHOWN_NAME_CHARS]) + ("..." if len(name) > _SHOWN_NAME_CHARS else "")
+    if is_model_id(name) or is_sha256(name):
+        raise InvalidModelNameError(
+            f"{shown} cannot be a model name: it has the form of a model_id ('m-' and 32 "
+            "hexadecimal digits) or of a SHA-256 (64 hexadecimal digits), by which models "
+            "are also referred to; choose a name of another form"
+        ) from None
+    raise InvalidModelNameError(
+        f"{shown} is not a valid model name: a name has 1 to 128 characters, each a letter "
+        "(A-Z, a-z), a digit, '_', '.' or '-', and starts with a letter or digit, e.g. "
+        f"'classifier-v2'; or upload to {ANONYMOUS!r} to have the model named after its "
+        "model_id"
+    ) from None
+
+
+def _requested_name(request: Request) -> str | None:
+    requested: str = request.path_params["name"]
+    return None if requested == ANONYMOUS else requested
+
+
+def _check_room(state: ServerState, principal: Principal, name: str | None, size: int) -> None:
+    """The tenant's quota and the server's model count for one more model of `size`
+    bytes: what can be refused before the body arrives is refused then (and checked again
+    once it is there: other uploads may have landed meanwhile)."""
+    count, stored = state.registry.usage(principal.tenant)
+    state.quotas.check_upload(principal.tenant, count, stored, size)
+    max_models = state.config.limits.max_models
+    if state.registry.stats().models < max_models:
+        return
+    # Only re-sending a model under its own name can succeed on a full server.
+    if name is None or not state.registry.records(
+        lambda r: r.owner == principal.tenant and r.name == name
+    ):
+        raise StoreFullError(
+            f"the server holds its maximum of {max_models} models; delete one first"
+        )
+
+
+async def _store(
+    request: Request,
+    principal: Principal,
+    data: bytes,
+    sha256: str,
+    *,
+    shared: list[str],
+    wants_receipt: bool,
+) -> Response:
     state = _state(request)
-    requested = request.path_params["name"]
-    name = None if requested == ANONYMOUS else requested
+    name = _requested_name(request)
+    if name is not None:
+        check_model_name(name)
     count, stored = state.registry.usage(principal.tenant)
     state.quotas.check_upload(principal.tenant, count, stored, len(data))
-    shared = _tenants(request.query_params.get("share", ""))
     record, created = await run_in_threadpool(
         lambda: state.registry.add(
             data, sha256, name=name, owner=principal.tenant, shared_with=shared
         )
     )
     reply: dict[str, object] = {**describe(record), "created": created}
-    if _wants_receipt(request):
+    if wants_receipt:
         reply["receipt"] = await run_in_threadpool(state.receipt, "upload", record)
     return _json(reply, 201 if created else 200)
 
@@ -112,16 +175,34 @@ def _uploader(request: Request) -> Principal:
 
 
 async def upload(request: Request) -> Response:
+    """Everything that can be refused is refused before the body is read: the key and its
+    role, the name, the query, the declared size, the quotas; then the body streams in."""
+    state = _state(request)
     principal = _uploader(request)
-    limit = _state(request).config.limits.max_model_bytes
-    data, sha256 = await read_bounded_hashed(request, limit)
-    return await _store(request, principal, data, sha256)
+    name = _requested_name(request)
+    if name is not None:
+        check_model_name(name)
+    shared = _tenants(request.query_params.get("share", ""))
+    wants_receipt = _wants_receipt(request)
+    limit = state.config.limits.max_model_bytes
+    declared = check_declared_length(
+        request, limit, what="the model", setting=MAX_MODEL_BYTES_SETTING
+    )
+    _check_room(state, principal, name, declared or 0)
+    data, sha256 = await read_bounded_hashed(request, limit, setting=MAX_MODEL_BYTES_SETTING)
+    return await _store(
+        request, principal, data, sha256, shared=shared, wants_receipt=wants_receipt
+    )
 
 
 async def load(request: Request) -> Response:
     state = _state(request)
     principal = _uploader(request)
-    body = await read_bounded(request, state.config.limits.max_request_bytes)
+    shared = _tenants(request.query_params.get("share", ""))
+    wants_receipt = _wants_receipt(request)
+    body = await read_bounded(
+        request, state.config.limits.max_request_bytes, setting=MAX_REQUEST_BYTES_SETTING
+    )
     try:
         document = json.loads(body) if body else {}
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -139,9 +220,19 @@ async def load(request: Request) -> Response:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ProtocolError("invalid_parameter", f"{TRITON_FILE_PARAMETER} is not base64") from exc
-    if len(data) > state.config.limits.max_model_bytes:
-        raise PayloadTooLargeError("the model is larger than the model size limit")
-    reply = await _store(request, principal, data, hashlib.sha256(data).hexdigest())
+    limit = state.config.limits.max_model_bytes
+    if len(data) > limit:
+        raise PayloadTooLargeError(
+            too_large_message("the model", limit, MAX_MODEL_BYTES_SETTING, len(data))
+        )
+    reply = await _store(
+        request,
+        principal,
+        data,
+        hashlib.sha256(data).hexdigest(),
+        shared=shared,
+        wants_receipt=wants_receipt,
+    )
     reply.status_code = 200  # Triton answers 200 to a load; tritonclient treats 201 as failure
     return reply
 
