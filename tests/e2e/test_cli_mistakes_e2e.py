@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class World:
     url: str
     port: int
     dead: str  # https URL where nothing listens
+    plain: str  # https URL of a port that answers plain HTTP, not TLS
     policy: Path
     wrong_policy: Path  # authentic server, other MRENCLAVE
     bad_policy: Path  # malformed TOML values
@@ -88,10 +90,13 @@ def world(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> It
     npz = base / "x.npz"
     np.savez(npz, x=np.ones((3, 4), np.float32))
     port = int(server.url.rsplit(":", 1)[1])
+    plain = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_answer_plain_http, args=(plain,), daemon=True).start()
     yield World(
         url=server.url,
         port=port,
         dead=f"https://127.0.0.1:{free_port()}",
+        plain=f"https://127.0.0.1:{plain.getsockname()[1]}",
         policy=policy,
         wrong_policy=wrong,
         bad_policy=bad,
@@ -101,8 +106,20 @@ def world(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> It
         dir=base,
         missing=base / "absent.toml",
     )
+    plain.close()
     for name in ("mistakes-mlp", "mistakes-multi"):
         cli("delete", name, *common)
+
+
+def _answer_plain_http(listener: socket.socket) -> None:
+    """A port where something else than a blindinfer server listens (plain HTTP)."""
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
 
 
 def client(w: World, command: str, *args: str, url: str | None = None) -> list[str]:
@@ -152,6 +169,7 @@ MISTAKES: list[Case] = [
         SERVER,
         "unknown host",
     ),
+    ("attest-not-tls", lambda w: ["attest", w.plain], SERVER, "TLS handshake failed"),
     # http:// or no scheme
     (
         "attest-http",

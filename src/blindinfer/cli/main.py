@@ -140,7 +140,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--store-dir",
-        type=directory_or_new("--store-dir"),
+        type=directory_or_new("store directory"),
         help="persist sealed models in this directory (default: memory only, lost at exit)",
     )
     parser.add_argument(
