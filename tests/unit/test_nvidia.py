@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blindinfer.attestation.nvidia import verify as nvidia_module
 from blindinfer.attestation.nvidia.policy import NvidiaGpuPolicy
 from blindinfer.attestation.nvidia.spdm import (
     MeasurementBlock,
@@ -37,7 +38,6 @@ from blindinfer.attestation.nvidia.verify import (
     GpuVerified,
     verify_nvidia_gpu,
 )
-from blindinfer.attestation.nvidia import verify as nvidia_module
 from blindinfer.attestation.roots import TrustRoot
 from blindinfer.attestation.roots.nvidia import NVIDIA_DEVICE_ROOT, NVIDIA_DEVICE_ROOT_SHA256
 from blindinfer.errors import (

@@ -54,7 +54,8 @@ def test_exported_names() -> None:
 
 def test_client_side_does_not_import_the_server_side() -> None:
     code = (
-        "import json, sys, blindinfer, blindinfer.client.client, blindinfer.attestation.verifier;"
+        "import json, sys, blindinfer, blindinfer.client.client, blindinfer.attestation.verifier,"
+        " blindinfer.proxy.forward;"
         "print(json.dumps(sorted(sys.modules)))"
     )
     result = subprocess.run(

@@ -57,7 +57,7 @@ from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.client.client import capture, verify_bundle
 from blindinfer.client.transport import NO_DELAY, check_url, pinned_context
-from blindinfer.errors import BlindInferError
+from blindinfer.errors import BlindInferError, ConnectionFailedError
 
 log = logging.getLogger("blindinfer.proxy")
 
@@ -148,7 +148,7 @@ def refusal(exc: BaseException, upstream: str) -> NotAttested:
     """The 502/503 answer for an attestation that failed with `exc`."""
     if isinstance(exc, NotAttested):
         return exc
-    unreachable = isinstance(exc, httpx.TransportError | OSError)
+    unreachable = isinstance(exc, ConnectionFailedError | httpx.TransportError | OSError)
     status = 503 if unreachable else 502
     code = "upstream_unavailable" if unreachable else "attestation_failed"
     kind = type(exc).__name__
