@@ -7,7 +7,8 @@ imported from here.
 
 __version__ = "0.1.0"
 
-from blindinfer.attestation.policy import MaskedValue, Policy, SgxPolicy, load_policy
+from blindinfer.attestation.intel.sgx_policy import MaskedValue, SgxPolicy
+from blindinfer.attestation.policy import Policy, load_policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.client.async_client import AsyncClient, connect_async
 from blindinfer.client.client import Client, attest, connect

@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 
+from blindinfer.attestation.intel.sgx_policy import MaskedValue, SgxPolicy
 from blindinfer.attestation.intel.sgx_quote import SgxReportBody, parse_sgx_quote
 from blindinfer.attestation.intel.sgx_validate import validate_sgx
-from blindinfer.attestation.policy import MaskedValue, SgxPolicy
 from blindinfer.errors import Mismatch, PolicyMismatchError
 from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER, SimulationPlatform
 

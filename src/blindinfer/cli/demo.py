@@ -13,7 +13,8 @@ import warnings
 
 import numpy as np
 
-from blindinfer.attestation.policy import Policy, SgxPolicy
+from blindinfer.attestation.intel.sgx_policy import SgxPolicy
+from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.cli.demo_model import demo_input, demo_model
 from blindinfer.client.client import SIMULATION_BANNER, connect

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from blindinfer.attestation.intel.sgx_policy import SgxPolicy
 from blindinfer.attestation.intel.sgx_quote import SgxReportBody
-from blindinfer.attestation.policy import SgxPolicy
 from blindinfer.errors import Mismatch
 
 _DEBUG_FLAG = 0x02
