@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from starlette.applications import Starlette
 
+from blindinfer.server import connection
 from blindinfer.server.app import build_state, create_app
 from blindinfer.server.auth import generate_api_key
 from blindinfer.server.bodies import DRAIN_LIMIT, CloseUnreadBodies, human_size
 from blindinfer.server.config import Limits, ServerConfig
-from blindinfer.server.metrics import ServerMetrics
+from blindinfer.server.metrics import MetricsMiddleware, ServerMetrics
 from blindinfer.server.routes.repository import check_model_name
 from blindinfer.server.tls import make_tls_identity
 from blindinfer.store.errors import InvalidModelNameError
@@ -366,3 +367,103 @@ def test_human_size() -> None:
         "87.0 MiB",
         "3.0 GiB",
     ]
+
+
+@pytest.mark.parametrize("then", ["raise", "return"])
+def test_whatever_an_app_does_after_the_client_left_is_no_server_error(then: str) -> None:
+    metrics = ServerMetrics()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "http.disconnect"
+        if then == "raise":
+            raise RuntimeError("the body was never complete")
+
+    middleware = MetricsMiddleware(app, metrics)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise AssertionError("nothing is sent")
+
+    scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
+    if then == "raise":
+        with pytest.raises(RuntimeError):
+            asyncio.run(middleware(scope, receive, send))
+    else:
+        asyncio.run(middleware(scope, receive, send))
+    assert metrics.requests.value("unmatched", "POST", "499") == 1
+    assert metrics.requests.value("unmatched", "POST", "500") == 0
+    assert metrics.client_disconnects.value("unmatched", "POST") == 1
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.closing = True
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause_reading")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume_reading")
+
+    def write(self, data: bytes) -> None:
+        self.calls.append("write")
+
+
+class _Cycle:
+    def __init__(self, more_body: bool, disconnected: bool = False) -> None:
+        self.more_body = more_body
+        self.disconnected = disconnected
+
+
+@pytest.mark.parametrize(
+    ("cycle", "expected"),
+    [
+        (None, ["close", "resume_reading"]),
+        (_Cycle(more_body=False), ["close", "resume_reading"]),
+        (_Cycle(more_body=True, disconnected=True), ["close", "resume_reading"]),
+        # the answer written, reading stops (resuming is ignored), the abort comes later
+        (_Cycle(more_body=True), ["pause_reading", "abort"]),
+    ],
+)
+def test_closing_with_an_unfinished_body_stops_reading_then_aborts(
+    monkeypatch: pytest.MonkeyPatch, cycle: _Cycle | None, expected: list[str]
+) -> None:
+    monkeypatch.setattr(connection, "LINGER_S", 0.01)
+
+    class Protocol(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.transport: Any = None
+            self.cycle = cycle
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+    protocol = connection.abort_unread_bodies(Protocol)()
+    raw = _FakeTransport()
+
+    async def run() -> None:
+        protocol.connection_made(raw)  # type: ignore[arg-type]
+        wrapped = protocol.transport  # type: ignore[attr-defined]
+        wrapped.write(b"answer")
+        wrapped.close()
+        wrapped.close()  # a second close changes nothing
+        wrapped.resume_reading()  # ignored while lingering
+        assert wrapped.is_closing()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(run())
+    assert raw.calls == ["write", *expected]
