@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,13 @@ import pytest
 from starlette.applications import Starlette
 
 from blindinfer.server import connection
-from blindinfer.server.app import build_state, create_app
+from blindinfer.server.app import build_state, close_state, create_app
 from blindinfer.server.auth import generate_api_key
 from blindinfer.server.bodies import DRAIN_LIMIT, CloseUnreadBodies, human_size
 from blindinfer.server.config import Limits, ServerConfig
 from blindinfer.server.metrics import MetricsMiddleware, ServerMetrics
 from blindinfer.server.routes.repository import check_model_name
+from blindinfer.server.state import ServerState
 from blindinfer.server.tls import make_tls_identity
 from blindinfer.store.errors import InvalidModelNameError
 from blindinfer.tee.simulation.platform import SimulationPlatform
@@ -44,6 +45,16 @@ class Reply:
         return str(document["error"])
 
 
+_BUILT: list[ServerState] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_apps() -> Iterator[None]:
+    yield
+    while _BUILT:
+        close_state(_BUILT.pop())  # its workers and its private store
+
+
 def _app(tmp_path: Path, *, keys: str = "", max_models: int = 8) -> Starlette:
     auth_file = None
     if keys:
@@ -57,6 +68,7 @@ def _app(tmp_path: Path, *, keys: str = "", max_models: int = 8) -> Starlette:
         auth_file=str(auth_file) if auth_file else None,
     )
     state = build_state(config, SimulationPlatform(bytes(32), isvprodid=1, isvsvn=1), IDENTITY)
+    _BUILT.append(state)
     return create_app(state)
 
 
