@@ -317,6 +317,12 @@ MISTAKES: list[Case] = [
         "already in use",
     ),
     ("serve-port-out-of-range", lambda w: ["serve", "--port", "70000"], USAGE, "invalid port"),
+    (
+        "serve-port-is-a-blindai-port",
+        lambda w: ["serve", "--simulation", "--blindai-compat"],
+        USAGE,
+        "--port 9924 is also one of the BlindAI ports (9923,9924,9925)",
+    ),
     ("serve-port-not-a-number", lambda w: ["serve", "--port", "http"], USAGE, "invalid port"),
     (
         "proxy-listen-in-use",

@@ -557,7 +557,10 @@ def _serve(args: argparse.Namespace) -> int:
             ports = parse_ports(args.blindai_ports)
         except ValueError as exc:
             raise UsageError(f"--blindai-ports: {exc}") from exc
-        config = dataclasses.replace(config, blindai_compat=True, blindai_ports=ports)
+        try:
+            config = dataclasses.replace(config, blindai_compat=True, blindai_ports=ports)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
     if config.simulate_debug_enclave and config.platform_choice != "simulation":
         raise UsageError("--simulate-debug-enclave needs --simulation")
     check_listen(config.host, config.port)

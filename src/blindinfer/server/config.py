@@ -51,6 +51,16 @@ class ServerConfig:
     blindai_compat: bool = False  # also listen the way BlindAI Core 0.6.3 did
     blindai_ports: tuple[int, int, int] = (9923, 9924, 9925)
 
+    def __post_init__(self) -> None:
+        if self.blindai_compat and self.port != 0 and self.port in self.blindai_ports:
+            # Two sockets on one port would not fail: the kernel would hand every
+            # connection to one of them, and the other API would be silently unreachable.
+            ports = ",".join(str(n) for n in self.blindai_ports)
+            raise ValueError(
+                f"--port {self.port} is also one of the BlindAI ports ({ports}); "
+                "give blindinfer's own API another port, e.g. --port 9926"
+            )
+
     @property
     def platform_choice(self) -> str:
         return "simulation" if self.simulation else self.platform
