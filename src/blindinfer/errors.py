@@ -20,6 +20,7 @@ Shared by the client and the server; it imports nothing from either.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -113,3 +114,14 @@ class ServerError(BlindInferError):
 
 class SimulationWarning(UserWarning):
     """Emitted whenever a client trusts the simulation root: there is no TEE behind it."""
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what caused it, and so on (cycles cut): transports wrap the useful
+    exception (ssl, socket) a few levels down."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

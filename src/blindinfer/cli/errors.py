@@ -41,6 +41,7 @@ from blindinfer.errors import (
     SimulationNotAllowedError,
     SimulationWarning,
     UsageError,
+    causes,
 )
 
 EXIT_OK = 0
@@ -84,15 +85,6 @@ def refusal_reason(exc: BaseException, target: str = "the server") -> str:
     return f"{type(exc).__name__}: {one_line(str(exc))}"
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
 def _is_transport(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionFailedError | ssl.SSLError | ConnectionError | socket.gaierror):
         return True
@@ -110,7 +102,7 @@ def _is_transport(exc: BaseException) -> bool:
 
 def _unreachable(exc: BaseException, target: str) -> list[str]:
     """Why `target` could not be reached, from the whole exception chain."""
-    for link in _chain(exc):
+    for link in causes(exc):
         if isinstance(link, ConnectionRefusedError):
             return [
                 f"cannot reach {target}: connection refused",
@@ -132,7 +124,7 @@ def _unreachable(exc: BaseException, target: str) -> list[str]:
                 f"cannot reach {target}: timed out",
                 "check the host, the port and any firewall in between",
             ]
-    for link in _chain(exc):
+    for link in causes(exc):
         if type(link).__name__ in ("ReadError", "RemoteProtocolError", "WriteError"):
             return [
                 f"the connection to {target} broke: {one_line(str(link)) or type(link).__name__}",

@@ -32,6 +32,7 @@ from blindinfer.errors import (
     KeyBindingError,
     ProtocolError,
     UsageError,
+    causes,
 )
 from blindinfer.protocol.evidence import MAX_EVIDENCE_BYTES, encode_nonce_request
 
@@ -221,17 +222,8 @@ def connection_failed(
     )
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
 def _cause(exc: BaseException, kind: type[E] | tuple[type[E], ...]) -> E | None:
-    return next((e for e in _causes(exc) if isinstance(e, kind)), None)
+    return next((e for e in causes(exc) if isinstance(e, kind)), None)
 
 
 def _reason(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from blindinfer.attestation.intel.tdx_quote import TD_ATTR_DEBUG, TdReportBody
 from blindinfer.attestation.policy_values import bool_value as _bool
+from blindinfer.attestation.policy_values import list_value as _list
 from blindinfer.attestation.policy_values import str_value as _str
 from blindinfer.attestation.tcb import TCB_STATUSES as ALL_TCB_STATUSES
 from blindinfer.errors import Mismatch, PolicyError
@@ -214,14 +215,6 @@ class TdxPolicy:
                 )
             )
         return found
-
-
-def _list(value: object) -> list[object]:
-    if value is None:
-        return []
-    if isinstance(value, list | tuple):
-        return list(value)
-    return [value]
 
 
 def _nonempty_list(table: Mapping[str, Any], name: str) -> list[object]:
