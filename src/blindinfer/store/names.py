@@ -28,12 +28,26 @@ def is_sha256(ref: str) -> bool:
     return _SHA256.fullmatch(ref) is not None
 
 
+ANONYMOUS_NAME = "_"
+"""Uploading to this name names the model after its model_id (the server's routes)."""
+_SHOWN_NAME_CHARS = 64
+
+
 def check_name(name: str) -> str:
-    if _NAME.fullmatch(name) is None:
-        raise InvalidModelNameError(
-            "a model name is 1-128 characters of letters, digits, '_', '.', '-', "
-            "starting with a letter or digit"
-        )
+    """`name` if it may name a model, else InvalidModelNameError saying, for a person, what
+    names may be (the message is what an upload with a bad name answers)."""
+    if _NAME.fullmatch(name) is not None and not (is_model_id(name) or is_sha256(name)):
+        return name
+    shown = repr(name[:_SHOWN_NAME_CHARS]) + ("..." if len(name) > _SHOWN_NAME_CHARS else "")
     if is_model_id(name) or is_sha256(name):
-        raise InvalidModelNameError("a model name must not look like a model_id or a SHA-256 hash")
-    return name
+        raise InvalidModelNameError(
+            f"{shown} cannot be a model name: it has the form of a model_id ('m-' and 32 "
+            "hexadecimal digits) or of a SHA-256 (64 hexadecimal digits), by which models "
+            "are also referred to; choose a name of another form"
+        )
+    raise InvalidModelNameError(
+        f"{shown} is not a valid model name: a name has 1 to 128 characters, each a letter "
+        "(A-Z, a-z), a digit, '_', '.' or '-', and starts with a letter or digit, e.g. "
+        f"'classifier-v2'; or upload to {ANONYMOUS_NAME!r} to have the model named after its "
+        "model_id"
+    )

@@ -191,10 +191,26 @@ class ModelRegistry:
                         f"(sha256 {same.sha256}); delete it first or choose another name"
                     )
             if len(self._records) >= self._max_models:
-                raise StoreFullError(
-                    f"the server holds its maximum of {self._max_models} models; delete one first"
-                )
+                raise self._full()
         return None
+
+    def check_room(self, name: str | None, owner: str) -> None:
+        """Refuses (StoreFullError), before any bytes arrive, an upload that a full store
+        could not take: on a full store only re-sending a model under its own name can
+        succeed. `add` decides again with the bytes (other uploads may land meanwhile)."""
+        with self._lock:
+            if len(self._records) < self._max_models:
+                return
+            if name is not None and any(
+                r.owner == owner and r.name == name for r in self._records.values()
+            ):
+                return
+            raise self._full()
+
+    def _full(self) -> StoreFullError:
+        return StoreFullError(
+            f"the server holds its maximum of {self._max_models} models; delete one first"
+        )
 
     def _forget_if_orphan(self, sha256: str) -> bool:
         """Drops the session of a hash no record uses any more (call with the lock held)."""

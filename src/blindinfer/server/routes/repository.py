@@ -48,18 +48,17 @@ from blindinfer.server.errors import PayloadTooLargeError
 from blindinfer.server.respond import json_response as _json
 from blindinfer.server.respond import server_state as _state
 from blindinfer.server.state import ServerState
-from blindinfer.store.errors import InvalidModelNameError, StoreFullError
-from blindinfer.store.names import check_name, is_model_id, is_sha256
+from blindinfer.store.names import ANONYMOUS_NAME
+from blindinfer.store.names import check_name as check_model_name
 from blindinfer.store.sealed import ModelRecord
 
-ANONYMOUS = "_"
+ANONYMOUS = ANONYMOUS_NAME
 TRITON_FILE_PARAMETER = "file:1/model.onnx"
 MAX_SHARED_TENANTS = 64
 DELETE_STATEMENT = ["model", "sealed_copies"]
 """What a delete receipt states was destroyed: the model and every sealed copy of it."""
 MAX_MODEL_BYTES_SETTING = "--max-model-bytes"
 MAX_REQUEST_BYTES_SETTING = "--max-request-bytes"
-_SHOWN_NAME_CHARS = 64
 
 
 def describe(model: ModelRecord) -> dict[str, object]:
@@ -90,27 +89,6 @@ def _tenants(value: object) -> list[str]:
     return list(value)
 
 
-def check_model_name(name: str) -> str:
-    """`name` if it may name a model, else InvalidModelNameError saying what names may be."""
-    try:
-        return check_name(name)
-    except InvalidModelNameError:
-        pass
-    shown = repr(name[:_SHOWN_NAME_CHARS]) + ("..." if len(name) > _SHOWN_NAME_CHARS else "")
-    if is_model_id(name) or is_sha256(name):
-        raise InvalidModelNameError(
-            f"{shown} cannot be a model name: it has the form of a model_id ('m-' and 32 "
-            "hexadecimal digits) or of a SHA-256 (64 hexadecimal digits), by which models "
-            "are also referred to; choose a name of another form"
-        ) from None
-    raise InvalidModelNameError(
-        f"{shown} is not a valid model name: a name has 1 to 128 characters, each a letter "
-        "(A-Z, a-z), a digit, '_', '.' or '-', and starts with a letter or digit, e.g. "
-        f"'classifier-v2'; or upload to {ANONYMOUS!r} to have the model named after its "
-        "model_id"
-    ) from None
-
-
 def _requested_name(request: Request) -> str | None:
     requested: str = request.path_params["name"]
     return None if requested == ANONYMOUS else requested
@@ -122,16 +100,7 @@ def _check_room(state: ServerState, principal: Principal, name: str | None, size
     once it is there: other uploads may have landed meanwhile)."""
     count, stored = state.registry.usage(principal.tenant)
     state.quotas.check_upload(principal.tenant, count, stored, size)
-    max_models = state.config.limits.max_models
-    if state.registry.stats().models < max_models:
-        return
-    # Only re-sending a model under its own name can succeed on a full server.
-    if name is None or not state.registry.records(
-        lambda r: r.owner == principal.tenant and r.name == name
-    ):
-        raise StoreFullError(
-            f"the server holds its maximum of {max_models} models; delete one first"
-        )
+    state.registry.check_room(name, principal.tenant)
 
 
 async def _store(
