@@ -10,52 +10,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
-from urllib.parse import urlsplit
 
 from blindinfer.cli.errors import EXIT_USAGE
+from blindinfer.errors import UsageError
+from blindinfer.sizes import SIZE_HELP as SIZE_HELP
+from blindinfer.sizes import SIZE_UNITS as SIZE_UNITS
+from blindinfer.sizes import format_size as format_size
+from blindinfer.sizes import human_size as human_size
+from blindinfer.sizes import parse_size as parse_size
 
-SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+)\s*(?:([kmgt])(i?b)?|(b))?\s*$", re.IGNORECASE)
-SIZE_HELP = "a byte count with an optional K, M, G or T suffix (1024-based), e.g. 512M or 8G"
 TIME_FORMATS = (
     "Unix seconds (1752919234) or ISO 8601: a date (2025-07-19) or a date and time "
     "(2025-07-19T10:00:34Z)"
 )
-
-
-def parse_size(text: str) -> int:
-    """`8G`, `512M`, `64k`, `1024`, `8GiB`, `8gb`: a whole number of bytes, binary units.
-
-    Raises ValueError, whose message says what is accepted, for anything else (decimals,
-    negative numbers, unknown suffixes)."""
-    match = _SIZE.match(text)
-    if match is None:
-        raise ValueError(f"invalid size {text!r}: expected {SIZE_HELP}")
-    number, unit = match.group(1), (match.group(2) or "").lower()
-    return int(number) * SIZE_UNITS[unit]
-
-
-def format_size(size: int) -> str:
-    """The shortest exact spelling that parse_size reads back (`512M`), for help texts."""
-    for unit in ("T", "G", "M", "K"):
-        factor = SIZE_UNITS[unit.lower()]
-        if size >= factor and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return str(size)
-
-
-def human_size(size: int) -> str:
-    """A rounded size for tables (`1.5 MiB`)."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def size(text: str) -> int:
@@ -76,26 +46,14 @@ def port(text: str) -> int:
 
 
 def https_url(text: str) -> str:
-    """argparse type for a blindinfer server URL: https://host[:port] only."""
-    if "://" not in text:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} has no scheme: use https://{text.lstrip('/') or 'host:port'}"
-        )
-    parts = urlsplit(text)
-    if parts.scheme.lower() != "https":
-        rest = text.split("://", 1)[1]
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not https: blindinfer only talks attested TLS, use https://{rest}"
-        )
+    """argparse type for a blindinfer server URL: the client's own rule (`check_url`:
+    https://host[:port] only), so the CLI and `connect()` accept and refuse the same URLs."""
+    from blindinfer.client.transport import check_url
+
     try:
-        parts.port  # noqa: B018  (raises ValueError for a port out of range)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} has an invalid port: use https://host:port with a port from 1 to 65535"
-        ) from None
-    if not parts.hostname:
-        raise argparse.ArgumentTypeError(f"{text!r} names no host: use https://host:port")
-    return text
+        return check_url(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_time(text: str) -> int:
