@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from blindinfer.cli import measure_image
 from blindinfer.cli.args import (
     SIZE_HELP,
     TIME_FORMATS,
@@ -255,12 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     measure = _command(
         commands,
         "measure",
-        "print the MRENCLAVE a policy should pin",
+        "print the measurement a policy should pin",
         "Print the simulated MRENCLAVE of this build with these server settings (the same "
         "options as serve). Like serve, it refuses without --simulation where there is no "
-        "TEE; on a TEE, measure the enclave with its own tools (docs/deploy-*.md).",
+        "TEE; on a TEE, measure the enclave with its own tools (docs/deploy-*.md).\n"
+        "With --image DIR --platform snp|tdx: the launch measurement of a confidential-VM "
+        "boot set, computed from its files, as the [snp] or [tdx] section of a policy.",
     )
     _server_options(measure)
+    measure_image.add_options(measure)
 
     attest = _command(
         commands,
@@ -578,6 +582,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _measure(args: argparse.Namespace) -> int:
+    if args.image is not None:
+        return measure_image.measure_image(args)
     from blindinfer.server.config import ServerConfig
     from blindinfer.server.platforms import simulated_mrenclave
     from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER
