@@ -253,6 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _server_options(serve)
 
+    image = _command(
+        commands,
+        "image",
+        "build the confidential-VM boot set from this source checkout",
+        "Build firmware, kernel, initrd and command line for an SEV-SNP or TDX VM from the "
+        "committed source, every input pinned (deploy/image/). Two builds of one commit give "
+        "identical files; `measure --image DIR` then computes what the hardware will report.",
+    )
+    image_commands = image.add_subparsers(dest="image_command", metavar="build", required=True)
+    image_build = image_commands.add_parser(
+        "build", help="build the boot set into --out DIR", formatter_class=HelpFormatter
+    )
+    image_build.add_argument("--out", type=Path, required=True, help="directory for the boot set")
+    image_build.add_argument(
+        "--cache", type=Path, help="download cache (default ~/.cache/blindinfer-image)"
+    )
+    image_build.add_argument(
+        "--firmware",
+        type=readable_file("firmware file"),
+        help="an OVMF.amdsev.fd built before, instead of building it again (about 3 minutes)",
+    )
+
     measure = _command(
         commands,
         "measure",
@@ -807,6 +829,7 @@ def _new_key(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "serve": _serve,
     "measure": _measure,
+    "image": measure_image.build_image,
     "attest": _attest,
     "policy": _policy,
     "verify": _verify,

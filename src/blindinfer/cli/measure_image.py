@@ -102,3 +102,31 @@ def _tdx(bootset: BootSet, args: argparse.Namespace) -> tuple[dict[str, object],
     values["rtmr1"] = result.rtmr1.hex()
     values["rtmr2"] = result.rtmr2.hex()
     return values, comments
+
+
+def build_script() -> Path:
+    """deploy/image/build.py of the source checkout this package runs from: an image is
+    built from committed source, so an installed wheel alone cannot build one."""
+    root = Path(__file__).resolve().parents[3]
+    script = root / "deploy" / "image" / "build.py"
+    if not script.is_file():
+        raise UsageError(
+            "image build needs a source checkout of blindinfer (deploy/image/build.py); "
+            "clone the repository and run it from there"
+        )
+    return script
+
+
+def build_image(args: argparse.Namespace) -> int:
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(build_script()), "--out", str(args.out)]
+    if args.cache is not None:
+        command += ["--cache", str(args.cache)]
+    if args.firmware is not None:
+        command += ["--firmware", str(args.firmware)]
+    completed = subprocess.run(command, check=False)
+    if completed.returncode != 0:
+        raise UsageError(f"the image build failed (exit {completed.returncode}); see above")
+    return 0
