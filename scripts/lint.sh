@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 step() { echo "==> $*"; }
 
 step "ruff check (src tests bench tools)"
-.venv/bin/ruff check src tests bench tools
+.venv/bin/ruff check src tests bench tools deploy
 step "ruff format --check src (advisory)"
 .venv/bin/ruff format --check src || true  # formatting is advisory
 step "mypy --strict src"

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Builds the SEV-SNP firmware of the boot set (edk2 OvmfPkg/AmdSev/AmdSevX64, RELEASE) from
-# Debian trixie's edk2 2025.02 source, pinned by SHA-256 in firmware.lock.
+# Builds the firmware of the boot set from Debian trixie's edk2 2025.02 source, pinned by
+# SHA-256 in firmware.lock: OvmfPkg/AmdSev/AmdSevX64 (SEV-SNP) and OvmfPkg/IntelTdx/IntelTdxX64
+# (the TDVF, for TDX), both RELEASE.
 #
-# Why from source: Debian's ovmf package has no AmdSev build, and only AmdSevX64 carries the
+# Why from source: Debian's ovmf package has neither build. Only AmdSevX64 carries the
 # SNP_KERNEL_HASHES section that lets the launch measurement cover kernel, initrd and
-# command line (sev-snp-measure refuses --kernel without it).
+# command line (sev-snp-measure refuses --kernel without it), and only IntelTdxX64 is the
+# TDVF that measures the kernel, initrd and command line into RTMRs without the legacy
+# devices and the non-TDX boot paths of OvmfPkgX64.
 # Why these choices make it reproducible:
 #   - the sources are fixed by hash; the toolchain is Debian bookworm's (gcc, nasm, iasl),
 #     whose versions the build records in firmware.toolchain;
@@ -51,15 +54,20 @@ done < debian/patches/series
 step "building edk2 BaseTools"
 export SOURCE_DATE_EPOCH=1735689600
 make -C BaseTools -j"$(nproc)" > "$work.log" 2>&1 || { tail -20 "$work.log" >&2; exit 1; }
-step "building OvmfPkg/AmdSev/AmdSevX64.dsc (RELEASE, GCC5)"
 # edksetup.sh is written for interactive shells (no -e, no -u) and reads "$@" as its options
 set --; set +eu; . ./edksetup.sh >/dev/null; set -eu
-build -a X64 -t GCC5 -p OvmfPkg/AmdSev/AmdSevX64.dsc -b RELEASE -n "$(nproc)" >> "$work.log" 2>&1 ||
-    { tail -20 "$work.log" >&2; exit 1; }
-cp Build/AmdSev/RELEASE_GCC5/FV/OVMF.fd "$out/OVMF.amdsev.fd"
+for platform in AmdSev/AmdSevX64:AmdSev:amdsev IntelTdx/IntelTdxX64:IntelTdx:inteltdx; do
+    IFS=: read -r dsc build_dir name <<< "$platform"
+    step "building OvmfPkg/$dsc.dsc (RELEASE, GCC5)"
+    build -a X64 -t GCC5 -p "OvmfPkg/$dsc.dsc" -b RELEASE -n "$(nproc)" >> "$work.log" 2>&1 ||
+        { tail -20 "$work.log" >&2; exit 1; }
+    cp "Build/$build_dir/RELEASE_GCC5/FV/OVMF.fd" "$out/OVMF.$name.fd"
+done
 {
     echo "gcc $(gcc -dumpfullversion)"
     echo "nasm $(nasm -v | awk '{print $3}')"
     echo "iasl $(iasl -v | awk '/version/ {print $NF; exit}')"
 } > "$out/firmware.toolchain"
-step "firmware: $out/OVMF.amdsev.fd sha256 $(sha256sum "$out/OVMF.amdsev.fd" | cut -c1-64)"
+for name in amdsev inteltdx; do
+    step "firmware: $out/OVMF.$name.fd sha256 $(sha256sum "$out/OVMF.$name.fd" | cut -c1-64)"
+done

@@ -17,29 +17,42 @@ import argparse
 import hashlib
 import io
 import json
+import lzma
 import shutil
 import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 EPOCH = 1735689600  # 2025-01-01: every file's mtime, and SOURCE_DATE_EPOCH of the firmware
-KERNEL_VERSION = "6.1.0-50-cloud-amd64"
+# bookworm-backports' 6.12: the first Debian kernel for bookworm with configfs-tsm (Linux
+# 6.7+), through which the server gets SNP and TDX evidence
+KERNEL_VERSION = "6.12.95+deb12-cloud-amd64"
 CMDLINE = "console=ttyS0 panic=-1"
-MODULES = (
-    "virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
-    "failover", "net_failover", "virtio_net",
-)  # fmt: skip
+# The modules /init loads (virtio and virtio_pci are built in): the network card, and
+# configfs-tsm with the SNP and TDX guest drivers. Debian ships them xz-compressed; they go
+# into the initrd decompressed, so busybox insmod loads them and no xz runs at boot.
+MODULES = ("failover", "net_failover", "virtio_net", "configfs", "tsm", "sev-guest", "tdx-guest")
+MIRROR = "http://deb.debian.org/"
+FIRMWARE = {"firmware": "OVMF.amdsev.fd", "firmware_tdx": "OVMF.inteltdx.fd"}
 SITE = "usr/lib/blindinfer"  # PYTHONPATH of the image (deploy/image/init)
 # Debian paths the image does not need: documentation, locales, the test suites, idle
-DROP = ("usr/share/doc/", "usr/share/man/", "usr/share/lintian/", "usr/share/locale/",
-        "usr/lib/python3.11/test/", "usr/lib/python3.11/idlelib/", "usr/lib/python3.11/ensurepip/",
-        "usr/lib/python3.11/pydoc_data/", "usr/lib/python3.11/tkinter/", "boot/")  # fmt: skip
+DROP = (
+    "usr/share/doc/",
+    "usr/share/man/",
+    "usr/share/lintian/",
+    "usr/share/locale/",
+    "usr/lib/python3.11/test/",
+    "usr/lib/python3.11/idlelib/",
+    "usr/lib/python3.11/ensurepip/",
+    "usr/lib/python3.11/pydoc_data/",
+    "usr/lib/python3.11/tkinter/",
+    "boot/",
+)
 
 
 def step(text: str) -> None:
@@ -62,6 +75,20 @@ class Tree:
             if parent not in self.entries:
                 self.entries[parent] = (stat.S_IFDIR | 0o755, b"")
         self.entries[path] = (mode, data)
+
+    def prune_empty(self, prefix: str) -> None:
+        """Drops the directories under prefix that hold nothing (modules left out)."""
+        while True:
+            parents = {name.rsplit("/", 1)[0] for name in self.entries if "/" in name}
+            empty = [
+                name
+                for name, (mode, _) in self.entries.items()
+                if name.startswith(prefix) and stat.S_ISDIR(mode) and name not in parents
+            ]
+            if not empty:
+                return
+            for name in empty:
+                del self.entries[name]
 
     def cpio(self) -> bytes:
         out = io.BytesIO()
@@ -91,11 +118,10 @@ def merged_usr(name: str) -> str:
     return name
 
 
-
-
 def unpack_deb(deb: Path, tree: Tree, keep: tuple[str, ...] | None = None) -> None:
-    data = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True,
-                          capture_output=True).stdout  # fmt: skip
+    data = subprocess.run(
+        ["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         for member in archive:
             path = merged_usr(member.name)
@@ -113,7 +139,10 @@ def unpack_deb(deb: Path, tree: Tree, keep: tuple[str, ...] | None = None) -> No
             elif member.isfile():
                 stream = archive.extractfile(member)
                 assert stream is not None
-                tree.add(path, stat.S_IFREG | perm, stream.read())
+                data = stream.read()
+                if path.endswith(".ko.xz"):
+                    path, data = path[:-3], lzma.decompress(data)
+                tree.add(path, stat.S_IFREG | perm, data)
 
 
 def fetch_debs(cache: Path) -> list[Path]:
@@ -121,30 +150,79 @@ def fetch_debs(cache: Path) -> list[Path]:
     for line in (HERE / "packages.lock").read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
-        package, version, sha = line.split()
-        found = [p for p in cache.glob(f"{package}_*.deb") if _sha256(p) == sha]
-        if not found:
-            subprocess.run(["apt-get", "download", "-q", f"{package}={version}"], cwd=cache,
-                           check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-            found = [p for p in cache.glob(f"{package}_*.deb") if _sha256(p) == sha]
-        if not found:
-            sys.exit(f"error: {package} {version} does not match packages.lock (sha256 {sha}); "
-                     "if the mirror dropped that version, fetch it from snapshot.debian.org")  # fmt: skip
-        debs.append(found[0])
+        package, version, sha, path = line.split()
+        deb = cache / path.rsplit("/", 1)[1]
+        if not deb.is_file() or _sha256(deb) != sha:
+            _download(MIRROR + path, deb)
+        if _sha256(deb) != sha:
+            deb.unlink()
+            sys.exit(
+                f"error: {package} {version} from {MIRROR}{path} does not match "
+                f"packages.lock (sha256 {sha}); if the mirror dropped that version, put "
+                f"the file from snapshot.debian.org into {cache}"
+            )
+        debs.append(deb)
     return debs
+
+
+def _download(url: str, target: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    partial = target.with_suffix(".part")
+    try:
+        # the URL is MIRROR + a pool path from packages.lock, never user input
+        with urllib.request.urlopen(url, timeout=120) as response, partial.open("wb") as out:  # noqa: S310
+            shutil.copyfileobj(response, out)
+    except (urllib.error.URLError, OSError) as exc:
+        sys.exit(
+            f"error: cannot download {url} ({exc}); check the network or put the "
+            f"file into {target.parent}"
+        )
+    partial.replace(target)
 
 
 def install_wheels(cache: Path, target: Path) -> None:
     wheels = cache / "wheels"
-    common = ["--only-binary=:all:", "--no-deps", "--require-hashes", "--python-version", "3.11",
-              "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-              "manylinux_2_27_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform",
-              "manylinux2014_x86_64", "--platform", "manylinux_2_5_x86_64", "--platform",
-              "manylinux1_x86_64", "-r", str(HERE / "requirements.lock")]  # fmt: skip
+    common = [
+        "--only-binary=:all:",
+        "--no-deps",
+        "--require-hashes",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--platform",
+        "manylinux_2_27_x86_64",
+        "--platform",
+        "manylinux_2_17_x86_64",
+        "--platform",
+        "manylinux2014_x86_64",
+        "--platform",
+        "manylinux_2_5_x86_64",
+        "--platform",
+        "manylinux1_x86_64",
+        "-r",
+        str(HERE / "requirements.lock"),
+    ]
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "download", "-d", str(wheels), *common], check=True)
-    subprocess.run([*pip, "install", "--no-compile", "--no-index", "--find-links", str(wheels),
-                    "--target", str(target), *common], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            *pip,
+            "install",
+            "--no-compile",
+            "--no-index",
+            "--find-links",
+            str(wheels),
+            "--target",
+            str(target),
+            *common,
+        ],
+        check=True,
+    )
 
 
 def add_directory(tree: Tree, source: Path, prefix: str) -> None:
@@ -163,10 +241,14 @@ def add_directory(tree: Tree, source: Path, prefix: str) -> None:
 
 
 def blindinfer_source(tree: Tree) -> str:
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit,
-                              "src/blindinfer"], check=True, capture_output=True).stdout  # fmt: skip
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", commit, "src/blindinfer"],
+        check=True,
+        capture_output=True,
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         for member in tar:
             name = f"{SITE}/{member.name.removeprefix('src/')}"
@@ -186,12 +268,20 @@ def _sha256(path: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the boot set")
-    parser.add_argument("--cache", type=Path,
-                        default=Path.home() / ".cache" / "blindinfer-image",
-                        help="downloads, checked against the lock files before use")  # fmt: skip
-    parser.add_argument("--firmware", type=Path,
-                        help="use this OVMF.amdsev.fd instead of building it (its hash goes "
-                        "into image.json; compare it with a build of your own)")  # fmt: skip
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "blindinfer-image",
+        help="downloads, checked against the lock files before use",
+    )
+    parser.add_argument(
+        "--firmware",
+        type=Path,
+        metavar="DIR",
+        help="take OVMF.amdsev.fd and OVMF.inteltdx.fd from DIR instead of "
+        "building them (their hashes go into image.json; compare them with a "
+        "build of your own)",
+    )
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +289,8 @@ def main() -> int:
     (cache / "debs").mkdir(parents=True, exist_ok=True)
 
     if args.firmware:
-        shutil.copyfile(args.firmware, out / "OVMF.amdsev.fd")
+        for name in FIRMWARE.values():
+            shutil.copyfile(args.firmware / name, out / name)
     else:
         subprocess.run(["bash", str(HERE / "build-firmware.sh"), str(out), str(cache)], check=True)
 
@@ -215,10 +306,15 @@ def main() -> int:
         if deb.name.startswith("linux-image-"):
             modules = tuple(f"usr/lib/modules/{KERNEL_VERSION}/kernel/" for _ in (0,))
             unpack_deb(deb, tree, keep=modules)
-            tree.entries = {k: v for k, v in tree.entries.items()
-                            if not k.endswith(".ko") or k.rsplit("/", 1)[1][:-3] in MODULES}  # fmt: skip
-            data = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True,
-                                  capture_output=True).stdout  # fmt: skip
+            tree.entries = {
+                k: v
+                for k, v in tree.entries.items()
+                if not k.endswith(".ko") or k.rsplit("/", 1)[1][:-3] in MODULES
+            }
+            tree.prune_empty(f"usr/lib/modules/{KERNEL_VERSION}/")
+            data = subprocess.run(
+                ["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True
+            ).stdout
             with tarfile.open(fileobj=io.BytesIO(data)) as archive:
                 stream = archive.extractfile(f"./boot/vmlinuz-{KERNEL_VERSION}")
                 assert stream is not None
@@ -226,8 +322,11 @@ def main() -> int:
         else:
             unpack_deb(deb, tree)
     tree.add("init", stat.S_IFREG | 0o755, (HERE / "init").read_bytes())
-    tree.add("usr/share/udhcpc/default.script", stat.S_IFREG | 0o755,
-             (HERE / "udhcpc.script").read_bytes())  # fmt: skip
+    tree.add(
+        "usr/share/udhcpc/default.script",
+        stat.S_IFREG | 0o755,
+        (HERE / "udhcpc.script").read_bytes(),
+    )
     tree.add("etc/passwd", stat.S_IFREG | 0o644, b"root:x:0:0:root:/tmp:/bin/false\n")
 
     step("installing the Python wheels pinned in requirements.lock")
@@ -239,9 +338,9 @@ def main() -> int:
 
     step("writing the initrd (newc cpio, uncompressed)")
     (out / "initrd.cpio").write_bytes(tree.cpio())
-    files = ("OVMF.amdsev.fd", "vmlinuz", "initrd.cpio")
+    files = (*FIRMWARE.values(), "vmlinuz", "initrd.cpio")
     manifest = {
-        "firmware": "OVMF.amdsev.fd",
+        **FIRMWARE,
         "kernel": "vmlinuz",
         "initrd": "initrd.cpio",
         "cmdline": CMDLINE,

@@ -213,3 +213,55 @@ def test_cli_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "unknown --vcpu-type 'Skylake'" in capsys.readouterr().err
     assert main(["measure", "--image", str(root), "--platform", "snp", "--vcpus", "0"]) == 2
     assert "--vcpus must be between 1 and 512, got 0" in capsys.readouterr().err
+
+
+def test_tdx_section_from_an_image_loads_as_the_tdx_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`measure --image --platform tdx` prints what test_measure_tdx checks value by value,
+    as a [tdx] section that the client's policy loader takes as it is."""
+    from test_measure_tdx import ASSETS, OWN_MRTD_MULTIPAGE_PER_PAGE, RTMR1_AS_GIVEN, RTMR2
+
+    from blindinfer.attestation.policy import load_policy
+
+    root = tmp_path / "image"
+    root.mkdir()
+    for name in ("tdvf-multipage.fd", "kernel.efi", "initrd.cpio"):
+        (root / name).write_bytes((ASSETS / name).read_bytes())
+    (root / "OVMF.amdsev.fd").write_bytes(amdsev_firmware())
+    manifest = {
+        "firmware": "OVMF.amdsev.fd",
+        "firmware_tdx": "tdvf-multipage.fd",
+        "kernel": "kernel.efi",
+        "initrd": "initrd.cpio",
+        "cmdline": "console=ttyS0 ro",
+    }
+    (root / "image.json").write_text(json.dumps(manifest))
+    assert main(["measure", "--image", str(root), "--platform", "tdx"]) == 0
+    (tmp_path / "policy.toml").write_text(capsys.readouterr().out)
+    policy = load_policy(tmp_path / "policy.toml").tdx
+    assert policy is not None
+    assert [v.hex() for v in policy.mrtd] == [OWN_MRTD_MULTIPAGE_PER_PAGE]
+    assert [v.hex() for v in policy.rtmr1] == [RTMR1_AS_GIVEN]
+    assert [v.hex() for v in policy.rtmr2] == [RTMR2]
+    assert policy.rtmr0 == ()
+    assert main(["measure", "--image", str(root), "--platform", "tdx", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rtmr0"] is None
+
+
+def test_tdx_needs_a_tdvf_in_the_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = image_dir(tmp_path / "image")
+    assert main(["measure", "--image", str(root), "--platform", "tdx"]) == 2
+    assert "names no firmware_tdx (TDVF) file" in capsys.readouterr().err
+
+
+def test_image_build_firmware_must_be_a_boot_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "fw").mkdir()
+    (tmp_path / "fw" / "OVMF.amdsev.fd").write_bytes(b"x")
+    code = main(["image", "build", "--out", str(tmp_path / "out"), "--firmware",
+                 str(tmp_path / "fw")])  # fmt: skip
+    assert code == 2
+    assert f"--firmware {tmp_path / 'fw'}: no OVMF.inteltdx.fd there" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

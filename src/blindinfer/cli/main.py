@@ -271,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     image_build.add_argument(
         "--firmware",
-        type=readable_file("firmware file"),
-        help="an OVMF.amdsev.fd built before, instead of building it again (about 3 minutes)",
+        metavar="DIR",
+        type=Path,
+        help="a directory with OVMF.amdsev.fd and OVMF.inteltdx.fd built before (a boot set "
+        "of your own), instead of building them again (about 4 minutes)",
     )
 
     measure = _command(

@@ -125,6 +125,12 @@ def build_image(args: argparse.Namespace) -> int:
     if args.cache is not None:
         command += ["--cache", str(args.cache)]
     if args.firmware is not None:
+        for name in ("OVMF.amdsev.fd", "OVMF.inteltdx.fd"):
+            if not (args.firmware / name).is_file():
+                raise UsageError(
+                    f"--firmware {args.firmware}: no {name} there; give the directory of a "
+                    "boot set built before, or leave --firmware out to build the firmware"
+                )
         command += ["--firmware", str(args.firmware)]
     completed = subprocess.run(command, check=False)
     if completed.returncode != 0:
