@@ -17,6 +17,15 @@ pip_quiet -e '.[test]'
 # BlindAI Core's unmodified client, for the compatibility tests (no deps: see pyproject)
 step "installing BlindAI Core's client 0.6.3, without its dependencies (compatibility tests)"
 pip_quiet --no-deps 'blindai==0.6.3' 'sgx-dcap-quote-verify-python'
+# The confidential-VM image test (tests/e2e/test_vm_image_e2e.py) boots the image in QEMU
+# with Debian's OVMF, and deploy/image builds its firmware with nasm, iasl and uuid-dev.
+if [ -e /dev/kvm ] && ! { command -v qemu-system-x86_64 && command -v nasm && command -v iasl \
+        && [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] && [ -f /usr/include/uuid/uuid.h ]; } >/dev/null; then
+    step "installing QEMU, OVMF and the firmware build tools from Debian (the VM image test)"
+    if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
+    DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -q qemu-system-x86 ovmf nasm \
+        acpica-tools uuid-dev >/dev/null
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 step "running the tests (pytest${*:+ $*})"
 .venv/bin/python -m pytest "$@"
