@@ -244,6 +244,18 @@ def blindinfer_source(tree: Tree) -> str:
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "src/blindinfer"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    if dirty:
+        print(
+            f"warning: src/blindinfer has uncommitted changes; the image holds commit "
+            f"{commit[:12]} without them (commit first to build what you have)",
+            flush=True,
+        )
     archive = subprocess.run(
         ["git", "-C", str(REPO), "archive", "--format=tar", commit, "src/blindinfer"],
         check=True,
