@@ -23,6 +23,8 @@ if [ -e /dev/kvm ] && ! { command -v qemu-system-x86_64 && command -v nasm && co
         && [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] && [ -f /usr/include/uuid/uuid.h ]; } >/dev/null; then
     step "installing QEMU, OVMF and the firmware build tools from Debian (the VM image test)"
     if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
+    # a fresh machine may have no package lists yet
+    ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || "${apt_get[@]}" update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -q qemu-system-x86 ovmf nasm \
         acpica-tools uuid-dev >/dev/null
 fi

@@ -15,20 +15,23 @@
 #   - grub.efi (AmdSev's optional in-firmware bootloader for SEV secret injection) is an
 #     empty file: direct kernel boot does not use it, and mkfs.msdos stamps volume ids and
 #     times into it.
-# Usage: build-firmware.sh OUT_DIR [CACHE_DIR]
+# Usage: build-firmware.sh OUT_DIR [CACHE_DIR [DEBIAN_MIRROR]]
+#   DEBIAN_MIRROR: the archive root holding pool/; by default build.py picks it (from
+#   $BLINDINFER_DEBIAN_MIRROR or this machine's apt sources). No host is written here.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-out="${1:?usage: build-firmware.sh OUT_DIR [CACHE_DIR]}"
+out="${1:?usage: build-firmware.sh OUT_DIR [CACHE_DIR [DEBIAN_MIRROR]]}"
 cache="${2:-${XDG_CACHE_HOME:-$HOME/.cache}/blindinfer-image}"
+mirror="${3:-$(python3 "$here/build.py" --print-debian-mirror)}"
 work=/var/tmp/blindinfer-image-build/edk2
 step() { echo "==> $*"; }
 
 mkdir -p "$out" "$cache"
 step "fetching edk2 sources pinned in firmware.lock"
-while read -r sha name url; do
+while read -r sha name path; do
     case "$sha" in ''|'#'*) continue ;; esac
     if [ ! -f "$cache/$name" ] || ! echo "$sha  $cache/$name" | sha256sum -c --quiet - 2>/dev/null; then
-        curl -sSfL --retry 3 -o "$cache/$name.part" "$url"
+        curl -sSfL --retry 3 -o "$cache/$name.part" "${mirror%/}/$path"
         mv "$cache/$name.part" "$cache/$name"
     fi
     echo "$sha  $cache/$name" | sha256sum -c --quiet - || {
@@ -37,6 +40,8 @@ done < "$here/firmware.lock"
 
 step "installing the build tools from Debian (nasm, iasl, uuid-dev)"
 if ! command -v nasm >/dev/null || ! command -v iasl >/dev/null || [ ! -f /usr/include/uuid/uuid.h ]; then
+    # a fresh machine may have no package lists yet
+    ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q nasm acpica-tools uuid-dev >/dev/null
 fi
 

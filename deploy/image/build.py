@@ -26,6 +26,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from apt_mirror import NoMirrorError, debian_mirror
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 EPOCH = 1735689600  # 2025-01-01: every file's mtime, and SOURCE_DATE_EPOCH of the firmware
@@ -37,7 +39,6 @@ CMDLINE = "console=ttyS0 panic=-1"
 # configfs-tsm with the SNP and TDX guest drivers. Debian ships them xz-compressed; they go
 # into the initrd decompressed, so busybox insmod loads them and no xz runs at boot.
 MODULES = ("failover", "net_failover", "virtio_net", "configfs", "tsm", "sev-guest", "tdx-guest")
-MIRROR = "http://deb.debian.org/"
 FIRMWARE = {"firmware": "OVMF.amdsev.fd", "firmware_tdx": "OVMF.inteltdx.fd"}
 SITE = "usr/lib/blindinfer"  # PYTHONPATH of the image (deploy/image/init)
 # Debian paths the image does not need: documentation, locales, the test suites, idle
@@ -145,7 +146,7 @@ def unpack_deb(deb: Path, tree: Tree, keep: tuple[str, ...] | None = None) -> No
                 tree.add(path, stat.S_IFREG | perm, data)
 
 
-def fetch_debs(cache: Path) -> list[Path]:
+def fetch_debs(cache: Path, mirror: str) -> list[Path]:
     debs = []
     for line in (HERE / "packages.lock").read_text().splitlines():
         if not line.strip() or line.startswith("#"):
@@ -153,13 +154,13 @@ def fetch_debs(cache: Path) -> list[Path]:
         package, version, sha, path = line.split()
         deb = cache / path.rsplit("/", 1)[1]
         if not deb.is_file() or _sha256(deb) != sha:
-            _download(MIRROR + path, deb)
+            _download(mirror + path, deb)
         if _sha256(deb) != sha:
             deb.unlink()
             sys.exit(
-                f"error: {package} {version} from {MIRROR}{path} does not match "
+                f"error: {package} {version} from {mirror}{path} does not match "
                 f"packages.lock (sha256 {sha}); if the mirror dropped that version, put "
-                f"the file from snapshot.debian.org into {cache}"
+                f"the file from Debian's snapshot archive into {cache}"
             )
         debs.append(deb)
     return debs
@@ -171,7 +172,7 @@ def _download(url: str, target: Path) -> None:
 
     partial = target.with_suffix(".part")
     try:
-        # the URL is MIRROR + a pool path from packages.lock, never user input
+        # the URL is the chosen mirror + a pool path from packages.lock
         with urllib.request.urlopen(url, timeout=120) as response, partial.open("wb") as out:  # noqa: S310
             shutil.copyfileobj(response, out)
     except (urllib.error.URLError, OSError) as exc:
@@ -279,7 +280,7 @@ def _sha256(path: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for the boot set")
+    parser.add_argument("--out", type=Path, help="directory for the boot set")
     parser.add_argument(
         "--cache",
         type=Path,
@@ -294,7 +295,26 @@ def main() -> int:
         "building them (their hashes go into image.json; compare them with a "
         "build of your own)",
     )
+    parser.add_argument(
+        "--debian-mirror",
+        metavar="URL",
+        help="Debian archive root to download the pinned packages from (default: "
+        "$BLINDINFER_DEBIAN_MIRROR, else the first Debian archive in this machine's apt "
+        "sources); the lock's hashes decide, not the mirror",
+    )
+    parser.add_argument(
+        "--print-debian-mirror", action="store_true", help="print the mirror that would be used"
+    )
     args = parser.parse_args()
+    try:
+        mirror = debian_mirror(args.debian_mirror)
+    except NoMirrorError as exc:
+        sys.exit(f"error: {exc}")
+    if args.print_debian_mirror:
+        print(mirror)
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     cache: Path = args.cache
@@ -304,10 +324,12 @@ def main() -> int:
         for name in FIRMWARE.values():
             shutil.copyfile(args.firmware / name, out / name)
     else:
-        subprocess.run(["bash", str(HERE / "build-firmware.sh"), str(out), str(cache)], check=True)
+        subprocess.run(
+            ["bash", str(HERE / "build-firmware.sh"), str(out), str(cache), mirror], check=True
+        )
 
     step("fetching the Debian packages pinned in packages.lock")
-    debs = fetch_debs(cache / "debs")
+    debs = fetch_debs(cache / "debs", mirror)
     tree = Tree()
     for name in ("bin", "sbin", "lib", "lib64"):
         tree.add(name, stat.S_IFLNK | 0o777, f"usr/{name}".encode())

@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a directory with OVMF.amdsev.fd and OVMF.inteltdx.fd built before (a boot set "
         "of your own), instead of building them again (about 4 minutes)",
     )
+    image_build.add_argument(
+        "--debian-mirror",
+        metavar="URL",
+        help="Debian archive root (the directory holding pool/) to download the pinned "
+        "packages from; default $BLINDINFER_DEBIAN_MIRROR, else this machine's apt sources",
+    )
 
     measure = _command(
         commands,

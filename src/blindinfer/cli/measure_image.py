@@ -124,6 +124,8 @@ def build_image(args: argparse.Namespace) -> int:
     command = [sys.executable, str(build_script()), "--out", str(args.out)]
     if args.cache is not None:
         command += ["--cache", str(args.cache)]
+    if args.debian_mirror is not None:
+        command += ["--debian-mirror", args.debian_mirror]
     if args.firmware is not None:
         for name in ("OVMF.amdsev.fd", "OVMF.inteltdx.fd"):
             if not (args.firmware / name).is_file():
