@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import stat
 import subprocess
 import sys
 import threading
@@ -502,3 +503,312 @@ def test_cli_proxy_process(server: ServerProcess, tmp_path: Path) -> None:
         process.wait(10)
         if process.stdout is not None:
             process.stdout.close()
+
+
+# -- no confused deputy: web pages, DNS rebinding, other local users -----------------------
+
+EVIL_PAGE = "https://evil.example"
+
+
+def policy_file(directory: Path) -> Path:
+    """The policy TOML a user writes for the simulation server (as `blindinfer measure`)."""
+    policy = policy_for(ServerConfig(simulation=True))
+    assert policy.sgx is not None
+    toml = directory / "policy.toml"
+    toml.write_text(
+        "[sgx]\n"
+        f'mrenclave = ["{policy.sgx.mrenclave[0].hex()}"]\n'
+        f'mrsigner = ["{policy.sgx.mrsigner[0].hex()}"]\n'
+        "isvprodid = [1]\nmin_isvsvn = 1\n"
+    )
+    return toml
+
+
+@contextlib.contextmanager
+def proxy_process(upstream: str, directory: Path, *extra: str) -> Iterator[str]:
+    """`blindinfer proxy` as its own process; yields what its ready line names."""
+    command = [
+        sys.executable,
+        "-m",
+        "blindinfer.cli.proxy",
+        "--policy",
+        str(policy_file(directory)),
+        "--upstream",
+        upstream,
+        "--listen",
+        "127.0.0.1:0",
+        "--simulation",
+        *extra,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith(READY_PREFIX), line
+        assert "(attested)" in line
+        yield line[len(READY_PREFIX) :].split(" ")[0]
+    finally:
+        process.terminate()
+        process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+    """A server with two tenants: (its URL, alice's key, bob's key)."""
+    alice, alice_sha = generate_api_key()
+    bob, bob_sha = generate_api_key()
+    path = tmp_path_factory.mktemp("tenants") / "auth.toml"
+    path.write_text(
+        f'[[tenant]]\nname = "alice"\n[[tenant.key]]\nid = "a"\nrole = "owner"\n'
+        f'sha256 = "{alice_sha}"\n'
+        f'[[tenant]]\nname = "bob"\n[[tenant.key]]\nid = "b"\nrole = "owner"\n'
+        f'sha256 = "{bob_sha}"\n'
+    )
+    with start_server(["--simulation", f"--auth-file={path}"]) as keyed:
+        yield keyed.url, alice, bob
+
+
+@pytest.fixture(scope="module")
+def alice_proxy(
+    tenants: tuple[str, str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The user's proxy, holding alice's API key (the deputy a page would like to use)."""
+    url, alice, _ = tenants
+    with proxy_process(url, tmp_path_factory.mktemp("alice"), "--api-key", alice) as local:
+        yield local
+
+
+def _tenant(tenants: tuple[str, str, str], key: str) -> blindinfer.Client:
+    return blindinfer.connect(
+        tenants[0], policy=policy_for(ServerConfig(simulation=True)), simulation=True, api_key=key
+    )
+
+
+def test_a_web_page_cannot_share_or_unload_through_the_proxy(
+    tenants: tuple[str, str, str], alice_proxy: str
+) -> None:
+    """What a page sends with fetch(..., {method: "POST", mode: "no-cors", body}) or a form:
+    no CORS preflight, the browser adds Origin and Sec-Fetch-Site. Before the fix the
+    proxy forwarded it with alice's key: the private model was shared with every tenant
+    and the other one unloaded."""
+    _, alice_key, bob_key = tenants
+    with _tenant(tenants, alice_key) as alice, _tenant(tenants, bob_key) as bob:
+        alice.upload_model(MODEL, name="private")
+        alice.upload_model(MODEL, name="loaded")
+        attacks: list[tuple[dict[str, str], int, str]] = [
+            (
+                {
+                    "origin": EVIL_PAGE,
+                    "sec-fetch-site": "cross-site",
+                    "sec-fetch-mode": "no-cors",
+                    "content-type": "text/plain;charset=UTF-8",
+                },
+                403,
+                "origin_not_allowed",
+            ),
+            (  # a form post
+                {"origin": EVIL_PAGE, "content-type": "application/x-www-form-urlencoded"},
+                403,
+                "origin_not_allowed",
+            ),
+            # a Blob body: no Content-Type at all, only the browser's headers
+            ({"origin": EVIL_PAGE, "sec-fetch-site": "cross-site"}, 403, "origin_not_allowed"),
+            ({"origin": "null", "content-type": "text/plain"}, 403, "origin_not_allowed"),
+            # a page on another port of localhost ("same-site")
+            (
+                {"origin": "http://localhost:3000", "sec-fetch-site": "same-site"},
+                403,
+                "origin_not_allowed",
+            ),
+            # a browser that leaves Origin out still says where the request comes from
+            (
+                {"sec-fetch-site": "cross-site", "content-type": "text/plain"},
+                403,
+                "cross_site_request",
+            ),
+            # and without any browser header the Content-Type alone is refused
+            ({"content-type": "text/plain"}, 415, "unsupported_media_type"),
+        ]
+        with httpx.Client(base_url=alice_proxy) as local:
+            for headers, status, code in attacks:
+                share = local.post(
+                    "/v2/repository/models/private/share",
+                    content=b'{"tenants": ["*"]}',
+                    headers=headers,
+                )
+                unload = local.post(
+                    "/v2/repository/models/loaded/unload", content=b"{}", headers=headers
+                )
+                for response in (share, unload):
+                    assert response.status_code == status, (headers, response.text)
+                    assert response.json()["code"] == code
+                    assert "access-control-allow-origin" not in response.headers
+            assert "private" not in {m.name for m in bob.list_models()}
+            models = {m.name: m for m in alice.list_models()}
+            assert models["private"].shared_with == ()
+            assert "loaded" in models
+            # the control: a local program (tritonclient sends JSON without a Content-Type)
+            done = local.post("/v2/repository/models/loaded/unload", content=b"{}")
+            assert done.status_code == 200, done.text
+        assert "loaded" not in {m.name for m in alice.list_models()}
+        alice.delete_model("private")
+
+
+def test_dns_rebinding_cannot_read_the_index_or_outputs(
+    tenants: tuple[str, str, str], alice_proxy: str
+) -> None:
+    """After DNS rebinding the page is same-origin with the proxy, but its requests name
+    the attacker's host: refused (421), for reading the index and for inference."""
+    port = alice_proxy.rsplit(":", 1)[1]
+    with _tenant(tenants, tenants[1]) as alice:
+        alice.upload_model(MODEL, name="secret-name")
+    feed = zoo.multi_io_feed(batch=1)
+    infer = {
+        "inputs": [
+            {
+                "name": name,
+                "datatype": OIP_TYPES[array.dtype.name],
+                "shape": list(array.shape),
+                "data": array.flatten().tolist(),
+            }
+            for name, array in feed.items()
+        ]
+    }
+    rebound = [f"evil.example:{port}", "evil.example", f"127.0.0.1.nip.io:{port}", "127.0.0.1:1"]
+    try:
+        with httpx.Client(base_url=alice_proxy) as local:
+            for host in rebound:
+                for response in (
+                    local.get("/v2/repository/index", headers={"host": host}),
+                    local.post("/v2/repository/index", headers={"host": host}),
+                    local.post("/v2/models/secret-name/infer", json=infer, headers={"host": host}),
+                    local.get("/v2/models/secret-name", headers={"host": host}),
+                    local.get(STATUS_PATH, headers={"host": host}),
+                ):
+                    assert response.status_code == 421, (host, response.text)
+                    assert response.json()["code"] == "host_not_allowed"
+                    assert "secret-name" not in response.text
+            # the proxy's own names work (the control)
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
+                index = local.get("/v2/repository/index", headers={"host": host})
+                assert index.status_code == 200, (host, index.text)
+                assert "secret-name" in {m["name"] for m in index.json()}
+            outputs = local.post("/v2/models/secret-name/infer", json=infer)
+            assert outputs.status_code == 200, outputs.text
+    finally:
+        with _tenant(tenants, tenants[1]) as alice:
+            alice.delete_model("secret-name")
+
+
+def test_allowed_hosts_and_origins(server: ServerProcess, tmp_path: Path) -> None:
+    trusted = "http://localhost:3000"
+    with proxy_process(
+        server.url,
+        tmp_path,
+        "--allow-host",
+        "blindinfer.lan",
+        "--allow-origin",
+        trusted + "/",
+    ) as url:
+        port = url.rsplit(":", 1)[1]
+        with httpx.Client(base_url=url) as local:
+            assert local.get("/v2", headers={"host": f"blindinfer.lan:{port}"}).status_code == 200
+            # without a port: the default 80, not where the proxy listens
+            assert local.get("/v2", headers={"host": "blindinfer.lan"}).status_code == 421
+            plain = local.get("/v2")
+            assert plain.status_code == 200
+            assert "access-control-allow-origin" not in plain.headers
+            page = {"origin": trusted, "sec-fetch-site": "same-site"}
+            allowed = local.post("/v2/repository/index", headers=page)
+            assert allowed.status_code == 200, allowed.text
+            assert allowed.headers["access-control-allow-origin"] == trusted
+            assert (
+                "inference-header-content-length"
+                in allowed.headers["access-control-expose-headers"]
+            )
+            preflight = local.options(
+                "/v2/repository/models/m/upload",
+                headers={
+                    **page,
+                    "access-control-request-method": "PUT",
+                    "access-control-request-headers": "content-type",
+                },
+            )
+            assert preflight.status_code == 204
+            assert "PUT" in preflight.headers["access-control-allow-methods"]
+            assert preflight.headers["access-control-allow-origin"] == trusted
+            # even from an allowed page, a body the route does not read is refused
+            wrong = local.post(
+                "/v2/repository/index", headers={**page, "content-type": "text/plain"}
+            )
+            assert wrong.status_code == 415
+            assert wrong.json()["code"] == "unsupported_media_type"
+            evil_preflight = local.options(
+                "/v2/repository/index",
+                headers={"origin": EVIL_PAGE, "access-control-request-method": "POST"},
+            )
+            assert evil_preflight.status_code == 403
+            assert "access-control-allow-origin" not in evil_preflight.headers
+
+
+def test_unix_socket_and_access_token(server: ServerProcess, tmp_path: Path) -> None:
+    """For other local users: a 0600 Unix socket, and a token file (created 0600) whose
+    token every request must carry; the token is never forwarded upstream."""
+    sock = tmp_path / "proxy.sock"
+    token_file = tmp_path / "token"
+    with proxy_process(
+        server.url,
+        tmp_path,
+        "--unix-socket",
+        str(sock),
+        "--access-token-file",
+        str(token_file),
+    ) as where:
+        assert where == f"unix:{sock}"
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 32
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, base_url="http://localhost") as local:
+            missing = local.get("/v2")
+            assert missing.status_code == 401
+            assert missing.json()["code"] == "proxy_token_required"
+            wrong = local.get("/v2", headers={"x-blindinfer-proxy-token": "x" * 43})
+            assert wrong.status_code == 401
+            good = local.get("/v2", headers={"x-blindinfer-proxy-token": token, "host": "anything"})
+            assert good.status_code == 200, good.text
+    assert not sock.exists()  # removed on exit
+
+
+def test_access_token_on_tcp(server: ServerProcess) -> None:
+    token = "t" * 40
+    with (
+        RunningProxy(proxy_config(server.url, access_token=token)) as guarded,
+        httpx.Client(base_url=guarded.url) as local,
+    ):
+        assert local.get("/v2").status_code == 401
+        before = guarded.upstream.stats.forwarded
+        assert guarded.upstream.stats.refused_local >= 1
+        response = local.get("/v2", headers={"x-blindinfer-proxy-token": token})
+        assert response.status_code == 200
+        assert guarded.upstream.stats.forwarded == before + 1
+    # the dropped-header list is what keeps it from the upstream
+    from blindinfer.proxy.forward import DROPPED_REQUEST
+
+    assert b"x-blindinfer-proxy-token" in DROPPED_REQUEST
+
+
+def test_cli_refuses_unusable_guard_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--policy", str(policy_file(tmp_path)), "--upstream", "https://127.0.0.1:1"]
+    assert proxy_main([*base, "--allow-origin", "*"]) == 2
+    assert "not an origin" in capsys.readouterr().err
+    shared = tmp_path / "shared-token"
+    shared.write_text("s" * 40)
+    shared.chmod(0o644)
+    assert proxy_main([*base, "--access-token-file", str(shared)]) == 2
+    assert "chmod 600" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from support.onnx_models import model_bytes, multi_io_feed, multi_io_model
 from .conftest import policy_for
 
 pytestmark = pytest.mark.e2e
+
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -87,6 +90,29 @@ def test_receipts_verify_offline_after_the_server_is_gone(tmp_path: Path) -> Non
     (tmp_path / "tampered.json").write_text(json.dumps(swapped))
     refused = cli(*base, str(tmp_path / "tampered.json"))
     assert refused.returncode == 1 and "REFUSED" in refused.stdout
+
+    # other spellings of the same valid receipt (issue 21, item 19): junk characters and
+    # padding in the base64url, the high-S twin of the signature, a non-ASCII kid
+    jws = proof["receipt"]
+    sig = base64.urlsafe_b64decode(jws["signature"] + "==")
+    s = int.from_bytes(sig[32:], "big")
+    high_s = sig[:32] + (P256_N - s).to_bytes(32, "big")
+    kid_header = base64.urlsafe_b64encode(
+        json.dumps({"alg": "ES256", "kid": "é" * 64, "typ": "blindinfer-receipt+jwt"}).encode()
+    )
+    spellings = {
+        "junk": {**jws, "payload": jws["payload"][:8] + "!*" + jws["payload"][8:]},
+        "padding": {**jws, "signature": jws["signature"] + "=="},
+        "high-s": {**jws, "signature": base64.urlsafe_b64encode(high_s).rstrip(b"=").decode()},
+        "kid": {**jws, "protected": kid_header.rstrip(b"=").decode()},
+    }
+    for name, spelled in spellings.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({**proof, "receipt": spelled}))
+        refused = cli(*base, str(tmp_path / f"{name}.json"))
+        assert refused.returncode == 1, (name, refused.stdout, refused.stderr)
+        assert refused.stdout.startswith("REFUSED") and "Traceback" not in refused.stderr
+        with pytest.raises(ProtocolError):
+            verify_proof(load_proof(tmp_path / f"{name}.json"), policy=policy, simulation=True)
 
 
 def test_a_proof_with_another_servers_evidence_is_refused(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_real_tdx_evidence_not_bound_to_the_server_key_is_refused(
     tdx_server: tuple[str, FakeConfigfs, dict[str, Any]],
 ) -> None:
     url, fs, chosen = tdx_server
-    policy = blindinfer.Policy.from_dict({"tdx": {"mrtd": ["00" * 48]}})
+    policy = blindinfer.Policy.from_dict({"tdx": {"mrtd": ["01" * 48]}})
     with pytest.raises(blindinfer.KeyBindingError, match="does not bind the TLS key"):
         attest(url, policy=policy, now=chosen["verify_at_unix"])
     (inblob,) = _inblobs(fs)  # one fresh entry, written with our binding and nonce
@@ -98,7 +98,7 @@ def test_real_tdx_evidence_is_authentic_before_binding(
 ) -> None:
     """Authenticity runs first: at a time outside the collateral window it is that error."""
     url, _, chosen = tdx_server
-    policy = blindinfer.Policy.from_dict({"tdx": {"mrtd": ["00" * 48]}})
+    policy = blindinfer.Policy.from_dict({"tdx": {"mrtd": ["01" * 48]}})
     late = chosen["verify_at_unix"] + 400 * 86400
     with pytest.raises(blindinfer.QuoteVerificationError, match=r"(?i)expired"):
         attest(url, policy=policy, now=late)
@@ -108,10 +108,78 @@ def test_real_snp_evidence_not_bound_to_the_server_key_is_refused(
     snp_server: tuple[str, FakeConfigfs, dict[str, Any]],
 ) -> None:
     url, fs, chosen = snp_server
-    policy = blindinfer.Policy.from_dict({"snp": {"measurement": ["00" * 48]}})
+    policy = blindinfer.Policy.from_dict({"snp": {"measurement": ["01" * 48]}})
     at = parse_time(chosen["verify_at"])
     with pytest.raises(blindinfer.KeyBindingError, match="does not bind the TLS key"):
         attest(url, policy=policy, now=at)
     (inblob,) = _inblobs(fs)  # the provider's probe entry never wrote inblob
     assert len(inblob) == 64
     assert [name.startswith("blindinfer-probe-") for name in fs.created] == [True, False]
+
+
+def _snp_platform(tmp_path: Path, vcek: bytes, crl_source: Any = None) -> ConfigfsTsmPlatform:
+    import uuid
+
+    chosen = case("snp_milan_trustee")
+    ask, ark = ask_ark()
+    table = cert_table([(uuid.UUID(VCEK), vcek), (uuid.UUID(ASK), ask), (uuid.UUID(ARK), ark)])
+    fs = FakeConfigfs("sev_guest", vectors.path(chosen, "evidence").read_bytes(), table)
+    return ConfigfsTsmPlatform(tmp_path, collateral=None, crl_source=crl_source, fs=fs)
+
+
+def test_a_malformed_vcek_is_a_blindinfer_error_from_connect(tmp_path: Path) -> None:
+    """A VCEK whose byte 99 breaks a lazily parsed field used to escape as a ValueError."""
+    chosen = case("snp_milan_trustee")
+    vcek = vectors.path(chosen, "chip_cert").read_bytes()
+    broken = vcek[:99] + b"\x00" + vcek[100:]
+    policy = blindinfer.Policy.from_dict({"snp": {"measurement": ["11" * 48]}})
+    for url in running(_snp_platform(tmp_path, broken)):
+        with pytest.raises(blindinfer.QuoteVerificationError, match="malformed certificate"):
+            blindinfer.connect(url, policy=policy)
+        with pytest.raises(blindinfer.BlindInferError):
+            attest(url, policy=policy, now=parse_time(chosen["verify_at"]))
+
+
+class _ForgedCrl:
+    """A CRL source serving a CRL that names ARK-Milan but is signed by another key."""
+
+    def __init__(self) -> None:
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from blindinfer.attestation.roots.amd import AMD_PRODUCTS
+
+        ark = x509.load_der_x509_certificate(AMD_PRODUCTS["Milan"].ark_der)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+        self.der = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ark.subject)
+            .last_update(dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+            .next_update(dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+            .sign(key, hashes.SHA384(), rsa_padding=pss)
+            .public_bytes(Encoding.DER)
+        )
+        self.asked = 0
+
+    def crl_for(self, report: bytes) -> bytes:
+        self.asked += 1
+        return self.der
+
+
+def test_the_crl_travels_with_snp_evidence_and_a_forged_one_is_refused(tmp_path: Path) -> None:
+    from blindinfer.client.client import capture
+
+    chosen = case("snp_milan_trustee")
+    source = _ForgedCrl()
+    platform = _snp_platform(tmp_path, vectors.path(chosen, "chip_cert").read_bytes(), source)
+    policy = blindinfer.Policy.from_dict({"snp": {"measurement": ["11" * 48]}})
+    for url in running(platform):
+        assert capture(url, timeout=30).evidence.crl == source.der  # it travels, bundles keep it
+        with pytest.raises(blindinfer.QuoteVerificationError, match="CRL is not signed by the ARK"):
+            attest(url, policy=policy, now=parse_time(chosen["verify_at"]))
+    assert source.asked >= 2

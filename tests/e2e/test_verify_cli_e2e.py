@@ -131,9 +131,17 @@ def test_snp_vectors_reach_their_expected_outcome(case: dict[str, Any], tmp_path
     claims = document["claims"]
     # a production policy pinning this very measurement: the debug guest is still refused
     policy = tmp_path / "policy.toml"
-    policy.write_text(
-        f'[snp]\nmeasurement = ["{claims["measurement"]}"]\nvmpl = [{claims["vmpl"]}]\n'
-    )
+    pinned = f'[snp]\nmeasurement = ["{claims["measurement"]}"]\nvmpl = [{claims["vmpl"]}]\n'
+    policy.write_text(pinned)
+    # by default: no AMD CRL came with these files, and their 2022-era TCB is below the floor
+    refused = cli(*args, "--policy", str(policy))
+    fields = [m["field"] for m in json.loads(refused.stdout)["mismatches"]]
+    assert refused.returncode == 3
+    assert {"snp.allow_missing_crl", "snp.min_reported_tcb.microcode"} <= set(fields)
+    # accepted only when the policy lowers the floor to their TCB and allows a missing CRL
+    tcb = dict(part.split("=") for part in claims["reported_tcb"].split())
+    floor = ", ".join(f"{k} = {v}" for k, v in tcb.items())
+    policy.write_text(pinned + f"allow_missing_crl = true\nmin_reported_tcb = {{ {floor} }}\n")
     with_policy = cli(*args, "--policy", str(policy))
     fields = [m["field"] for m in json.loads(with_policy.stdout)["mismatches"]]
     if claims["debug"]:
@@ -161,3 +169,43 @@ def test_nvidia_vector_verifies_with_its_nonce(case: dict[str, Any]) -> None:
     wrong = cli(*args, "--nonce", "00" * 32)
     assert wrong.returncode == 1
     assert "nonce" in json.loads(wrong.stdout)["reason"].lower()
+
+
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")
+def test_snp_crl_not_signed_by_the_ark_is_not_authentic(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from blindinfer.attestation.roots.amd import AMD_PRODUCTS
+
+    case = vectors.case("snp_milan_trustee")
+    ark = x509.load_der_x509_certificate(AMD_PRODUCTS["Milan"].ark_der)
+    forged = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ark.subject)
+        .last_update(dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+        .next_update(dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+        .sign(
+            rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            hashes.SHA384(),
+            rsa_padding=padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48),
+        )
+    )
+    (tmp_path / "amd.crl").write_bytes(forged.public_bytes(Encoding.PEM))
+    result = cli(
+        "verify",
+        "--snp-report",
+        str(vectors.path(case, "evidence")),
+        "--vcek",
+        str(vectors.path(case, "chip_cert")),
+        "--snp-crl",
+        str(tmp_path / "amd.crl"),
+        "--at",
+        case["verify_at"],
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "CRL is not signed by the ARK" in result.stdout + result.stderr

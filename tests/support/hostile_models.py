@@ -151,3 +151,53 @@ def embedding_output_model() -> bytes:
         ],
     )
     return _finish(graph, "1x128x384 in and out")
+
+
+def expand_output_model() -> bytes:
+    """shape: INT64 [1] -> y = Expand(1.0, shape): FP32 [shape[0]], ones.
+
+    The output attack of issue 21: the request names the output's size, so a 100-byte
+    model and a 76-byte request ask for 64 M elements (256 MiB raw, ~256 MiB of JSON).
+    No doc string: the model stays about 100 bytes, as in the attack.
+    """
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["one", "shape"], ["y"])],
+        "expand",
+        [helper.make_tensor_value_info("shape", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+        [numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model_bytes(model)
+
+
+def slow_load_model(chain: int = 300, size: int = 1024) -> bytes:
+    """x: FP32 [1] -> y = x + sum(C^(2^chain)), C a constant [size, size] made at load.
+
+    The load-time attack of issue 21: a model of a few KB whose constants onnxruntime folds
+    while it builds the session (ConstantOfShape, then `chain` MatMuls of 2*size^3 flops
+    each), so that loading it, not running it, takes tens of seconds (~50 ms per MatMul
+    on one core at the default size). C is all zeros: no overflow, the same work.
+    """
+    nodes = [
+        helper.make_node(
+            "ConstantOfShape",
+            ["shape"],
+            ["c0"],
+            value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+        )
+    ]
+    nodes += [helper.make_node("MatMul", [f"c{i}", f"c{i}"], [f"c{i + 1}"]) for i in range(chain)]
+    nodes += [
+        helper.make_node("ReduceSum", [f"c{chain}"], ["total"], keepdims=0),
+        helper.make_node("Add", ["x", "total"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow_load",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(np.array([size, size], dtype=np.int64), "shape")],
+    )
+    return _finish(graph, f"{chain} constant matmuls of {size}x{size}, folded at load")

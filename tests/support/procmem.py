@@ -36,3 +36,21 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1]) * 1024
     return total
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(field)
+
+
+def own_rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` alone, without its children (the server, not its workers)."""
+    return _status_kib(pid, "VmRSS")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The most resident memory `pid` alone ever had (VmHWM): catches a spike between two
+    samples, e.g. a response encoded and sent in a second."""
+    return _status_kib(pid, "VmHWM")

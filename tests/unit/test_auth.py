@@ -33,6 +33,7 @@ from blindinfer.server.auth import (
     is_allowed,
     key_sha256,
     parse_bearer,
+    sharing_view,
     visible_to,
 )
 from blindinfer.server.keys_cli import new_key_toml
@@ -624,3 +625,28 @@ def test_error_family() -> None:
     assert issubclass(UnauthorizedError, AccessError)
     assert issubclass(ForbiddenError, AccessError)
     assert issubclass(AccessError, BlindInferError)
+
+
+# ---- what a tenant may learn of a model it does not own (issue 21, item 7)
+
+
+def test_sharing_view_hides_the_owner_and_the_rest_of_the_list() -> None:
+    owner = Principal("a", Role.OWNER, "k1")
+    guest = Principal("c", Role.USER, "k2")
+    admin = Principal("ops", Role.ADMIN, "k3")
+    shared = ("b", "c", "d")
+    assert sharing_view(owner, "a", shared) == ("a", ["b", "c", "d"])
+    assert sharing_view(admin, "a", shared) == ("a", ["b", "c", "d"])
+    assert sharing_view(guest, "a", shared) == (None, ["c"])
+    assert sharing_view(guest, "a", ("*", "b")) == (None, ["*"])
+    assert sharing_view(guest, "a", ()) == (None, [])
+
+
+def test_max_loaded_bytes_is_optional_and_checked() -> None:
+    assert TenantConfig("a").max_loaded_bytes is None
+    text = '[[tenant]]\nname = "a"\nmax_loaded_bytes = 5000\n'
+    key = '[[tenant.key]]\nid = "k"\nrole = "owner"\nsha256 = "' + "0" * 64 + '"\n'
+    assert AuthConfig.from_toml(text + key).tenant("a").max_loaded_bytes == 5000
+    for bad in ("-1", "true", '"1G"'):
+        with pytest.raises(AuthConfigError, match="max_loaded_bytes"):
+            AuthConfig.from_toml(text.replace("5000", bad) + key)

@@ -364,3 +364,69 @@ def test_detect_tdx_and_snp(tmp_path: Path) -> None:
     assert list(tsm.iterdir()) == []
     assert detect_platform(gramine_root=none, tsm_root=tsm, dev_root=dev, probe=False) is None
     assert detect_platform(gramine_root=none, tsm_root=tmp_path / "absent", dev_root=dev) is None
+
+
+def _amd_like_crl(next_update_hours: int) -> bytes:
+    """A CRL shaped like KDS's (issuer ARK-Milan); its signature is not AMD's (the client
+    checks that, see test_snp_verify): the server only fetches, parses and caches it."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    now = dt.datetime.now(dt.UTC)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "ARK-Milan")])
+    return (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(name)
+        .last_update(now - dt.timedelta(days=1))
+        .next_update(now + dt.timedelta(hours=next_update_hours))
+        .sign(key, hashes.SHA384())
+        .public_bytes(Encoding.DER)
+    )
+
+
+def test_kds_crl_travels_with_snp_evidence_cached_by_kind(tmp_path: Path) -> None:
+    crl = _amd_like_crl(7 * 24)
+    fetched: list[str] = []
+
+    def fetch(url: str) -> HttpResponse:
+        fetched.append(url)
+        return HttpResponse(200, {}, crl) if url.endswith("/crl") else HttpResponse(404, {}, b"")
+
+    kds = KdsVcekSource("https://kds.test/", product="Milan", fetch=fetch)
+    report = bytearray(vector("files/trustee/test-report.bin"))
+    assert kds.crl_url(bytes(report)) == "https://kds.test/vcek/v1/Milan/crl"
+    struct.pack_into("<I", report, 0x48, 1 << 2)  # SIGNING_KEY = VLEK
+    assert kds.crl_url(bytes(report)) == "https://kds.test/vlek/v1/Milan/crl"
+    table = cert_table([(VCEK_GUID, vector("files/trustee/test-vcek.der"))])
+    fs = FakeConfigfs("sev_guest", vector("files/trustee/test-report.bin"), table)
+    platform = ConfigfsTsmPlatform(tmp_path, collateral=None, crl_source=kds, fs=fs)
+    assert platform.evidence(bytes(64)).crl == crl
+    assert platform.evidence(bytes(64)).crl == crl
+    assert fetched == ["https://kds.test/vcek/v1/Milan/crl"]  # cached until near nextUpdate
+
+
+def test_kds_crl_outage_serves_the_cached_crl_then_none(tmp_path: Path) -> None:
+    crl = _amd_like_crl(12)  # inside the 1-day refresh margin: every call tries KDS again
+    up = [True]
+
+    def fetch(url: str) -> HttpResponse:
+        return HttpResponse(200, {}, crl) if up[0] else HttpResponse(503, {}, b"")
+
+    kds = KdsVcekSource("https://kds.test/", product="Milan", fetch=fetch)
+    table = cert_table([(VCEK_GUID, vector("files/trustee/test-vcek.der"))])
+    fs = FakeConfigfs("sev_guest", vector("files/trustee/test-report.bin"), table)
+    platform = ConfigfsTsmPlatform(tmp_path, collateral=None, crl_source=kds, fs=fs)
+    assert platform.evidence(bytes(64)).crl == crl
+    up[0] = False
+    assert platform.evidence(bytes(64)).crl == crl  # still current: served from the cache
+    garbage = KdsVcekSource(
+        "https://kds.test/", product="Milan", fetch=lambda u: HttpResponse(200, {}, b"x")
+    )
+    assert (
+        ConfigfsTsmPlatform(tmp_path, collateral=None, crl_source=garbage, fs=fs)
+        .evidence(bytes(64))
+        .crl
+        == b""
+    )  # the client then refuses unless its policy allows a missing CRL

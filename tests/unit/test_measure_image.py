@@ -222,6 +222,7 @@ def test_tdx_section_from_an_image_loads_as_the_tdx_policy(
     as a [tdx] section that the client's policy loader takes as it is."""
     from test_measure_tdx import ASSETS, OWN_MRTD_MULTIPAGE_PER_PAGE, RTMR1_AS_GIVEN, RTMR2
 
+    from blindinfer.attestation.intel.tdx_policy import MaskedBytes
     from blindinfer.attestation.policy import load_policy
 
     root = tmp_path / "image"
@@ -245,8 +246,13 @@ def test_tdx_section_from_an_image_loads_as_the_tdx_policy(
     assert [v.hex() for v in policy.rtmr1] == [RTMR1_AS_GIVEN]
     assert [v.hex() for v in policy.rtmr2] == [RTMR2]
     assert policy.rtmr0 == ()
+    # The launch attributes are stated exactly: SEPT_VE_DISABLE (bit 28) alone.
+    assert policy.td_attributes == MaskedBytes(bytes.fromhex("0000001000000000"), b"\xff" * 8)
+    assert policy.xfam is None  # host-CPU dependent: a comment says how to pin it
+    assert "# xfam is not pinned" in (tmp_path / "policy.toml").read_text()
     assert main(["measure", "--image", str(root), "--platform", "tdx", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["rtmr0"] is None
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rtmr0"] is None and printed["td_attributes"] == "0000001000000000"
 
 
 def test_tdx_needs_a_tdvf_in_the_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

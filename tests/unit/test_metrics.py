@@ -362,3 +362,32 @@ def test_route_template_prefers_full_match_then_partial() -> None:
     scope["path"] = "/nowhere/secret"
     assert route_template(app.routes, scope) == ("unmatched", {})
     close_state(app.state.blindinfer)
+
+
+def test_deleted_model_names_are_forgotten() -> None:
+    """Issue 21 item 11: under --metrics-model-names a deleted model's series (its name)
+    must leave the output, not stay there for ever; other models' series stay."""
+    with TestClient(_app(model_names=True), raise_server_exceptions=False) as client:
+        for name in (SECRET, "kept-model"):
+            reply = client.put(f"/v2/repository/models/{name}/upload", content=MODEL)
+            assert reply.status_code == 201
+            assert client.post(f"/v2/models/{name}/infer", json=INFER).status_code == 200
+        text, _ = _scrape(client)
+        assert f'model="{SECRET}"' in text and 'model="kept-model"' in text
+        assert client.delete(f"/v2/repository/models/{SECRET}").status_code == 200
+        text, samples = _scrape(client)
+    assert SECRET not in text
+    assert [
+        (dict(labels), v)
+        for (name, labels), v in samples.items()
+        if name == "blindinfer_model_inferences_total"
+    ] == [({"tenant": "local", "model": "kept-model"}, 1)]
+
+
+def test_counter_retain_forgets_refused_series() -> None:
+    counter = Counter("c_total", "help", ("tenant", "model"))
+    counter.inc("a", "x")
+    counter.inc("a", "y", amount=2)
+    counter.retain(lambda labels: labels == ("a", "y"))
+    assert counter.value("a", "x") == 0 and counter.value("a", "y") == 2
+    assert 'model="x"' not in counter.render()

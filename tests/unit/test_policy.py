@@ -91,9 +91,15 @@ accepted_advisories = "INTEL-SA-00001"
     assert sgx.accepted_advisories == frozenset({"INTEL-SA-00001"})
 
 
-def test_mrsigner_alone_is_enough() -> None:
-    sgx = Policy.from_toml(f'[sgx]\nmrsigner = ["{MRS_HEX}"]\n').sgx
-    assert (sgx.mrenclave, sgx.mrsigner) == ((), (MRS,))
+def test_mrsigner_with_isvprodid_is_enough() -> None:
+    sgx = Policy.from_toml(f'[sgx]\nmrsigner = ["{MRS_HEX}"]\nisvprodid = [1]\n').sgx
+    assert (sgx.mrenclave, sgx.mrsigner, sgx.isvprodid) == ((), (MRS,), (1,))
+
+
+def test_mrsigner_alone_is_refused() -> None:
+    """Every enclave product the signer ever signed would pass."""
+    with pytest.raises(PolicyError, match=r"must pin sgx\.isvprodid too \(add isvprodid"):
+        Policy.from_toml(f'[sgx]\nmrsigner = ["{MRS_HEX}"]\n')
 
 
 def test_masked_value_default_mask_is_all_ones() -> None:

@@ -22,9 +22,13 @@ def test_at_least_one_cpu_section_is_required() -> None:
 
 
 def test_snp_section_must_pin_the_guest() -> None:
-    with pytest.raises(PolicyError, match="must pin measurement, id_key_digest or author_key"):
+    with pytest.raises(PolicyError, match=r"must pin snp\.measurement \(add measurement = "):
         Policy.from_dict({"snp": {"vmpl": [0]}})
-    assert Policy.from_dict({"snp": {"id_key_digest": ["ab" * 48]}}).snp is not None
+    # A key digest is checked only in addition: the key's owner may sign any image.
+    with pytest.raises(PolicyError, match=r"must pin snp\.measurement"):
+        Policy.from_dict({"snp": {"id_key_digest": ["ab" * 48]}})
+    pinned = {"measurement": ["cd" * 48], "id_key_digest": ["ab" * 48]}
+    assert Policy.from_dict({"snp": pinned}).snp is not None
 
 
 def test_collateral_age_must_be_positive() -> None:
@@ -55,7 +59,7 @@ def test_tdx_section_applies_to_tdx_evidence() -> None:
     authentic = authenticate("intel-tdx", quote, collateral_json=collateral, now=at)
     mrtd = str(authentic.claims["mrtd"])
     assert evaluate_policy(authentic, (), Policy.from_dict({"tdx": {"mrtd": [mrtd]}}), now=at) == []
-    wrong = evaluate_policy(authentic, (), Policy.from_dict({"tdx": {"mrtd": ["00" * 48]}}), now=at)
+    wrong = evaluate_policy(authentic, (), Policy.from_dict({"tdx": {"mrtd": ["01" * 48]}}), now=at)
     assert [m.field for m in wrong] == ["tdx.mrtd"]
 
 

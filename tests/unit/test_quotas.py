@@ -293,3 +293,35 @@ def test_negative_numbers_are_a_bug(args: tuple[int, int, int], replacing: int |
 def test_quota_errors_are_access_errors() -> None:
     for kind in (RateLimitedError, TooManyConcurrentError, QuotaExceededError):
         assert issubclass(kind, AccessError)
+
+
+# ---- loaded memory per tenant (issue 21, item 8)
+
+
+def _tenants(*tenants: TenantConfig) -> AuthConfig:
+    keys = tuple(
+        ApiKey(f"k-{t.name}", t.name, Role.OWNER, f"{i:064x}") for i, t in enumerate(tenants)
+    )
+    return AuthConfig(tenants, keys)
+
+
+def test_memory_limit_is_the_tenants_own_or_an_equal_share() -> None:
+    config = _tenants(TenantConfig("a", max_loaded_bytes=100), TenantConfig("b"), TenantConfig("c"))
+    quotas = TenantQuotas(config, memory_budget=900)
+    assert quotas.memory_limit("a") == 100
+    assert quotas.memory_limit("b") == quotas.memory_limit("c") == 300
+    assert quotas.memory_limit("gone") == 300  # restored models of a removed tenant
+    assert TenantQuotas(config).memory_limit("b") is None  # no budget given
+    assert TenantQuotas(None, memory_budget=900).memory_limit("local") is None  # open mode
+
+
+def test_admission_is_the_storage_quota_and_none_in_open_mode() -> None:
+    quotas = TenantQuotas(_tenants(TenantConfig("a", max_models=2, max_stored_bytes=100)))
+    admit = quotas.admission("a")
+    assert admit is not None
+    admit(1, 50, 50)
+    with pytest.raises(QuotaExceededError, match="at most 2"):
+        admit(2, 0, 1)
+    with pytest.raises(QuotaExceededError, match="over its quota of 100 bytes"):
+        admit(0, 60, 41)
+    assert TenantQuotas(None).admission("local") is None

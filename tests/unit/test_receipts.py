@@ -137,3 +137,85 @@ def test_tls_identity_signs_without_exposing_its_key() -> None:
     public = x509.load_der_x509_certificate(identity.certificate_der).public_key()
     assert isinstance(public, ec.EllipticCurvePublicKey)
     assert parse_and_verify_jws(jws, public) == _payload()
+
+
+# --- one spelling per receipt (issue 21, item 19) -----------------------------------------
+
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _high_s_twin(jws: dict[str, str]) -> dict[str, str]:
+    """The same signature as (r, n - s): valid ECDSA, a second spelling of the receipt."""
+    raw = base64.urlsafe_b64decode(jws["signature"] + "==")
+    r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+    twin = r.to_bytes(32, "big") + (P256_N - s).to_bytes(32, "big")
+    return {**jws, "signature": base64.urlsafe_b64encode(twin).rstrip(b"=").decode()}
+
+
+def test_signatures_are_low_s_and_the_high_s_twin_is_refused() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    for _ in range(16):  # ~half of raw ECDSA signatures are high-S: all must come out low
+        jws = _sign(_payload())
+        raw = base64.urlsafe_b64decode(jws["signature"] + "==")
+        assert int.from_bytes(raw[32:], "big") <= P256_N // 2
+        twin = _high_s_twin(jws)
+        twin_raw = base64.urlsafe_b64decode(twin["signature"] + "==")
+        # the twin is a mathematically valid signature: only the low-S rule refuses it
+        KEY.public_key().verify(
+            encode_dss_signature(
+                int.from_bytes(twin_raw[:32], "big"), int.from_bytes(twin_raw[32:], "big")
+            ),
+            f"{jws['protected']}.{jws['payload']}".encode(),
+            ec.ECDSA(hashes.SHA256()),
+        )
+        with pytest.raises(ProtocolError, match=r"not low-S"):
+            parse_and_verify_jws(twin, KEY.public_key())
+
+
+@pytest.mark.parametrize("part", ["protected", "payload", "signature"])
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (lambda t: t[:10] + "\n" + t[10:], "not canonical base64url"),
+        (lambda t: t[:10] + "*" + t[10:], "not canonical base64url"),
+        (lambda t: t[:10] + " " + t[10:], "not canonical base64url"),
+        (lambda t: t + "=" * (-len(t) % 4 or 4), "not canonical base64url"),
+        (lambda t: t.replace("-", "+").replace("_", "/") + "+/", "not canonical base64url"),
+        (lambda t: t + "A" * ((1 - len(t)) % 4 or 4), "not canonical base64url"),
+    ],
+    ids=["newline", "junk", "space", "padding", "std-alphabet", "dangling-char"],
+)
+def test_non_canonical_base64url_is_refused(part: str, spoil: Any, reason: str) -> None:
+    jws = _sign(_payload())
+    with pytest.raises(ProtocolError, match=reason):
+        parse_and_verify_jws({**jws, part: spoil(jws[part])}, KEY.public_key())
+
+
+def test_non_zero_trailing_bits_are_refused() -> None:
+    jws = _sign(_payload())
+    sig = jws["signature"]  # 64 bytes -> 86 chars, the last one carries 2 unused bits
+    assert len(sig) == 86
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    twin = sig[:-1] + alphabet[alphabet.index(sig[-1]) ^ 1]
+    assert base64.urlsafe_b64decode(twin + "==") == base64.urlsafe_b64decode(sig + "==")
+    with pytest.raises(ProtocolError, match="trailing bits"):
+        parse_and_verify_jws({**jws, "signature": twin}, KEY.public_key())
+
+
+@pytest.mark.parametrize("kid", ["é" * 64, "\u0660" * 64, "AB" * 32, "ab" * 31, 7, None], ids=str)
+def test_a_malformed_kid_is_refused_cleanly(kid: object) -> None:
+    """A non-ASCII kid used to end in a TypeError from hmac.compare_digest."""
+    jws = _sign(_payload())
+    header = {"alg": "ES256", "typ": "blindinfer-receipt+jwt", "kid": kid}
+    data = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    protected = base64.urlsafe_b64encode(data.encode()).rstrip(b"=").decode()
+    with pytest.raises(ProtocolError, match="kid is not a key id"):
+        parse_and_verify_jws({**jws, "protected": protected}, KEY.public_key())
+
+
+def test_a_non_ascii_payload_text_is_refused_cleanly() -> None:
+    jws = _sign(_payload())
+    with pytest.raises(ProtocolError, match="not canonical base64url"):
+        parse_and_verify_jws({**jws, "payload": jws["payload"] + "é"}, KEY.public_key())

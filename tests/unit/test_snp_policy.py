@@ -79,7 +79,7 @@ def test_byte_fields_accept_any_listed_value(name: str, good: bytes, size: int) 
     ]
 
 
-def test_debug_guest_is_refused_unless_allowed() -> None:
+def test_debug_guest_is_always_refused() -> None:
     debug = _report(policy=GuestPolicy(0xB0000))
     expected = Mismatch(
         "snp.allow_debug",
@@ -87,7 +87,12 @@ def test_debug_guest_is_refused_unless_allowed() -> None:
         "DEBUG allowed (policy 0xb0000)",
     )
     assert SnpPolicy().validate(debug) == [expected]
-    assert SnpPolicy.from_dict({"allow_debug": True}).validate(debug) == []
+    assert SnpPolicy.from_dict({"allow_debug": False}).validate(debug) == [expected]
+    # As in [sgx] and [tdx]: a policy cannot accept a guest the host can debug.
+    with pytest.raises(PolicyError, match=r"snp\.allow_debug = true is not supported"):
+        SnpPolicy.from_dict({"allow_debug": True})
+    with pytest.raises(PolicyError, match=r"snp\.allow_debug = true is not supported"):
+        SnpPolicy(allow_debug=True)
 
 
 def test_migration_agent_is_refused_unless_allowed() -> None:
@@ -175,7 +180,7 @@ def test_guest_svn_min() -> None:
 def test_every_failing_field_is_reported_at_once() -> None:
     report = _report(policy=GuestPolicy(0xF0000), vmpl=3, guest_svn=0)
     policy = SnpPolicy.from_dict(
-        {"measurement": (b"\x00" * 48).hex(), "guest_svn_min": 1, "allow_smt": False}
+        {"measurement": (b"\x01" * 48).hex(), "guest_svn_min": 1, "allow_smt": False}
     )
     assert [m.field for m in policy.validate(report)] == [
         "snp.measurement",
@@ -208,6 +213,13 @@ def test_direct_construction_is_checked() -> None:
         ({"family_id": "00" * 32}, "snp.family_id values are 16 bytes"),
         ({"image_id": b"\x00" * 16}, "snp.image_id values are hex strings"),
         ({"allow_debug": "yes"}, "snp.allow_debug is true or false"),
+        ({"allow_debug": True}, "snp.allow_debug = true is not supported"),
+        ({"measurement": "00" * 48}, "snp.measurement: an all-zero value identifies no code"),
+        ({"id_key_digest": "00" * 48}, "snp.id_key_digest: an all-zero value identifies no"),
+        (
+            {"author_key_digest": ["ab" * 48, "00" * 48]},
+            "snp.author_key_digest: an all-zero value identifies no code",
+        ),
         ({"allow_migration_agent": 1}, "snp.allow_migration_agent is true or false"),
         ({"allow_smt": None}, "snp.allow_smt is true or false"),
         ({"min_reported_tcb": 3}, "snp.min_reported_tcb must be a table"),

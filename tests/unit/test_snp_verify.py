@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from blindinfer.attestation.roots.amd import AMD_PRODUCTS, AmdProductRoots
-from blindinfer.attestation.snp.policy import SnpPolicy
+from blindinfer.attestation.snp.policy import SnpPolicy, TcbMinimum
 from blindinfer.attestation.snp.report import (
     GuestPolicy,
     SnpReport,
@@ -29,7 +29,7 @@ from blindinfer.attestation.snp.report import (
     parse_snp_report,
 )
 from blindinfer.attestation.snp.verify import verify_snp
-from blindinfer.errors import Mismatch, QuoteParseError, QuoteVerificationError
+from blindinfer.errors import Mismatch, PolicyError, QuoteParseError, QuoteVerificationError
 from support import vectors
 from support.vectors import VECTORS
 
@@ -144,7 +144,8 @@ def test_debug_guest_verifies_but_the_default_policy_refuses_it() -> None:
             "DEBUG allowed (policy 0xb0000)",
         )
     ]
-    assert SnpPolicy(allow_debug=True).validate(verified.report) == []
+    with pytest.raises(PolicyError, match=r"snp\.allow_debug = true is not supported"):
+        SnpPolicy(allow_debug=True)  # no policy can accept a guest the host can debug
 
 
 def test_trustee_report_passes_the_default_policy() -> None:
@@ -152,7 +153,11 @@ def test_trustee_report_passes_the_default_policy() -> None:
         TRUSTEE_REPORT.read_bytes(), TRUSTEE_VCEK.read_bytes(), now=int(TRUSTEE_AT.timestamp())
     )  # no chain supplied: the pinned ASK and ARK are used
     assert verified.report.reported_tcb.describe().startswith("bootloader=3 tee=0 snp=8")
-    assert SnpPolicy().validate(verified.report) == []
+    # its TCB (2022-era Milan firmware) is below today's floor: accepted only with an
+    # explicit, lower floor (tests/unit/test_snp_revocation.py shows the default refusing it)
+    old = TcbMinimum(bootloader=3, tee=0, snp=8, microcode=115)
+    policy = SnpPolicy(min_reported_tcb=old)
+    assert policy.validate(verified.report, product=verified.product) == []
 
 
 def test_pem_chip_certificate_is_accepted() -> None:
@@ -707,3 +712,139 @@ def test_unknown_issuer_is_refused(pki: FakePki) -> None:
             now=FAKE_AT,
             trusted_products={"Genoa": dataclasses.replace(pki.trusted["Milan"], name="Genoa")},
         )
+
+
+# --- revocation and the TCB floor on the client path (issue 21, item 14) -------------------
+
+
+def test_revocation_checked_only_with_an_ark_crl(pki: FakePki) -> None:
+    report, cert, trusted = pki.report(), pki.chip_cert(), pki.trusted
+    assert not verify_snp(report, cert, now=FAKE_AT, trusted_products=trusted).revocation_checked
+    by_ask = verify_snp(
+        report, cert, now=FAKE_AT, trusted_products=trusted, crls=[pki.crl(signer="ask")]
+    )
+    assert not by_ask.revocation_checked  # the ASK cannot vouch for itself
+    assert verify_snp(
+        report, cert, now=FAKE_AT, trusted_products=trusted, crls=[pki.crl()]
+    ).revocation_checked
+
+
+def test_revoked_vlek_signer_is_refused(pki: FakePki) -> None:
+    vlek = pki.chip_cert(kind="vlek", hwid=None)
+    report = pki.report(signer_info=0b100, chip_id=bytes(64))
+    crl = pki.crl(revoked=(pki.asvk.serial_number,))
+    with pytest.raises(QuoteVerificationError, match=r"the ASVK \(serial 12\) is revoked"):
+        verify_snp(report, vlek, now=FAKE_AT, trusted_products=pki.trusted, crls=[crl])
+
+
+def test_a_crl_not_yet_valid_is_refused(pki: FakePki) -> None:
+    crl = _crl_from(pki, last_update=dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+    with pytest.raises(QuoteVerificationError, match="CRL is not yet valid"):
+        verify_snp(
+            pki.report(), pki.chip_cert(), now=FAKE_AT, trusted_products=pki.trusted, crls=[crl]
+        )
+
+
+def _crl_from(pki: FakePki, *, last_update: dt.datetime) -> bytes:
+    return (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.ark.subject)
+        .last_update(last_update)
+        .next_update(NOT_AFTER)
+        .sign(pki.ark_key, hashes.SHA384(), rsa_padding=PSS)
+        .public_bytes(Encoding.DER)
+    )
+
+
+def _trustee_document(crl: bytes = b"") -> Any:
+    from blindinfer.protocol.evidence import EvidenceDocument
+
+    return EvidenceDocument(
+        kind="amd-snp",
+        platform="snp",
+        nonce=bytes(32),
+        quote=TRUSTEE_REPORT.read_bytes(),
+        collateral_json="",
+        certificate_der=b"",
+        chip_certificates=(("vcek", TRUSTEE_VCEK.read_bytes()),),
+        crl=crl,
+    )
+
+
+OLD_MILAN = {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}
+
+
+def _evaluate(snp: dict[str, Any], crl: bytes = b"") -> list[Mismatch]:
+    from blindinfer.attestation.policy import Policy
+    from blindinfer.attestation.verifier import authenticate_document, evaluate_policy
+
+    at = int(TRUSTEE_AT.timestamp())
+    authentic = authenticate_document(_trustee_document(crl), allow_simulation=False, now=at)
+    policy = Policy.from_dict({"snp": {"measurement": ["11" * 48], **snp}})
+    return [
+        m for m in evaluate_policy(authentic, (), policy, now=at) if m.field != "snp.measurement"
+    ]
+
+
+def test_real_evidence_without_a_crl_is_refused_by_the_policy() -> None:
+    mismatches = _evaluate({"min_reported_tcb": OLD_MILAN})
+    assert [m.field for m in mismatches] == ["snp.allow_missing_crl"]
+    assert mismatches[0].got == "no CRL"
+
+
+def test_a_missing_crl_is_accepted_only_when_the_policy_says_so() -> None:
+    from blindinfer.attestation.verifier import RevocationNotCheckedWarning
+
+    with pytest.warns(RevocationNotCheckedWarning, match="allow_missing_crl"):
+        assert _evaluate({"min_reported_tcb": OLD_MILAN, "allow_missing_crl": True}) == []
+
+
+def test_a_foreign_crl_in_real_evidence_is_not_authentic(pki: FakePki) -> None:
+    from blindinfer.attestation.verifier import authenticate_document
+
+    with pytest.raises(QuoteVerificationError, match="CRL is not signed by the ARK"):
+        authenticate_document(
+            _trustee_document(pki.crl()), allow_simulation=False, now=int(TRUSTEE_AT.timestamp())
+        )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_default_tcb_floor_refuses_an_old_milan_tcb() -> None:
+    mismatches = _evaluate({"allow_missing_crl": True})
+    assert {m.field: (m.expected, m.got) for m in mismatches} == {
+        "snp.min_reported_tcb.bootloader": (">= 4 (blindinfer's default floor for Milan)", "3"),
+        "snp.min_reported_tcb.snp": (">= 22 (blindinfer's default floor for Milan)", "8"),
+        "snp.min_reported_tcb.microcode": (">= 213 (blindinfer's default floor for Milan)", "115"),
+    }
+
+
+def test_the_policy_raises_and_lowers_the_floor_per_component() -> None:
+    verified = verify_snp(VLEK_REPORT, VLEK_CERT, now=VLEK_AT)  # bl=4 tee=0 snp=24 ucode=217
+    policy = SnpPolicy(vmpl=(1,))
+    assert policy.validate(verified.report, product="Milan") == []
+    raised = SnpPolicy(vmpl=(1,), min_reported_tcb=TcbMinimum(microcode=218))
+    assert raised.validate(verified.report, product="Milan") == [
+        Mismatch("snp.min_reported_tcb.microcode", ">= 218", "217")
+    ]
+    trustee = verify_snp(TRUSTEE_REPORT.read_bytes(), TRUSTEE_VCEK.read_bytes(), now=TRUSTEE_AT)
+    lowered_one = SnpPolicy(min_reported_tcb=TcbMinimum(microcode=100))
+    assert [m.field for m in lowered_one.validate(trustee.report, product="Milan")] == [
+        "snp.min_reported_tcb.bootloader",
+        "snp.min_reported_tcb.snp",
+    ]
+
+
+def test_the_default_floor_knows_each_product() -> None:
+    from blindinfer.attestation.snp.policy import DEFAULT_MIN_TCB
+
+    assert set(DEFAULT_MIN_TCB) == set(AMD_PRODUCTS)
+    assert DEFAULT_MIN_TCB["Milan"].microcode == 0xD5  # AMD-SB-3019: 0x0A0011D5
+    assert DEFAULT_MIN_TCB["Genoa"].microcode == 0x54  # AMD-SB-3019: 0x0A101154
+
+
+def test_a_vcek_that_fails_to_parse_late_is_a_parse_error() -> None:
+    """Byte 99 of this VCEK breaks a field that `cryptography` only parses when read: it
+    used to escape as a bare ValueError (and out of connect())."""
+    broken = TRUSTEE_VCEK.read_bytes()[:99] + b"\x00" + TRUSTEE_VCEK.read_bytes()[100:]
+    with pytest.raises(QuoteParseError, match="malformed certificate or report"):
+        verify_snp(TRUSTEE_REPORT.read_bytes(), broken, now=TRUSTEE_AT)

@@ -314,7 +314,7 @@ def test_delete_unknown_on_empty_store(store: Store) -> None:
     )
     with pytest.raises(UnknownModelError, match=r"no model is known as 'm-0{32}'"):
         store.registry.delete(ghost)
-    with pytest.raises(UnknownModelError, match="no model is known as 'nothing'"):
+    with pytest.raises(UnknownModelError, match="no model is visible to this API key as 'nothing'"):
         store.resolve("nothing")
 
 

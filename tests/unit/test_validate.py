@@ -251,7 +251,7 @@ def test_masks_ignore_bits_outside_them() -> None:
 
 
 def test_mrsigner_only_policy_checks_mrsigner_not_mrenclave() -> None:
-    policy = SgxPolicy(mrsigner=(SIMULATION_MRSIGNER,))
+    policy = SgxPolicy(mrsigner=(SIMULATION_MRSIGNER,), isvprodid=(BODY.isvprodid,))
     other = dataclasses.replace(BODY, mrenclave=OTHER_MRE)
     assert validate_sgx(other, "UpToDate", (), policy) == []
     assert validate_sgx(dataclasses.replace(BODY, mrsigner=OTHER_MRS), "UpToDate", (), policy) == [

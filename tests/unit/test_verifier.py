@@ -342,9 +342,11 @@ def test_evidence_document_round_trip() -> None:
         "quote",
         "collateral",
         "certificates",
+        "crl",
         "certificate",
         "gpus",
     }
+    assert document["crl"] is None  # AMD's CRL travels only with amd-snp evidence
     assert document["version"] == 1
     assert document["kind"] == "intel-sgx"
     assert document["platform"] == "simulation"

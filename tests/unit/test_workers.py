@@ -30,7 +30,7 @@ from blindinfer.runtime.errors import (
     WorkerCrashedError,
 )
 from blindinfer.runtime.session import ModelSession
-from blindinfer.runtime.workers import WorkerPool, WorkerStats
+from blindinfer.runtime.workers import ModelNotPlacedError, WorkerPool, WorkerStats
 from support import hostile_models as hostile
 from support.onnx_models import (
     dtype_identity_feed,
@@ -402,3 +402,72 @@ def test_close_stops_every_worker(make_pool: PoolFactory) -> None:
             os.kill(pid, 0)
     with pytest.raises(RuntimeError):
         pool.run("mlp", {"x": MLP_X})
+
+
+def test_unloading_a_busy_model_does_not_wait_for_its_worker(make_pool: PoolFactory) -> None:
+    """Issue 21, item 1: `unload` used to wait for the worker's current job (up to the
+    inference timeout), and the registry called it under the lock every request needs.
+    Now it returns at once; the run in progress finishes (here: is killed by the timeout),
+    a run queued behind it ends in ModelNotPlacedError (a KeyError), and the session is
+    dropped from the worker right after."""
+    pool, store = make_pool(workers=1, timeout_s=30.0)
+    _load(pool, store, "slow", hostile.slow_model())
+    (worker,) = pool.stats()
+    running = pool.submit("slow", {"x": SLOW_X})
+    queued = pool.submit("slow", {"x": SLOW_X})
+    _wait_for(lambda: pool.stats()[0].pending == 2, "both runs to queue")
+    time.sleep(0.2)  # the first one is in onnxruntime now
+
+    started = time.monotonic()
+    pool.unload("slow")
+    assert time.monotonic() - started < 1.0
+    assert pool.stats()[0].models == () and pool.stats()[0].loaded == ()
+    with pytest.raises(KeyError):  # no new run reaches it
+        pool.submit("slow", {"x": SLOW_X})
+
+    assert worker.pid is not None
+    os.kill(worker.pid, signal.SIGKILL)  # end the endless run now rather than in 30 s
+    with pytest.raises(WorkerCrashedError):
+        running.result(10.0)
+    with pytest.raises(ModelNotPlacedError):
+        queued.result(10.0)
+    _load(pool, store, "mlp", MLP)
+    assert pool.run("mlp", {"x": MLP_X})["probabilities"].shape == (4, 10)
+    assert pool.stats()[0].pending == 0
+
+
+def test_an_unload_is_carried_out_after_the_current_job(make_pool: PoolFactory) -> None:
+    """The session of a model unloaded while its worker runs another one leaves the worker
+    process once that job ends (its memory must not stay held)."""
+    pool, store = make_pool(workers=1, timeout_s=TIMEOUT_S)
+    _load(pool, store, "slow", hostile.slow_model())
+    _load(pool, store, "mlp", MLP)
+    running = pool.submit("slow", {"x": SLOW_X})
+    _wait_for(lambda: pool.stats()[0].pending == 1, "the slow run to start")
+    pool.unload("mlp")
+    assert pool.stats()[0].models == ("slow",)
+    with pytest.raises(InferenceTimeoutError):
+        running.result(TIMEOUT_S + MARGIN_S)
+    _load(pool, store, "mlp", MLP)  # the same key again, on the replaced worker: it runs
+    assert pool.run("mlp", {"x": MLP_X})["probabilities"].shape == (4, 10)
+    pool.unload("mlp")
+    _wait_for(lambda: pool.stats()[0].pending == 0, "the unload to be carried out")
+    assert pool.stats()[0].loaded == ()
+
+
+def test_queued_runs_hold_no_threads(make_pool: PoolFactory) -> None:
+    """Issue 21, item 4: forty runs waiting for one busy worker hold forty queue entries,
+    not forty threads of the caller; the other worker serves meanwhile."""
+    pool, store = make_pool(workers=2, timeout_s=TIMEOUT_S, queue_limit=64)
+    _load(pool, store, "slow", hostile.slow_model())
+    _load(pool, store, "mlp", MLP)
+    assert _worker_of(pool, "slow").index != _worker_of(pool, "mlp").index
+    threads = threading.active_count()
+    futures = [pool.submit("slow", {"x": SLOW_X}) for _ in range(40)]
+    assert _worker_of(pool, "slow").pending == 40
+    assert threading.active_count() <= threads + 2  # the two workers' queue threads
+    started = time.monotonic()
+    assert pool.run("mlp", {"x": MLP_X})["probabilities"].shape == (4, 10)
+    assert time.monotonic() - started < 2.0
+    pool.close()  # cancels what is still queued
+    assert futures[-1].cancelled()

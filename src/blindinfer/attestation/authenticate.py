@@ -41,6 +41,8 @@ class Authentic:
     report_data: bytes
     body: SgxReportBody | TdReportBody | SnpReport
     claims: MappingProxyType[str, Claim]
+    revocation_checked: bool | None = None
+    """SEV-SNP: whether AMD's ARK-signed CRL was checked (None: not an SNP kind)."""
 
 
 def select_intel_root(chain: tuple[bytes, ...], *, allow_simulation: bool) -> TrustRoot:
@@ -159,11 +161,20 @@ def chain_from_roles(chip_certificates: dict[str, bytes]) -> bytes | None:
 
 
 def authenticate_snp(
-    report: bytes, chip_certificate: bytes | None, *, chain_pem: bytes | None, now: int
+    report: bytes,
+    chip_certificate: bytes | None,
+    *,
+    chain_pem: bytes | None,
+    now: int,
+    crl: bytes = b"",
 ) -> Authentic:
+    """Authentic SNP evidence; `crl` (AMD's, DER) is checked when given. Whether its absence
+    is acceptable is the policy's call (`evaluate_policy`), so `revocation_checked` says."""
     if chip_certificate is None:
         raise QuoteVerificationError("no VCEK or VLEK certificate was supplied with the SNP report")
-    verified = verify_snp(report, chip_certificate, chain=chain_pem, now=now)
+    verified = verify_snp(
+        report, chip_certificate, chain=chain_pem, now=now, crls=(crl,) if crl else ()
+    )
     body = verified.report
     tcb = body.reported_tcb
     claims: dict[str, Claim] = {
@@ -184,6 +195,7 @@ def authenticate_snp(
         "chip_id": body.chip_id.hex(),
         "product": verified.product,
         "signing_key": verified.key_kind,
+        "revocation": "checked (AMD CRL)" if verified.revocation_checked else "no CRL supplied",
     }
     return Authentic(
         "amd-snp",
@@ -194,6 +206,7 @@ def authenticate_snp(
         body.report_data,
         body,
         MappingProxyType(claims),
+        revocation_checked=verified.revocation_checked,
     )
 
 
@@ -205,6 +218,7 @@ def authenticate(
     chip_certificates: dict[str, bytes] | None = None,
     allow_simulation: bool = False,
     now: int,
+    crl: bytes = b"",
 ) -> Authentic:
     if kind == "intel-sgx":
         return authenticate_sgx(
@@ -215,5 +229,5 @@ def authenticate(
     if kind == "amd-snp":
         roles = chip_certificates or {}
         chip = roles.get("vcek") or roles.get("vlek")
-        return authenticate_snp(evidence, chip, chain_pem=chain_from_roles(roles), now=now)
+        return authenticate_snp(evidence, chip, chain_pem=chain_from_roles(roles), now=now, crl=crl)
     raise QuoteParseError(f"unknown evidence kind {kind[:40]!r}")

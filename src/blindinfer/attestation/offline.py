@@ -132,8 +132,11 @@ def verify_snp_offline(
     *,
     policy: Policy | None,
     at: int,
+    crl: bytes = b"",
 ) -> OfflineResult:
-    authentic = authenticate_snp(report, chip_certificate, chain_pem=chain_pem, now=at)
+    """`crl`: AMD's CRL (DER or PEM); without it a policy's [snp] section refuses the
+    report unless it sets allow_missing_crl (bundles carry the CRL in their evidence)."""
+    authentic = authenticate_snp(report, chip_certificate, chain_pem=chain_pem, now=at, crl=crl)
     return _result(authentic, (), policy, collateral_json="", at=at)
 
 

@@ -7,8 +7,9 @@ whole policy and holds the rules that span sections.
 A policy is loaded from TOML (or built in Python) into frozen objects whose sizes are
 checked at load time. Within a section, an unset field is not checked, a list field
 accepts any of its values (for rolling upgrades). Secure defaults: only the UpToDate TCB
-status, no advisories, never a debug enclave. A policy must pin the code identity
-(MRENCLAVE or MRSIGNER): without either, any enclave signed by anyone would pass.
+status, no advisories, never a debug enclave or guest. Every section must pin the code
+identity (SGX: MRENCLAVE, or MRSIGNER with ISVPRODID; TDX: MRTD; SNP: the launch
+measurement): without it any enclave or guest on a genuine platform would pass.
 """
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ class Policy:
     def __post_init__(self) -> None:
         if self.sgx is None and self.tdx is None and self.snp is None:
             raise PolicyError("a policy needs at least one of the [sgx], [tdx], [snp] sections")
-        if self.snp is not None and not (
-            self.snp.measurement or self.snp.id_key_digest or self.snp.author_key_digest
-        ):
+        if self.snp is not None and not self.snp.measurement:
             raise PolicyError(
-                "an [snp] section must pin measurement, id_key_digest or author_key_digest: "
-                "without them any guest image would pass"
+                "an [snp] section must pin snp.measurement (add measurement = "
+                '["<96 hex digits>"], as `blindinfer measure --image DIR --platform snp` '
+                "prints it): id_key_digest and author_key_digest are only checked in "
+                "addition, since the key's owner may sign any image and blindinfer does not "
+                "see the ID block the firmware checked"
             )
         if self.max_collateral_age_days is not None and self.max_collateral_age_days <= 0:
             raise PolicyError("max_collateral_age_days must be a positive integer")

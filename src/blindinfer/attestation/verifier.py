@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import time
+import warnings
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -60,6 +61,7 @@ def authenticate_document(
         chip_certificates=dict(document.chip_certificates),
         allow_simulation=allow_simulation,
         now=now,
+        crl=document.crl,
     )
 
 
@@ -97,7 +99,8 @@ def evaluate_policy(
     elif isinstance(body, TdReportBody) and policy.tdx is not None:
         found += policy.tdx.validate(body, authentic.tcb_status, authentic.advisory_ids)
     elif isinstance(body, SnpReport) and policy.snp is not None:
-        found += policy.snp.validate(body)
+        found += policy.snp.validate(body, product=str(authentic.claims.get("product", "")))
+        found += _snp_revocation(authentic, policy.snp.allow_missing_crl)
     else:
         sections = [k for k in ("sgx", "tdx", "snp") if getattr(policy, k) is not None]
         found.append(Mismatch("kind", f"evidence for [{'], ['.join(sections)}]", authentic.kind))
@@ -109,6 +112,37 @@ def evaluate_policy(
         for gpu in gpus:
             found += policy.gpu.validate(gpu)
     return found
+
+
+def _snp_revocation(authentic: Authentic, allow_missing_crl: bool) -> list[Mismatch]:
+    """A missing AMD CRL is refused unless the policy says, in so many words, to accept it.
+
+    Why here and not in `authenticate`: a CRL that is present is always checked there (a
+    revoked ASK or a forged or expired CRL is never authentic); only its absence is a
+    choice, and choices are the policy's.
+    """
+    if authentic.revocation_checked:
+        return []
+    if allow_missing_crl:
+        warnings.warn(
+            "SEV-SNP evidence without AMD's CRL accepted because the policy sets "
+            "[snp] allow_missing_crl = true: a revoked ASK/ASVK would not be noticed",
+            RevocationNotCheckedWarning,
+            stacklevel=2,
+        )
+        return []
+    return [
+        Mismatch(
+            "snp.allow_missing_crl",
+            "AMD's CRL with the evidence (revocation checked); the server fetches it with "
+            "--kds-url",
+            "no CRL",
+        )
+    ]
+
+
+class RevocationNotCheckedWarning(UserWarning):
+    """Evidence was accepted without a revocation check, because the policy allowed it."""
 
 
 def _collateral_age(collateral_json: str, max_days: int, now: int) -> list[Mismatch]:

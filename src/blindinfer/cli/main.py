@@ -79,7 +79,16 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pccs-url", help="Intel PCCS/PCS base URL for DCAP collateral (needed on SGX)"
     )
-    parser.add_argument("--kds-url", help="AMD KDS base URL, if the host does not supply the VCEK")
+    parser.add_argument(
+        "--kds-url",
+        help="AMD KDS base URL (https://kdsintf.amd.com): the VCEK if the host does not supply "
+        "it, and AMD's CRL that SEV-SNP evidence carries (clients refuse evidence without it)",
+    )
+    parser.add_argument(
+        "--insecure-http-collateral",
+        action="store_true",
+        help="accept plain http:// for --pccs-url and --kds-url (default: https:// only)",
+    )
     parser.add_argument(
         "--snp-product",
         choices=("Milan", "Genoa", "Turin"),
@@ -104,6 +113,14 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         default="64M",
         help="largest inference request body",
+    )
+    parser.add_argument(
+        "--max-response-bytes",
+        type=size,
+        metavar="SIZE",
+        default="64M",
+        help="largest inference response (JSON outputs count at their longest encoding); "
+        "refused in the worker before it reaches the server",
     )
     parser.add_argument("--max-models", type=int, default=32, help="most models held at once")
     parser.add_argument(
@@ -140,6 +157,12 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         "--inference-timeout-ms", type=int, default=60_000, help="time limit of one inference"
     )
     parser.add_argument(
+        "--load-timeout-ms",
+        type=int,
+        default=120_000,
+        help="time limit of loading one model into a worker (upload, or reload after eviction)",
+    )
+    parser.add_argument(
         "--store-dir",
         type=directory_or_new("store directory"),
         help="persist sealed models in this directory (default: memory only, lost at exit)",
@@ -165,6 +188,77 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="simulation only: produce debug-enclave evidence (clients must refuse it)",
     )
+    _connection_options(parser)
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    """Bounds on connections, request heads and bodies (server/connection_guard.py and
+    server/body_guard.py): slow or unfinished requests must not hold the server."""
+    group = parser.add_argument_group("connections and request bodies")
+    group.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=10.0,
+        help="TLS handshake and request head must arrive within this time (else closed)",
+    )
+    group.add_argument(
+        "--keep-alive-s", type=float, default=30.0, help="idle time between requests"
+    )
+    group.add_argument(
+        "--max-header-bytes",
+        type=size,
+        metavar="SIZE",
+        default="64K",
+        help="largest request line and headers (431 past it)",
+    )
+    group.add_argument(
+        "--max-headers", type=int, default=100, help="most headers in a request (431 past it)"
+    )
+    group.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=30.0,
+        help="longest pause in a request body, and its grace before --min-body-rate (408)",
+    )
+    group.add_argument(
+        "--min-body-rate",
+        type=size,
+        metavar="SIZE",
+        default="64K",
+        help="bytes per second a body must average once its grace is over",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=1000,
+        help="open connections; past it the oldest one not serving a request is closed",
+    )
+    group.add_argument(
+        "--max-concurrent-bodies",
+        type=int,
+        default=64,
+        help="request bodies received at once, server-wide (503 past it)",
+    )
+    group.add_argument(
+        "--max-body-buffer-bytes",
+        type=size,
+        metavar="SIZE",
+        default="2G",
+        help="bytes of request bodies received at once, server-wide (503 past it)",
+    )
+
+
+def _connection_limits(args: argparse.Namespace) -> object:
+    from blindinfer.server.config import ConnectionLimits
+
+    names = [field.name for field in dataclasses.fields(ConnectionLimits)]
+    try:
+        return ConnectionLimits(**{name: getattr(args, name) for name in names})
+    except ValueError as exc:  # "limit max_headers must be ...": name the option instead
+        text = str(exc)
+        for name in names:
+            text = text.replace(f"limit {name} ", f"--{name.replace('_', '-')} ")
+        raise UsageError(text) from exc
 
 
 def _simulation_option(parser: argparse.ArgumentParser) -> None:
@@ -316,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--collateral-url",
         help="fetch Intel collateral from this PCCS/PCS (default: the collateral the server sends)",
     )
+    attest.add_argument(
+        "--insecure-http-collateral",
+        action="store_true",
+        help="accept a plain http:// --collateral-url (default: https:// only)",
+    )
 
     verify = _command(
         commands,
@@ -348,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ask-ark",
         type=readable_file("ASK/ARK file"),
         help="PEM with the ASK/ASVK and the ARK (default: the pinned AMD roots)",
+    )
+    verify.add_argument(
+        "--snp-crl",
+        type=readable_file("AMD CRL file"),
+        help="AMD's CRL for the report's product (DER or PEM, from KDS /vcek/v1/<product>/crl); "
+        "without it a policy refuses the report unless it sets [snp] allow_missing_crl",
     )
     verify.add_argument(
         "--nvidia-report",
@@ -401,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
         "policy",
         "print a policy from a server's evidence",
         "Print a policy TOML filled with the values a server reports, for you to compare "
-        "with what `blindinfer measure` printed before you trust it.",
+        "with what `blindinfer measure` printed before you trust it. Only values that pin "
+        "code are set; anything weaker than the defaults is left commented out with a WARNING.",
         CLIENT_EPILOG,
     )
     policy.add_argument(
@@ -504,6 +610,7 @@ def _config(args: argparse.Namespace) -> object:
         limits = Limits(
             max_model_bytes=args.max_model_bytes,
             max_request_bytes=args.max_request_bytes,
+            max_response_bytes=args.max_response_bytes,
             max_models=args.max_models,
             memory_budget_bytes=args.memory_budget_bytes,
             max_stored_bytes=args.max_stored_bytes,
@@ -511,6 +618,7 @@ def _config(args: argparse.Namespace) -> object:
             worker_memory_bytes=args.worker_memory_bytes,
             queue_limit=args.queue_limit,
             inference_timeout_ms=args.inference_timeout_ms,
+            load_timeout_ms=args.load_timeout_ms,
         )
     except ValueError as exc:  # "limit workers must be ...": name the option instead
         text = str(exc)
@@ -528,12 +636,14 @@ def _config(args: argparse.Namespace) -> object:
         platform=args.platform,
         pccs_url=args.pccs_url,
         kds_url=args.kds_url,
+        insecure_http_collateral=args.insecure_http_collateral,
         snp_product=args.snp_product,
         snp_vmpl=args.snp_vmpl,
         store_dir=args.store_dir,
         auth_file=str(args.auth_file) if args.auth_file else None,
         intra_op_threads=args.intra_op_threads,
         metrics_model_names=args.metrics_model_names,
+        connections=_connection_limits(args),  # type: ignore[arg-type]
     )
 
 
@@ -652,7 +762,11 @@ def _attest(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy) if args.policy else None
     if args.simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=1)
-    source = PccsCollateral(args.collateral_url) if args.collateral_url else None
+    source = (
+        PccsCollateral(args.collateral_url, allow_insecure_http=args.insecure_http_collateral)
+        if args.collateral_url
+        else None
+    )
     bundle = capture(args.url, collateral=source)
     if args.save:
         bundle.save(args.save)  # saved before verification, so a refusal can be audited
@@ -678,11 +792,14 @@ def _verify_receipt(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace) -> int:
-    from blindinfer.attestation.policy_toml import suggested_policy
+    from blindinfer.attestation.policy_toml import suggest
     from blindinfer.client.client import attest
 
     report = attest(args.source, policy=None, simulation=args.simulation)
-    print(suggested_policy(report, args.source), end="")
+    suggestion = suggest(report, args.source)
+    print(suggestion.text, end="")
+    for warning in suggestion.warnings:  # stderr: still seen with `> policy.toml`
+        print(f"blindinfer policy: WARNING: {warning} (left commented out)", file=sys.stderr)
     return 0
 
 

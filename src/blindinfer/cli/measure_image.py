@@ -58,6 +58,8 @@ def measure_image(args: argparse.Namespace) -> int:
     for key, value in values.items():
         if isinstance(value, str) and len(value) == 96:
             print(f'{key} = ["{value}"]')
+        elif key == "td_attributes":  # exact: every bit stated (see measure.tdx)
+            print(f'{key} = "{value}"')
     return 0
 
 
@@ -79,7 +81,7 @@ def _snp(bootset: BootSet, args: argparse.Namespace) -> tuple[dict[str, object],
 
 
 def _tdx(bootset: BootSet, args: argparse.Namespace) -> tuple[dict[str, object], list[str]]:
-    from blindinfer.measure.tdx import measure_tdx
+    from blindinfer.measure.tdx import LAUNCH_TD_ATTRIBUTES, XFAM_NOTE, measure_tdx
 
     if bootset.firmware_tdx is None:
         raise UsageError(
@@ -101,6 +103,12 @@ def _tdx(bootset: BootSet, args: argparse.Namespace) -> tuple[dict[str, object],
         comments.append(f"rtmr0 is not pinned: {result.rtmr0_reason}")
     values["rtmr1"] = result.rtmr1.hex()
     values["rtmr2"] = result.rtmr2.hex()
+    values["td_attributes"] = LAUNCH_TD_ATTRIBUTES.hex()
+    comments += [
+        "td_attributes: launch the TD with SEPT_VE_DISABLE only "
+        "(QEMU -object tdx-guest,sept-ve-disable=on), not migratable, no debug",
+        XFAM_NOTE,
+    ]
     return values, comments
 
 

@@ -1,11 +1,14 @@
 """`blindinfer proxy`: an attesting proxy for any Open Inference Protocol client.
 
     blindinfer proxy --policy P --upstream https://host:9924 --listen 127.0.0.1:8000 \\
-        [--simulation] [--api-key K] [--reattest-seconds N]
+        [--simulation] [--api-key K] [--reattest-seconds N] [--allow-host NAME[:PORT]]
+        [--allow-origin URL] [--unix-socket PATH] [--access-token-file PATH]
 
 Point tritonclient, KServe's SDK or curl at http://127.0.0.1:8000: the proxy forwards to
 the upstream only while its attestation verifies against the policy, over TLS pinned to
-the attested key. Also runnable as `python -m blindinfer.cli.proxy ...`.
+the attested key. Requests from web pages (Origin, Sec-Fetch-Site), with another Host
+(DNS rebinding) or a Content-Type the route does not read are refused (proxy/guard.py).
+Also runnable as `python -m blindinfer.cli.proxy ...`.
 
 This module imports only argparse and blindinfer.cli.args at import time; uvicorn and the
 proxy are loaded by `run_proxy`, so `add_proxy_arguments` is cheap for the main parser.
@@ -62,6 +65,35 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
         "and requests through it carry the proxy's API key",
     )
     parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME[:PORT]",
+        help="also accept requests whose Host header is this (repeatable; without a port: "
+        "at the listening port). By default only the listening address is accepted (and "
+        "localhost on loopback): other names are what a DNS rebinding attack sends",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="SCHEME://HOST[:PORT]",
+        help="let web pages from this origin use the proxy, with CORS (repeatable). By "
+        "default every request from a browser page (Origin, Sec-Fetch-Site) is refused: "
+        "any page could otherwise act with the proxy's API key",
+    )
+    parser.add_argument(
+        "--unix-socket",
+        metavar="PATH",
+        help="listen on a Unix socket (created 0600: only this user) instead of --listen",
+    )
+    parser.add_argument(
+        "--access-token-file",
+        metavar="PATH",
+        help="require the token in this file (0600; created with a random token if "
+        "missing) in the X-Blindinfer-Proxy-Token header of every request",
+    )
+    parser.add_argument(
         "--simulation",
         action="store_true",
         help="accept a SIMULATION upstream (no TEE, insecure: for testing only)",
@@ -91,6 +123,11 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--collateral-url",
         help="fetch Intel collateral from this PCCS/PCS (default: what the server sends)",
+    )
+    parser.add_argument(
+        "--insecure-http-collateral",
+        action="store_true",
+        help="accept a plain http:// --collateral-url (default: https:// only)",
     )
     parser.add_argument(
         "--max-request-bytes",
@@ -135,10 +172,18 @@ def run_proxy(args: argparse.Namespace) -> int:
         is_loopback,
         serve_proxy,
     )
+    from blindinfer.proxy.guard import TOKEN_HEADER
+    from blindinfer.proxy.token import TokenFileError, load_or_create_token
 
     host, port = args.listen if isinstance(args.listen, tuple) else listen_address(args.listen)
-    if not is_loopback(host) and not args.allow_remote:
+    unix_socket: str | None = getattr(args, "unix_socket", None)
+    if not unix_socket and not is_loopback(host) and not args.allow_remote:
         raise UsageError(REMOTE_REFUSAL.format(host=host))
+    token_file: str | None = getattr(args, "access_token_file", None)
+    try:
+        token = load_or_create_token(token_file) if token_file else None
+    except (TokenFileError, OSError) as exc:
+        raise UsageError(f"--access-token-file: {exc}") from exc
     policy = load_policy(args.policy)
     try:
         config = ProxyConfig(
@@ -149,13 +194,18 @@ def run_proxy(args: argparse.Namespace) -> int:
             forward_client_authorization=args.forward_client_authorization,
             reattest_seconds=args.reattest_seconds,
             collateral_url=args.collateral_url,
+            allow_insecure_http=args.insecure_http_collateral,
             max_request_bytes=args.max_request_bytes,
             max_response_bytes=args.max_response_bytes,
             timeout=args.timeout,
+            allow_hosts=tuple(getattr(args, "allow_host", ())),
+            allow_origins=tuple(getattr(args, "allow_origin", ())),
+            access_token=token,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    check_listen(host, port, "--listen")
+    if not unix_socket:
+        check_listen(host, port, "--listen")
     if args.simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=1)
     if not args.start_unattested:  # a wrong --upstream or policy is an error, not a 503
@@ -165,6 +215,7 @@ def run_proxy(args: argparse.Namespace) -> int:
             simulation=args.simulation,
             timeout=min(args.timeout, 30.0),
             collateral_url=args.collateral_url,
+            allow_insecure_http=args.insecure_http_collateral,
         )
     shown = f"[{host}]" if ":" in host else host
 
@@ -173,9 +224,19 @@ def run_proxy(args: argparse.Namespace) -> int:
         state = (
             "attested" if status is None else f"NOT attested, refusing: {status.document['error']}"
         )
-        print(f"{READY_PREFIX}http://{shown}:{bound} -> {config.upstream} ({state})", flush=True)
+        where = f"unix:{unix_socket}" if unix_socket else f"http://{shown}:{bound}"
+        print(f"{READY_PREFIX}{where} -> {config.upstream} ({state})", flush=True)
+        if token_file:
+            print(
+                f"blindinfer proxy: every request needs the {TOKEN_HEADER} header, "
+                f"with the token in {token_file}",
+                flush=True,
+            )
 
-    serve_proxy(config, host, port, on_ready=ready)
+    try:
+        serve_proxy(config, host, port, on_ready=ready, unix_socket=unix_socket)
+    except ValueError as exc:  # an unusable --unix-socket path
+        raise UsageError(f"--unix-socket: {exc}") from exc
     return 0
 
 

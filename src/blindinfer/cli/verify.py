@@ -138,6 +138,7 @@ def run_verify(args: argparse.Namespace) -> int:
                         chain,
                         policy=policy,
                         at=at,
+                        crl=args.snp_crl.read_bytes() if args.snp_crl else b"",
                     )
                 )
             )

@@ -15,7 +15,6 @@ of concurrent tasks over its pool of connections (`max_connections`).
 from __future__ import annotations
 
 import asyncio
-import warnings
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +25,7 @@ import numpy as np
 
 from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
-from blindinfer.client.client import SIMULATION_BANNER, attest_unwarned
+from blindinfer.client.client import attest_unwarned
 from blindinfer.client.common import (
     INDEX_CALL,
     Call,
@@ -48,9 +47,9 @@ from blindinfer.client.common import (
 )
 from blindinfer.client.models import ModelInfo, ModelMetadata
 from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
+from blindinfer.client.simulation import simulation_flag, warn_simulation
 from blindinfer.client.tensors import to_arrays
 from blindinfer.client.transport import check_url
-from blindinfer.errors import SimulationWarning
 from blindinfer.protocol.limits import TensorLimits
 
 
@@ -64,6 +63,7 @@ async def connect_async(
     api_key: str | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
     max_connections: int | None = None,
+    allow_insecure_http: bool = False,
 ) -> AsyncClient:
     """`connect()` for asyncio: returns only once the evidence verified against `policy`;
     raises the same `blindinfer.BlindInferError`s as `connect()`."""
@@ -77,6 +77,7 @@ async def connect_async(
         retry=retry,
         max_connections=max_connections,
         stacklevel=3,
+        allow_insecure_http=allow_insecure_http,
     )
 
 
@@ -91,11 +92,13 @@ async def _connect(
     retry: RetryPolicy,
     max_connections: int | None,
     stacklevel: int,
+    allow_insecure_http: bool = False,
 ) -> AsyncClient:
+    allow_simulation = simulation_flag(simulation)
     base = check_url(url)
     loaded = policy_of(policy)
-    if simulation:
-        warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=stacklevel)
+    if allow_simulation:
+        warn_simulation(stacklevel=stacklevel)
     verified = await asyncio.to_thread(
         attest_unwarned,
         base,
@@ -103,6 +106,7 @@ async def _connect(
         simulation=simulation,
         timeout=timeout,
         collateral_url=collateral_url,
+        allow_insecure_http=allow_insecure_http,
     )
     return AsyncClient(
         base,
@@ -181,6 +185,7 @@ class AsyncClient:
         api_key: str | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         max_connections: int | None = None,
+        allow_insecure_http: bool = False,
     ) -> _Connecting:
         """`await AsyncClient.connect(...)` or `async with AsyncClient.connect(...) as c`."""
         return _Connecting(
@@ -193,6 +198,7 @@ class AsyncClient:
                 "api_key": api_key,
                 "retry": retry,
                 "max_connections": max_connections,
+                "allow_insecure_http": allow_insecure_http,
             },
         )
 

@@ -11,7 +11,6 @@ import logging
 import secrets
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -48,17 +47,15 @@ from blindinfer.client.common import (
 from blindinfer.client.models import ModelInfo, ModelMetadata
 from blindinfer.client.receipts import Receipt, ReceiptedOutputs, check_receipt
 from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
+from blindinfer.client.simulation import SIMULATION_BANNER as SIMULATION_BANNER
+from blindinfer.client.simulation import simulation_flag, warn_simulation
 from blindinfer.client.tensors import to_arrays
 from blindinfer.client.transport import check_url, fetch_evidence
-from blindinfer.errors import ProtocolError, SimulationWarning
+from blindinfer.errors import ProtocolError
 from blindinfer.protocol.evidence import NONCE_SIZE, EvidenceDocument, parse_evidence_document
 from blindinfer.protocol.limits import TensorLimits
 
 log = logging.getLogger("blindinfer.client")
-SIMULATION_BANNER = (
-    "blindinfer: SIMULATION MODE. You asked to trust the simulation root: the server is NOT "
-    "in a TEE, its operator can read everything you send. Never use this with real data."
-)
 
 
 def capture(
@@ -88,12 +85,13 @@ def capture(
 def verify_bundle(
     bundle: EvidenceBundle, *, policy: Policy | None, simulation: bool, now: int | None = None
 ) -> VerifiedAttestation:
+    allow_simulation = simulation_flag(simulation)
     return verify_evidence(
         bundle.evidence,
         policy=policy,
         expected_nonce=bundle.nonce,
         tls_certificate_der=bundle.tls_certificate_der,
-        allow_simulation=simulation,
+        allow_simulation=allow_simulation,
         now=now,
     )
 
@@ -106,10 +104,11 @@ def attest(
     timeout: float = 30.0,
     now: int | None = None,
     collateral_url: str | None = None,
+    allow_insecure_http: bool = False,
 ) -> VerifiedAttestation:
     """Asks for evidence over a fresh nonce and verifies it; raises on any failure."""
-    if simulation:
-        warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=3)
+    if simulation_flag(simulation):
+        warn_simulation(stacklevel=2)  # names the line that called attest()
     return attest_unwarned(
         url,
         policy=policy,
@@ -117,6 +116,7 @@ def attest(
         timeout=timeout,
         now=now,
         collateral_url=collateral_url,
+        allow_insecure_http=allow_insecure_http,
     )
 
 
@@ -128,10 +128,13 @@ def attest_unwarned(
     timeout: float,
     now: int | None = None,
     collateral_url: str | None = None,
+    allow_insecure_http: bool = False,
 ) -> VerifiedAttestation:
     """`attest` without the simulation warning, for callers that warn themselves (the
     AsyncClient runs this in a worker thread and warns from the caller's coroutine)."""
-    return _verified_bundle(url, policy, simulation, timeout, now, collateral_url)[0]
+    return _verified_bundle(
+        url, policy, simulation, timeout, now, collateral_url, allow_insecure_http
+    )[0]
 
 
 def _verified_bundle(
@@ -141,9 +144,14 @@ def _verified_bundle(
     timeout: float,
     now: int | None,
     collateral_url: str | None,
+    allow_insecure_http: bool = False,
 ) -> tuple[VerifiedAttestation, EvidenceBundle]:
     """Captures over a fresh nonce and verifies; the bundle is what receipts' proofs carry."""
-    source = PccsCollateral(collateral_url) if collateral_url is not None else None
+    source = (
+        PccsCollateral(collateral_url, allow_insecure_http=allow_insecure_http)
+        if collateral_url is not None
+        else None
+    )
     bundle = capture(url, timeout=timeout, collateral=source)
     return verify_bundle(bundle, policy=policy, simulation=simulation, now=now), bundle
 
@@ -158,26 +166,34 @@ def connect(
     api_key: str | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
     max_connections: int | None = None,
+    allow_insecure_http: bool = False,
 ) -> Client:
     """An attested connection: returns only once the evidence verified against `policy`.
 
-    `collateral_url`: fetch Intel collateral from this PCCS/PCS instead of the server.
+    `collateral_url`: fetch Intel collateral from this PCCS/PCS instead of the server; it
+    must be https:// unless `allow_insecure_http=True` (a `UsageError` otherwise).
     `api_key`: sent only over the pinned, attested channel, never before verification.
     `timeout`: seconds for each of connecting, sending, receiving and waiting for a pooled
     connection. `retry`: how requests refused with 429/503 are retried (`NO_RETRY`: never;
     see `blindinfer.client.retry`). `max_connections`: size of the connection pool
     (default: httpx's, 100).
 
+    `simulation`: True trusts the simulation root (no TEE: for tests only) and shows a
+    `SimulationWarning` on every call; anything but True or False is a `UsageError`.
+
     Every failure is a `blindinfer.BlindInferError`: `UsageError` for a URL that is not
-    `https://host:port` or a policy path that is missing, `PolicyError` for a malformed
-    policy, `ConnectionFailedError` when the server cannot be reached, an `AttestationError`
-    when it cannot be trusted.
+    `https://host:port`, a policy path that is missing or a non-bool `simulation`,
+    `PolicyError` for a malformed policy, `ConnectionFailedError` when the server cannot be
+    reached, an `AttestationError` when it cannot be trusted.
     """
+    allow_simulation = simulation_flag(simulation)
     base = check_url(url)
     loaded = policy_of(policy)
-    if simulation:
-        warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=2)
-    verified, bundle = _verified_bundle(base, loaded, simulation, timeout, None, collateral_url)
+    if allow_simulation:
+        warn_simulation(stacklevel=2)
+    verified, bundle = _verified_bundle(
+        base, loaded, simulation, timeout, None, collateral_url, allow_insecure_http
+    )
     return Client(
         base,
         verified,

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from blindinfer.errors import UsageError
 
 __all__ = [
+    "LAUNCH_TD_ATTRIBUTES",
+    "XFAM_NOTE",
     "KernelLoad",
     "PageOrder",
     "PeImage",
@@ -575,6 +577,17 @@ RTMR0_REASON = (
     "(etc/table-loader, etc/acpi/rsdp, etc/acpi/tables), which depend on the QEMU version, "
     "machine type and devices, and the TD HOB, which depends on the memory layout; take it "
     "from the CCEL event log of a reference boot of the same VM shape"
+)
+
+LAUNCH_TD_ATTRIBUTES = (1 << 28).to_bytes(8, "little")
+"""TD_ATTRIBUTES the VM must be launched with (8 bytes as the quote reports them): only
+SEPT_VE_DISABLE (QEMU `-object tdx-guest,sept-ve-disable=on`), so that the host cannot
+inject #VE through EPT violations; DEBUG, MIGRATABLE, PKS, KL and PERFMON clear. The host
+chooses these at launch, not the boot files, so a policy pins them exactly."""
+
+XFAM_NOTE = (
+    "xfam is not pinned: it depends on the host CPU and the VM's CPU model, not on the "
+    'boot files; add xfam = "<16 hex digits>" from a reference launch of the same VM shape'
 )
 
 

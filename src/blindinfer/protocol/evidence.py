@@ -7,6 +7,7 @@ Request: `{"nonce": "<64 hex>"}`. Response:
      "quote": "<base64: DCAP quote, or SNP attestation report>",
      "collateral": {<dcap-qvl QuoteCollateralV3 JSON>} | null,
      "certificates": {"vcek" | "vlek" | "ask" | "asvk" | "ark": "<base64 DER>"},
+     "crl": "<base64 DER of AMD's CRL for the chip key's kind and product>" | null,
      "certificate": "<base64 DER of the server's TLS certificate>",
      "gpus": [{"kind": "nvidia-h100", "report": "<base64>", "certificates": "<PEM>"}]}
 
@@ -29,6 +30,7 @@ MAX_EVIDENCE_BYTES = 1024 * 1024
 MAX_QUOTE_BYTES = 64 * 1024
 MAX_COLLATERAL_BYTES = 256 * 1024
 MAX_CERTIFICATE_BYTES = 16 * 1024
+MAX_CRL_BYTES = 64 * 1024
 MAX_GPUS = 8
 KNOWN_KINDS = frozenset({"intel-sgx", "intel-tdx", "amd-snp"})
 CHIP_CERTIFICATE_ROLES = frozenset({"vcek", "vlek", "ask", "asvk", "ark"})
@@ -52,6 +54,8 @@ class EvidenceDocument:
     certificate_der: bytes
     chip_certificates: tuple[tuple[str, bytes], ...] = ()
     gpus: tuple[GpuEvidence, ...] = ()
+    crl: bytes = b""
+    """AMD's CRL (DER, signed by the ARK) for SEV-SNP evidence; b"" when none came."""
 
     def chip_certificate(self, role: str) -> bytes | None:
         return next((der for name, der in self.chip_certificates if name == role), None)
@@ -87,6 +91,7 @@ def evidence_document_json(document: EvidenceDocument) -> dict[str, Any]:
         "quote": _b64(document.quote),
         "collateral": json.loads(document.collateral_json) if document.collateral_json else None,
         "certificates": {role: _b64(der) for role, der in document.chip_certificates},
+        "crl": _b64(document.crl) if document.crl else None,
         "certificate": _b64(document.certificate_der),
         "gpus": [
             {"kind": g.kind, "report": _b64(g.report), "certificates": g.certificates_pem.decode()}
@@ -123,6 +128,7 @@ def evidence_document_from_json(document: Any) -> EvidenceDocument:
         certificate_der=_base64(document.get("certificate"), "certificate", MAX_CERTIFICATE_BYTES),
         chip_certificates=_chip_certificates(document.get("certificates", {})),
         gpus=_gpus(document.get("gpus", [])),
+        crl=_crl(document.get("crl"), kind),
     )
 
 
@@ -135,6 +141,14 @@ def _collateral(value: object, kind: str) -> str:
     if len(collateral_json) > MAX_COLLATERAL_BYTES:
         raise ProtocolError("malformed_evidence", "collateral is too large")
     return collateral_json
+
+
+def _crl(value: object, kind: str) -> bytes:
+    if value is None:
+        return b""
+    if kind != "amd-snp":
+        raise ProtocolError("malformed_evidence", "crl is for amd-snp evidence only")
+    return _base64(value, "crl", MAX_CRL_BYTES)
 
 
 def _chip_certificates(value: object) -> tuple[tuple[str, bytes], ...]:

@@ -617,6 +617,47 @@ def _tensor_entry(
     return entry
 
 
+_JSON_CHUNK_ELEMENTS: Final = 1 << 16
+
+
+def _json_data(array: _NDArray) -> list[bytes]:
+    """The flat JSON list of `array`'s elements, exactly as `_dump` writes it, in pieces.
+
+    A response may hold millions of elements: one `tolist()` and one `json.dumps` of them
+    are single C calls that hold the GIL for seconds (the server encodes big responses on
+    a thread so that its event loop keeps serving) and build 32 bytes of Python objects
+    per element. Piece by piece, other threads run in between and only one piece's
+    objects exist at a time.
+    """
+    flat = array.reshape(-1)
+    pieces = [b"["]
+    for start in range(0, flat.size, _JSON_CHUNK_ELEMENTS):
+        if start:
+            pieces.append(b",")
+        chunk = flat[start : start + _JSON_CHUNK_ELEMENTS].tolist()
+        pieces.append(_dump_value(chunk)[1:-1])
+    pieces.append(b"]")
+    return pieces
+
+
+def _dump_value(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":"), allow_nan=True).encode("ascii")
+
+
+def _response_entry(
+    name: str, value: npt.ArrayLike, binary: bool, chunks: list[memoryview]
+) -> list[bytes]:
+    """One output's JSON object, as pieces; JSON data is encoded in pieces (`_json_data`)."""
+    array, datatype = _canonical(value)
+    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    if binary:
+        entry["parameters"] = {"binary_data_size": array.nbytes}
+        chunks.append(array.data)
+        return [_dump_value(entry)]
+    # "data" is the last key: the object without it, then its data spliced in
+    return [_dump_value(entry)[:-1], b',"data":', *_json_data(array), b"}"]
+
+
 def encode_infer_request(
     inputs: Mapping[str, npt.ArrayLike],
     *,
@@ -674,14 +715,22 @@ def encode_infer_response(
     if parameters:
         doc["parameters"] = dict(parameters)
     chunks: list[memoryview] = []
-    entries = []
+    # "outputs" is the last key: the envelope without it, then the outputs spliced in,
+    # which gives the bytes json.dumps would give for the whole document.
+    pieces = [_dump(doc)[:-1], b',"outputs":[']
     any_binary = False
-    for name, value in outputs.items():
+    for index, (name, value) in enumerate(outputs.items()):
         as_binary = name in binary
         any_binary = any_binary or as_binary
-        entries.append(_tensor_entry(name, value, as_binary, chunks))
-    doc["outputs"] = entries
-    return _finish(doc, chunks, any_binary)
+        if index:
+            pieces.append(b",")
+        pieces += _response_entry(name, value, as_binary, chunks)
+    pieces.append(b"]}")
+    if not any_binary:
+        return b"".join(pieces), {"Content-Type": CONTENT_TYPE_JSON}
+    head_length = sum(len(piece) for piece in pieces)
+    body = b"".join([*pieces, *chunks])  # views of the arrays: one copy, no tobytes()
+    return body, {"Content-Type": CONTENT_TYPE_BINARY, HEADER_LENGTH: str(head_length)}
 
 
 def encode_error(code: str, message: str) -> bytes:

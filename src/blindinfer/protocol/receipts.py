@@ -27,6 +27,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -90,13 +91,37 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
+_KID: Final = re.compile(r"[0-9a-f]{64}")
+_P256_ORDER: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
 def _unb64(text: object, what: str) -> bytes:
-    if not isinstance(text, str) or "=" in text:
+    """The bytes of `text` if it is their one canonical base64url spelling, else refused.
+
+    Why so strict: a receipt is evidence that something happened, so one receipt must have
+    one spelling. `urlsafe_b64decode` skips characters outside the alphabet and accepts
+    padding and non-zero trailing bits, which lets anyone mint many distinct texts that
+    verify as "the same" receipt. Only the unpadded alphabet is accepted, and the decoded
+    bytes must encode back to exactly `text`.
+    """
+    if not isinstance(text, str) or len(text) > 2 * MAX_JWS_BYTES:
         raise ProtocolError("invalid_receipt", f"the receipt's {what} is not base64url text")
+    if _B64URL.fullmatch(text) is None or len(text) % 4 == 1:
+        raise ProtocolError(
+            "invalid_receipt",
+            f"the receipt's {what} is not canonical base64url (only A-Z a-z 0-9 - _, no "
+            "padding, no other characters)",
+        )
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except ValueError as exc:
         raise ProtocolError("invalid_receipt", f"the receipt's {what} is not base64url") from exc
+    if _b64(raw) != text:
+        raise ProtocolError(
+            "invalid_receipt", f"the receipt's {what} is not canonical base64url (trailing bits)"
+        )
+    return raw
 
 
 def _canonical_json(document: Mapping[str, Any]) -> bytes:
@@ -114,6 +139,8 @@ def sign_receipt(payload: Mapping[str, Any], sign: Signer, kid: str) -> dict[str
 def es256_sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
     """ES256 as JWS wants it: r || s, 32 bytes each."""
     r, s = decode_dss_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
+    if s > _P256_ORDER // 2:  # low-S: the one spelling verifiers accept (see parse_and_verify_jws)
+        s = _P256_ORDER - s
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
@@ -123,25 +150,32 @@ def parse_and_verify_jws(jws: object, public_key: ec.EllipticCurvePublicKey) -> 
         raise ProtocolError("invalid_receipt", "a receipt is a flattened JWS JSON object")
     protected, body = jws["protected"], jws["payload"]
     header = _json_object(_unb64(protected, "protected header"), "protected header")
+    payload_bytes = _unb64(body, "payload")  # before signing input: only ASCII reaches it
     if header.get("alg") != ALGORITHM or header.get("typ") != RECEIPT_TYPE:
         raise ProtocolError("invalid_receipt", f"the receipt is not an {ALGORITHM} receipt")
     if set(header) - {"alg", "typ", "kid"}:
         raise ProtocolError("invalid_receipt", "the receipt header has unknown parameters")
-    if not isinstance(header.get("kid"), str) or not hmac.compare_digest(
-        header["kid"], key_id(public_key)
-    ):
+    kid = header.get("kid")
+    if not isinstance(kid, str) or _KID.fullmatch(kid) is None:
+        raise ProtocolError(
+            "invalid_receipt", "the receipt's kid is not a key id (64 lower-case hex digits)"
+        )
+    if not hmac.compare_digest(kid.encode("ascii"), key_id(public_key).encode("ascii")):
         raise ProtocolError("invalid_receipt", "the receipt was signed by another key (kid)")
     signature = _unb64(jws["signature"], "signature")
     if len(signature) != 64 or not isinstance(public_key.curve, ec.SECP256R1):
         raise ProtocolError("invalid_receipt", "the receipt's signature is not ES256")
-    der = encode_dss_signature(
-        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-    )
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    if s > _P256_ORDER // 2:
+        # (r, n - s) verifies too: accepting both would give each receipt a second
+        # spelling. Signers emit low S (es256_sign), so a high S is refused.
+        raise ProtocolError("invalid_receipt", "the receipt's signature is not low-S (s > n/2)")
+    der = encode_dss_signature(r, s)
     try:
         public_key.verify(der, f"{protected}.{body}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as exc:
         raise ProtocolError("invalid_receipt", "the receipt's signature does not verify") from exc
-    payload = _json_object(_unb64(body, "payload"), "payload")
+    payload = _json_object(payload_bytes, "payload")
     if payload.get("v") != RECEIPT_VERSION:
         raise ProtocolError("invalid_receipt", "unknown receipt version")
     return payload

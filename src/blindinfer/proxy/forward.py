@@ -20,6 +20,12 @@ While there is no valid attestation, nothing is forwarded: every request gets 50
 JSON body naming the attestation error class and its message. `GET /blindinfer/proxy`
 answers the proxy's own status (never forwarded).
 
+Before any of that, every local request passes `LocalGuard` (proxy/guard.py): its `Host`
+must name the address it arrived on (DNS rebinding), a browser's cross-origin request
+(`Origin`, `Sec-Fetch-Site`) is refused unless its origin was allowed, its Content-Type
+must suit the route, and the access token is checked when one is set. The proxy can also
+listen on a Unix socket (0600) instead of TCP.
+
 Bodies stream both ways, bounded (`max_request_bytes`, `max_response_bytes`); hop-by-hop
 headers are dropped; `Authorization` from local callers is dropped unless
 `forward_client_authorization`, and the proxy's own API key is added on the pinned
@@ -37,8 +43,10 @@ import importlib.util
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import select
+import signal
 import socket
 import ssl
 import sys
@@ -46,6 +54,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -58,6 +67,7 @@ from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.client.client import capture, verify_bundle
 from blindinfer.client.transport import NO_DELAY, check_url, pinned_context
 from blindinfer.errors import BlindInferError, ConnectionFailedError
+from blindinfer.proxy.guard import TOKEN_HEADER, LocalGuard, is_preflight
 
 log = logging.getLogger("blindinfer.proxy")
 
@@ -89,7 +99,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by the proxy itself, or meaningless across the hop.
-DROPPED_REQUEST = frozenset({b"host", b"expect", b"content-length", b"authorization"})
+DROPPED_REQUEST = frozenset(
+    {b"host", b"expect", b"content-length", b"authorization", TOKEN_HEADER.encode()}
+)
 DROPPED_RESPONSE = frozenset({b"content-length"})
 FLUSH_BYTES = 1 << 16
 SMALL_RESPONSE = 1 << 16  # read whole, sent in one piece
@@ -110,13 +122,27 @@ class ProxyConfig:
     max_response_bytes: int = 1 << 30
     max_connections: int = 100
     collateral_url: str | None = None
+    allow_insecure_http: bool = False
+    """Accept a plain http:// `collateral_url` (refused otherwise)."""
+    allow_hosts: tuple[str, ...] = ()
+    """Host header values accepted besides the listening address (NAME or NAME:PORT)."""
+    allow_origins: tuple[str, ...] = ()
+    """Browser origins (scheme://host[:port]) allowed to use the proxy, with CORS."""
+    access_token: str | None = None
+    """Required in the X-Blindinfer-Proxy-Token header when set."""
 
     def __post_init__(self) -> None:
         check_url(self.upstream)
+        self.guard()  # ValueError for a malformed host or origin
+        if self.access_token is not None and len(self.access_token) < 16:
+            raise ValueError("the access token must be at least 16 characters")
         if self.reattest_seconds <= 0 or self.fresh_seconds < 0 or self.retry_seconds < 0:
             raise ValueError("reattest_seconds must be positive, the other intervals >= 0")
         if self.max_request_bytes <= 0 or self.max_response_bytes <= 0:
             raise ValueError("body limits must be positive")
+
+    def guard(self) -> LocalGuard:
+        return LocalGuard.build(self.allow_hosts, self.allow_origins, self.access_token)
 
 
 @dataclass(slots=True)
@@ -127,6 +153,7 @@ class ProxyStats:
     attestation_failures: int = 0
     forwarded: int = 0  # requests actually written to the upstream
     refused: int = 0  # answered by the proxy because attestation failed
+    refused_local: int = 0  # refused by the local guard (Host, Origin, token, Content-Type)
     certificate_changes: int = 0
     new_connections: int = 0
 
@@ -315,7 +342,9 @@ class AttestedUpstream:
 
     def _attest_blocking(self) -> VerifiedAttestation:
         source = (
-            PccsCollateral(self.config.collateral_url)
+            PccsCollateral(
+                self.config.collateral_url, allow_insecure_http=self.config.allow_insecure_http
+            )
             if self.config.collateral_url is not None
             else None
         )
@@ -480,6 +509,7 @@ class AttestingProxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.upstream = AttestedUpstream(config)
+        self.guard = config.guard()
         self._timeouts = httpx.Timeout(config.timeout).as_dict()
         self._periodic: asyncio.Task[None] | None = None
 
@@ -508,6 +538,18 @@ class AttestingProxy:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused = self.guard.check(scope)
+        if refused is not None:
+            self.upstream.stats.refused_local += 1
+            await _send(send, *_json_response(refused.status, refused.document()))
+            return
+        cors = self.guard.cors_headers(scope)
+        if cors:  # an allowed origin: CORS headers on every answer
+            if is_preflight(scope):
+                headers = [*self.guard.preflight_headers(scope), (b"content-length", b"0")]
+                await _send(send, 204, b"", headers)
+                return
+            send = _adding_headers(send, cors)
         path: str = scope["path"]
         if path == STATUS_PATH:
             await _send(send, *_json_response(200, self.upstream.status()))
@@ -656,6 +698,15 @@ class AttestingProxy:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def _adding_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def adding(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return adding
+
+
 async def _send(send: Send, status: int, body: bytes, headers: list[Any]) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -725,6 +776,36 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def unix_listening_socket(path: str) -> socket.socket:
+    """A Unix socket at `path` that only this user can connect to (mode 0600, created so:
+    there is no moment at which it is more open). A stale socket file left by a proxy that
+    died is replaced; a live one, or anything that is not a socket, is an error."""
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_socket()):
+        raise ValueError(f"{path} exists and is not a socket; refusing to replace it")
+    if target.exists():
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            target.unlink()  # nobody listens: left by a proxy that died
+        else:
+            raise ValueError(f"{path}: another process is listening on it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return sock
+
+
 def _uvicorn_server(app: AttestingProxy) -> Any:
     import uvicorn
 
@@ -745,12 +826,14 @@ def serve_proxy(
     host: str,
     port: int,
     on_ready: Callable[[AttestingProxy, int], None] | None = None,
+    unix_socket: str | None = None,
 ) -> None:
-    """Serves in this thread until interrupted; `on_ready(app, port)` once it listens."""
+    """Serves in this thread until interrupted; `on_ready(app, port)` once it listens
+    (port 0 on `unix_socket`, which replaces host and port when given)."""
     app = AttestingProxy(config)
     server = _uvicorn_server(app)
-    sock = listening_socket(host, port)
-    bound = int(sock.getsockname()[1])
+    sock = unix_listening_socket(unix_socket) if unix_socket else listening_socket(host, port)
+    bound = 0 if unix_socket else int(sock.getsockname()[1])
     if on_ready is not None:
 
         def notify() -> None:
@@ -760,19 +843,47 @@ def serve_proxy(
                 on_ready(app, bound)
 
         threading.Thread(target=notify, daemon=True).start()
-    server.run(sockets=[sock])
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler the
+    # process would die there, before the socket file is removed below.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        if unix_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(unix_socket)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 class RunningProxy:
     """A proxy served from a background thread (tests, benchmarks, embedding)."""
 
-    def __init__(self, config: ProxyConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        unix_socket: str | None = None,
+    ) -> None:
         self.app = AttestingProxy(config)
         self._server = _uvicorn_server(self.app)
-        self._sock = listening_socket(host, port)
-        self.port = int(self._sock.getsockname()[1])
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{self.port}"
+        self.unix_socket = unix_socket
+        if unix_socket:  # clients: httpx.HTTPTransport(uds=unix_socket), any host in the URL
+            self._sock = unix_listening_socket(unix_socket)
+            self.port = 0
+            self.url = "http://localhost"
+        else:
+            self._sock = listening_socket(host, port)
+            self.port = int(self._sock.getsockname()[1])
+            shown = f"[{host}]" if ":" in host else host
+            self.url = f"http://{shown}:{self.port}"
         self._thread = threading.Thread(
             target=self._server.run,
             kwargs={"sockets": [self._sock]},
@@ -799,6 +910,9 @@ class RunningProxy:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         self._sock.close()
+        if self.unix_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_socket)
 
     def __enter__(self) -> RunningProxy:
         return self.start()
@@ -822,4 +936,5 @@ __all__ = [
     "is_loopback",
     "parse_listen",
     "serve_proxy",
+    "unix_listening_socket",
 ]

@@ -75,3 +75,20 @@ class OverloadedError(ExecutionError):
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s
         super().__init__(message)
+
+
+class ResponseTooLargeError(ExecutionError):
+    """The outputs would make a response larger than the server's response limit.
+
+    Refused in the worker, before a single output byte crossed into the server: a tiny
+    model (an Expand of a scalar) can ask for gigabytes of output with a tiny request, and
+    the server must never receive, copy or encode them. `size` is the response size the
+    outputs would have needed (for JSON outputs, its upper bound), `limit` the setting.
+    """
+
+    code = "response_too_large"
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(message)

@@ -3,7 +3,9 @@
 onnxruntime resolves external data paths relative to the model location and would read
 any file the server can read. blindinfer models are self-contained byte strings, so any
 external reference is refused, wherever it hides (initializers, node attributes,
-subgraphs of If/Loop/Scan, sparse initializers).
+subgraphs of If/Loop/Scan, sparse initializers, model-local functions, and the
+``initialization`` and ``algorithm`` graphs of ``training_info``, which inference runtimes
+ignore today but a later one, or a tool an operator runs on the model, might load).
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ def refuse_external_data(model_bytes: bytes) -> None:
         ) from exc
     if not model.HasField("graph"):
         raise InvalidModelError("the file is not a valid ONNX model (it has no graph)")
-    graphs = [model.graph, *(_FunctionNodes(f) for f in model.functions)]
+    graphs = [
+        model.graph,
+        *(_FunctionNodes(f) for f in model.functions),
+        *(info.initialization for info in model.training_info),
+        *(info.algorithm for info in model.training_info),
+    ]
     for tensor in (t for graph in graphs for t in _tensors(graph)):
         if tensor.data_location == _EXTERNAL or len(tensor.external_data) > 0:
             raise InvalidModelError(

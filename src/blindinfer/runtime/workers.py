@@ -49,6 +49,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -66,11 +67,14 @@ from blindinfer.runtime.errors import (
     MemoryLimitError,
     ModelLoadCrashedError,
     OverloadedError,
+    ResponseTooLargeError,
     WorkerCrashedError,
 )
+from blindinfer.runtime.response_size import OutputEncoding, response_bytes
 from blindinfer.runtime.signature import ModelSignature, TensorSpec
+from blindinfer.sizes import human_size
 
-__all__ = ["LoadedModel", "WorkerPool", "WorkerStats"]
+__all__ = ["LoadedModel", "ModelNotPlacedError", "WorkerPool", "WorkerStats"]
 
 Array = npt.NDArray[Any]
 
@@ -295,8 +299,12 @@ def _worker_main(conn: Connection, memory_limit: int, intra_op_threads: int) -> 
                 else:
                     outputs = sessions[header["key"]].run(inputs, header.get("outputs"))
                     del inputs
-                    _send(conn, {"ok": True}, outputs)
-                    continue
+                    refusal = _oversized(outputs, header)
+                    if refusal is None:
+                        _send(conn, {"ok": True}, outputs)
+                        continue
+                    del outputs  # never sent: the server must not receive them at all
+                    reply = refusal
             elif op == "unload":
                 sessions.pop(header["key"], None)
                 _trim()
@@ -308,6 +316,32 @@ def _worker_main(conn: Connection, memory_limit: int, intra_op_threads: int) -> 
         _send(conn, reply, {})
         if reply.get("recycle"):
             return  # the server replaces this worker; exiting keeps it from reading garbage
+
+
+def _oversized(outputs: Mapping[str, Array], header: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A refusal when `outputs` would make a response over the server's limit, else None.
+
+    Checked here, on shapes and dtypes only, so that an output of gigabytes never crosses
+    the pipe: the server neither receives nor encodes it. The pipe stays in step (the
+    command was read in full), so the worker goes on serving.
+    """
+    limit = header.get("max_bytes")
+    if limit is None:
+        return None
+    encoding = OutputEncoding.from_wire(header.get("encoding"))
+    size = response_bytes(outputs, encoding)
+    if size <= limit:
+        return None
+    raw = sum(int(array.nbytes) for array in outputs.values())
+    as_json = not all(encoding.is_binary(name) for name in outputs)
+    return {
+        "ok": False,
+        "kind": "ResponseTooLargeError",
+        "size": size,
+        "raw": raw,
+        "json": as_json,
+        "message": "",
+    }
 
 
 def _identity_model() -> bytes:
@@ -403,6 +437,14 @@ class _Gate:
             self._waiters.append(waiter)
         waiter.acquire()  # released by release(): ownership is handed over, busy stays True
 
+    def try_acquire(self) -> bool:
+        """Takes the gate only if nobody holds it or waits for it; never blocks."""
+        with self._lock:
+            if self._busy:
+                return False
+            self._busy = True
+            return True
+
     def release(self) -> None:
         with self._lock:
             if self._waiters:
@@ -415,7 +457,9 @@ class _Worker:
     """One worker slot: the current process, its pipe, and what it holds.
 
     Holds no reference to the pool, so that the pool's finalizer can reach the processes.
-    Only the thread holding `gate` talks to the process.
+    Only the thread holding `gate` talks to the process. Runs are queued on `executor`
+    (one thread per worker): a request waiting for a busy worker holds a queue entry, not
+    a thread of the server. `drops` are unloads that wait for the current job to end.
     """
 
     def __init__(self, index: int) -> None:
@@ -425,6 +469,8 @@ class _Worker:
         self.ready = False
         self.loaded: set[str] = set()
         self.gate = _Gate()
+        self.drops: set[str] = set()
+        self.executor: ThreadPoolExecutor | None = None
         self.pending = 0
         self.restarts = 0
         self.service_s = 0.01  # moving average of a request's time on this worker
@@ -456,7 +502,16 @@ def _stop(worker: _Worker, grace_s: float) -> None:
 
 def _shutdown(workers: list[_Worker]) -> None:
     for worker in workers:
+        if worker.executor is not None:
+            worker.executor.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
         _stop(worker, grace_s=1.0)
+
+
+class ModelNotPlacedError(KeyError):
+    """The model is not (or no longer) placed on a worker: it was unloaded, by a delete or
+    an eviction, before or while the request waited for its worker. A KeyError for the
+    pool's own callers; the registry turns it into a clean 404 or a retry."""
 
 
 class WorkerPool:
@@ -477,10 +532,15 @@ class WorkerPool:
         source: Callable[[str], bytes],
         intra_op_threads: int = 0,
         load_timeout_s: float = 120.0,
+        max_response_bytes: int | None = None,
     ) -> None:
         if workers < 1 or queue_limit < 0 or timeout_s <= 0 or load_timeout_s <= 0:
             raise ValueError("workers >= 1, queue_limit >= 0 and positive timeouts required")
         self._memory_limit = memory_limit_bytes
+        # Outputs are sized in the worker against this, before they cross the pipe (see
+        # _oversized); None: only the worker's memory limit bounds them.
+        self._max_response_bytes = max_response_bytes
+        self._max_reply_bytes = min(memory_limit_bytes, max_response_bytes or memory_limit_bytes)
         self._timeout_s = timeout_s
         self._load_timeout_s = load_timeout_s
         self._queue_limit = queue_limit
@@ -517,49 +577,109 @@ class WorkerPool:
         return self._load(model_key, data, check=True)
 
     def unload(self, model_key: str) -> None:
-        """Forgets the model and frees its session; unknown keys are ignored."""
+        """Forgets the model at once and frees its session; unknown keys are ignored.
+
+        Never waits for the worker, never talks to it: the model stops being placed now
+        (no new request reaches it), and its session is dropped by whoever holds the
+        worker next, right after the job it is running (which may be this very model's
+        run), or by the worker's queue thread if it is idle. So callers may hold their own
+        locks around this (the registry evicts under its lock).
+        """
         with self._lock:
             placement = self._models.pop(model_key, None)
             if placement is None:
                 return
             worker = self._workers[placement.worker]
-            worker.pending += 1
+            worker.loaded.discard(model_key)  # in the books at once, in the process soon
+            worker.drops.add(model_key)
+            if self._closed:
+                return
+            executor = self._executor(worker)
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: the process goes anyway
+            executor.submit(self._drain_now, worker)
+
+    def _drain_now(self, worker: _Worker) -> None:
+        """An unload's own turn on the worker (its queue thread), if nobody drained it."""
+        if not worker.drops:
+            return
         worker.gate.acquire()
-        try:
-            if model_key in worker.loaded and not self._closed:
-                worker.loaded.discard(model_key)
-                # If the worker fails now it is replaced: the session is gone either way.
-                with contextlib.suppress(WorkerCrashedError, InferenceTimeoutError):
-                    self._call(worker, {"op": "unload", "key": model_key}, {}, self._timeout_s)
-        finally:
-            self._leave(worker)
+        with self._lock:
+            worker.pending += 1
+        self._leave(worker)  # drops them, then frees the gate
 
     def run(
         self,
         model_key: str,
         inputs: Mapping[str, Array],
         outputs: Sequence[str] | None = None,
+        *,
+        encoding: OutputEncoding | None = None,
     ) -> dict[str, Array]:
-        """Runs the model in its worker; same checks and errors as ModelSession.run, plus
-        InferenceTimeoutError, WorkerCrashedError, MemoryLimitError and OverloadedError.
+        """Runs the model in its worker and waits for the result: `submit(...).result()`."""
+        return self.submit(model_key, inputs, outputs, encoding=encoding).result()
 
-        Raises KeyError for a model that is not loaded. Waiting in the queue and reloading
-        after a worker was replaced do not count towards `timeout_s`.
+    def submit(
+        self,
+        model_key: str,
+        inputs: Mapping[str, Array],
+        outputs: Sequence[str] | None = None,
+        *,
+        encoding: OutputEncoding | None = None,
+    ) -> Future[dict[str, Array]]:
+        """Queues a run on the model's worker; the future has the outputs or the error.
+
+        `encoding` says which outputs the caller sends as JSON, for the response limit
+        (ResponseTooLargeError; default: all binary).
+
+        Same checks and errors as ModelSession.run, plus InferenceTimeoutError,
+        WorkerCrashedError, MemoryLimitError, OverloadedError (raised here, when the
+        worker's queue is full) and ModelNotPlacedError (a KeyError: the model is not
+        loaded, or was unloaded while the request waited). Waiting in the queue holds no
+        thread of the caller, and neither it nor reloading after a worker was replaced
+        counts towards `timeout_s`.
         """
         arrays = {name: np.asarray(array) for name, array in inputs.items()}
         for array in arrays.values():
             dtype_to_datatype(array.dtype)  # object/string arrays cannot cross as raw bytes
-        worker = self._enter(model_key)
+        wanted = list(outputs) if outputs else None
+        with self._lock:
+            worker = self._enter(model_key)
+            executor = self._executor(worker)
         try:
+            return executor.submit(self._run_queued, worker, model_key, arrays, wanted, encoding)
+        except RuntimeError:  # shut down by close() meanwhile
+            with self._lock:
+                worker.pending -= 1
+            raise RuntimeError("the worker pool is closed") from None
+
+    def _run_queued(
+        self,
+        worker: _Worker,
+        model_key: str,
+        arrays: dict[str, Array],
+        outputs: list[str] | None,
+        encoding: OutputEncoding | None = None,
+    ) -> dict[str, Array]:
+        """A run, on the worker's own queue thread, once it is this request's turn."""
+        worker.gate.acquire()
+        try:
+            self._drain(worker)
             with self._lock:
                 self._check_open()
-                if model_key not in self._models:
-                    raise KeyError(model_key)  # unloaded while this request waited
+                placement = self._models.get(model_key)
+                if placement is None or placement.worker != worker.index:
+                    raise ModelNotPlacedError(model_key)  # unloaded while this request waited
             self._ensure_ready(worker)
             if model_key not in worker.loaded:
                 self._reload(worker, model_key)
             started = time.monotonic()
-            header = {"op": "run", "key": model_key, "outputs": list(outputs) if outputs else None}
+            header = {
+                "op": "run",
+                "key": model_key,
+                "outputs": outputs,
+                "encoding": encoding.to_wire() if encoding is not None else None,
+                "max_bytes": self._max_response_bytes,
+            }
             _, results = self._call(worker, header, arrays, self._timeout_s)
             worker.service_s = 0.8 * worker.service_s + 0.2 * (time.monotonic() - started)
             return results
@@ -588,7 +708,8 @@ class WorkerPool:
             return result
 
     def close(self) -> None:
-        """Stops every worker (SIGTERM, then SIGKILL); the pool cannot be used afterwards."""
+        """Stops every worker (SIGTERM, then SIGKILL); the pool cannot be used afterwards.
+        Runs still queued are cancelled."""
         self._closed = True
         self._finalizer()
 
@@ -654,31 +775,68 @@ class WorkerPool:
             ) from exc
         worker.ready = True
 
+    def _executor(self, worker: _Worker) -> ThreadPoolExecutor:
+        """The worker's queue thread, started at first use (call with the lock held)."""
+        if worker.executor is None:
+            worker.executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"blindinfer-worker-{worker.index}"
+            )
+        return worker.executor
+
     def _enter(self, model_key: str) -> _Worker:
-        """Joins the queue of the model's worker, or refuses if the queue is full."""
-        with self._lock:
-            self._check_open()
-            placement = self._models.get(model_key)
-            if placement is None:
-                raise KeyError(model_key)
-            worker = self._workers[placement.worker]
-            if worker.pending > self._queue_limit:
-                retry = worker.pending * min(worker.service_s, self._timeout_s)
-                raise OverloadedError(
-                    f"{worker.pending - 1} requests already wait for this model's worker",
-                    retry_after_s=round(max(0.05, retry), 3),
-                )
-            worker.pending += 1
-        worker.gate.acquire()
+        """Joins the queue of the model's worker, or refuses if the queue is full (call
+        with the pool's lock held)."""
+        self._check_open()
+        placement = self._models.get(model_key)
+        if placement is None:
+            raise ModelNotPlacedError(model_key)
+        worker = self._workers[placement.worker]
+        if worker.pending > self._queue_limit:
+            retry = worker.pending * min(worker.service_s, self._timeout_s)
+            raise OverloadedError(
+                f"{worker.pending - 1} requests already wait for this model's worker",
+                retry_after_s=round(max(0.05, retry), 3),
+            )
+        worker.pending += 1
         return worker
 
     def _leave(self, worker: _Worker) -> None:
-        worker.gate.release()
+        """Frees the worker's gate, first dropping the sessions unloaded meanwhile.
+
+        Checking for drops and releasing happen under the pool's lock, so an `unload` that
+        found the gate taken is always carried out by this holder or the next one."""
+        while True:
+            # Even if a replacement failed to start, the gate must be freed: the next
+            # request starts the worker again.
+            with contextlib.suppress(Exception):
+                self._drain(worker)
+            with self._lock:
+                if not worker.drops:
+                    worker.pending -= 1
+                    worker.gate.release()
+                    return
+
+    def _drain(self, worker: _Worker) -> None:
+        """Drops the sessions of models unloaded while the worker was busy (caller holds
+        the gate). A model placed on this worker again meanwhile is kept: it was reloaded."""
         with self._lock:
-            worker.pending -= 1
+            keys = [
+                key
+                for key in worker.drops
+                if key not in self._models or self._models[key].worker != worker.index
+            ]
+            worker.drops.clear()
+        for key in keys:
+            worker.loaded.discard(key)  # also a reload that raced with the unload
+            if worker.ready and not self._closed:
+                # If the worker fails now it is replaced: the session is gone either way.
+                with contextlib.suppress(WorkerCrashedError, InferenceTimeoutError):
+                    self._call(worker, {"op": "unload", "key": key}, {}, self._timeout_s)
 
     def _place(self, model_key: str, size_hint: int) -> _Worker:
-        """Least total measured memory wins; the new model's bytes count until measured."""
+        """An idle worker first (a load must not queue behind another model's runs when
+        a worker is free), then the least total measured memory; the new model's bytes
+        count until measured."""
         with self._lock:
             self._check_open()
             old = self._models.get(model_key)
@@ -690,7 +848,10 @@ class WorkerPool:
                 for placement in self._models.values():
                     totals[placement.worker] += placement.memory_bytes
                     counts[placement.worker] += 1
-                index = min(range(len(self._workers)), key=lambda i: (totals[i], counts[i], i))
+                busy = [w.pending > 0 for w in self._workers]
+                index = min(
+                    range(len(self._workers)), key=lambda i: (busy[i], totals[i], counts[i], i)
+                )
                 worker = self._workers[index]
             self._models[model_key] = _Placement(worker.index, size_hint)
             worker.pending += 1
@@ -701,6 +862,7 @@ class WorkerPool:
         worker.gate.acquire()
         try:
             try:
+                self._drain(worker)  # free what was unloaded before loading more
                 self._ensure_ready(worker)
                 loaded = self._load_on(worker, model_key, data, check=check)
             except BaseException:
@@ -775,7 +937,7 @@ class WorkerPool:
             self._write(worker, lambda conn: _send(conn, header, tensors))
             reply = self._reply(worker, timeout_s)
             assert worker.conn is not None
-            results = _recv_tensors(worker.conn, reply, self._memory_limit, deadline)
+            results = _recv_tensors(worker.conn, reply, self._max_reply_bytes, deadline)
         except (_Died, EOFError, OSError) as exc:
             self._replace(worker)
             raise WorkerCrashedError(
@@ -810,6 +972,8 @@ class WorkerPool:
         if reply.get("recycle"):
             self._replace(worker)
             return WorkerCrashedError(f"the worker failed and was replaced: {message}")
+        if kind == "ResponseTooLargeError" and self._max_response_bytes is not None:
+            return _too_large(reply, self._max_response_bytes)
         if kind == "InvalidTensorError":
             return InvalidTensorError(code or "inference_failed", message)
         if kind == "ProtocolError":
@@ -847,6 +1011,29 @@ class WorkerPool:
             raise _TimedOut
         if worker.conn not in ready and not worker.conn.poll(0):
             raise _Died
+
+
+def _too_large(reply: Mapping[str, Any], limit: int) -> ResponseTooLargeError:
+    """The worker's refusal of oversized outputs, its numbers checked like any reply."""
+    size, raw = reply.get("size"), reply.get("raw")
+    size = size if type(size) is int and size > limit else limit + 1
+    raw = raw if type(raw) is int and raw >= 0 else None
+    if reply.get("json") is True and raw is not None:
+        what = f"up to {_sized(size)} as JSON ({_sized(raw)} of tensor data)"
+        advice = "ask for the outputs as binary data, for fewer outputs or with smaller inputs"
+    else:
+        what = _sized(size)
+        advice = "ask for fewer outputs or with smaller inputs"
+    return ResponseTooLargeError(
+        f"the response would be {what}; the limit is {limit} bytes ({human_size(limit)}, "
+        f"--max-response-bytes): {advice}",
+        size=size,
+        limit=limit,
+    )
+
+
+def _sized(size: int) -> str:
+    return f"{size} bytes ({human_size(size)})"
 
 
 def _spec(item: Any) -> TensorSpec:

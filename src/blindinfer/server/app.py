@@ -19,11 +19,13 @@ from blindinfer.errors import BlindInferError
 from blindinfer.protocol.limits import TensorLimits
 from blindinfer.runtime.workers import WorkerPool
 from blindinfer.server import metrics as server_metrics
-from blindinfer.server.audit import AuditLog
+from blindinfer.server.audit import AuditLog, AuditLogError
 from blindinfer.server.auth import AuthConfig, Authenticator
 from blindinfer.server.bodies import CloseUnreadBodies
+from blindinfer.server.body_guard import BodyBudget, BodyGuard
 from blindinfer.server.config import ServerConfig
-from blindinfer.server.errors import handle_exception
+from blindinfer.server.content_types import CheckContentType
+from blindinfer.server.errors import AnswerUnexpectedErrors, handle_exception
 from blindinfer.server.quotas import TenantQuotas
 from blindinfer.server.routes import admin, attestation, inference, metrics, repository
 from blindinfer.server.state import FailureThrottle, ServerState
@@ -90,19 +92,23 @@ def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity)
         workers=limits.workers,
         memory_limit_bytes=limits.worker_memory_bytes,
         timeout_s=limits.inference_timeout_ms / 1000,
+        load_timeout_s=limits.load_timeout_ms / 1000,
         queue_limit=limits.queue_limit,
         intra_op_threads=config.intra_op_threads,
         source=lambda sha256: registry_box[0].source(sha256),
+        max_response_bytes=limits.max_response_bytes,
     )
+    authenticator = _authenticator(config)
+    quotas = TenantQuotas(authenticator.config, memory_budget=limits.memory_budget_bytes)
     registry = ModelRegistry(
         sealed=sealed,
         pool=pool,
         memory_budget=limits.memory_budget_bytes,
         max_models=limits.max_models,
         audit=audit.record,
+        tenant_memory=quotas.memory_limit,
     )
     registry_box.append(registry)
-    authenticator = _authenticator(config)
     audit.record("server_start", detail={"models": len(registry.records())})
     return ServerState(
         config=config,
@@ -116,7 +122,7 @@ def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity)
             max_header_bytes=min(limits.max_request_bytes, MAX_JSON_REQUEST_BYTES),
         ),
         authenticator=authenticator,
-        quotas=TenantQuotas(authenticator.config),
+        quotas=quotas,
         audit=audit,
         auth_failures=FailureThrottle(),
     )
@@ -124,7 +130,11 @@ def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity)
 
 def close_state(state: ServerState) -> None:
     state.registry.close()
-    state.audit.record("server_stop")
+    state.offload.close()
+    try:
+        state.audit.record("server_stop")
+    except AuditLogError as exc:  # a full disk must not turn a shutdown into a traceback
+        log.error("the audit log could not record server_stop: %s", exc)
     state.audit.close()  # logs the head hash, to anchor the chain elsewhere
     if state.config.store_dir is None:
         shutil.rmtree(state.registry.directory, ignore_errors=True)
@@ -155,6 +165,18 @@ def create_app(state: ServerState) -> Starlette:
         lifespan=lifespan,
     )
     app.state.blindinfer = state
+    # innermost: answers what escapes the routes, so that nothing reaches uvicorn
+    app.add_middleware(AnswerUnexpectedErrors, handler=handle_exception)
+    app.add_middleware(CheckContentType)  # inside CloseUnreadBodies: a 415 reads no body
+    # bodies: the tenant's slot, the server-wide budget and the deadlines (body_guard.py)
+    app.state.body_budget = BodyBudget.from_limits(state.config.connections)
+    app.add_middleware(
+        BodyGuard,
+        limits=state.config.connections,
+        budget=app.state.body_budget,
+        quotas=state.quotas,
+        authenticator=state.authenticator,
+    )
     app.add_middleware(CloseUnreadBodies)
     server_metrics.install(app, model_names=state.config.metrics_model_names)
     return app

@@ -335,6 +335,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._failed: OSError | None = None
+        self._size = 0  # bytes of the file that hold complete, durable entries
         self._closed = False
         self._seq = 0
         self._head = GENESIS
@@ -437,9 +438,7 @@ class AuditLog:
         if self._closed:
             raise AuditLogError("the audit log is closed")
         if self._failed is not None:
-            raise AuditLogError(
-                f"an earlier write failed ({self._failed}); restart to repair the log"
-            )
+            self._undo_failed_write()
         when = float(self._clock())
         if not math.isfinite(when) or when < 0:
             raise AuditLogError(f"the clock returned {when!r}")
@@ -453,8 +452,13 @@ class AuditLog:
         return entry
 
     def _write(self, data: bytes) -> None:
-        """One append (looping only on a short write) and fsync; a failure stops the log,
-        since what reached the disk is unknown and appending after it would merge lines."""
+        """One append (looping only on a short write) and fsync.
+
+        A failure (a full disk, an I/O error) may leave part of `data` in the file, and
+        appending after it would merge lines, so the log refuses to append until
+        `_undo_failed_write` has cut those bytes off again; the next append tries that
+        first, so the log recovers by itself once the disk does (no restart).
+        """
         if self._fd is None:
             return
         try:
@@ -464,7 +468,31 @@ class AuditLog:
             os.fsync(self._fd)
         except OSError as exc:
             self._failed = exc
-            raise AuditLogError(f"could not write the audit log: {exc}") from exc
+            raise AuditLogError(f"could not write the audit log: {exc.strerror or exc}") from exc
+        self._size += len(data)
+
+    def _undo_failed_write(self) -> None:
+        """Truncates the file back to its last durable entry (the caller holds the lock).
+
+        The bytes after it belong to the entry whose write failed: its caller was told it
+        was not recorded (and a management operation was refused), so they must not stand
+        as if it had been. Unlike a torn tail found at open (which may come from anyone's
+        crash and is recorded with ``chain_repair``), these bytes are known to be this
+        process's own unacknowledged write: the file is exclusively ours (flock). Shrinking
+        a file needs no free space, so this works on a full disk; if it fails anyway the
+        log stays refusing and the next append tries again.
+        """
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise AuditLogError(
+                f"an earlier write failed ({self._failed}) and could not be undone yet: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        log.warning("audit log: a failed write was undone; appending again")
+        self._failed = None
 
     @staticmethod
     def _open(path: Path) -> int:
@@ -490,7 +518,7 @@ class AuditLog:
     def _recover(self) -> None:
         """Continues the chain from the last valid entry; repairs a torn tail (see module)."""
         assert self._fd is not None
-        size = os.fstat(self._fd).st_size
+        size = self._size = os.fstat(self._fd).st_size
         if size == 0:
             return
         start = max(0, size - _TAIL_SCAN_BYTES)

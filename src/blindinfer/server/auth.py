@@ -22,6 +22,7 @@ Configuration (TOML; the environment form `BLINDINFER_API_KEYS` holds keys only)
     requests_per_second = 20
     burst = 40
     max_concurrent_inferences = 4
+    max_loaded_bytes = 1_000_000_000   # default: an equal share of --memory-budget-bytes
 
       [[tenant.key]]
       id = "alice-laptop"
@@ -223,6 +224,8 @@ class TenantConfig:
     """One tenant and its quotas; the defaults suit a small team sharing one server.
 
     max_models / max_stored_bytes may be 0: a tenant that only runs models shared with it.
+    max_loaded_bytes: the most measured session memory charged to the tenant's models;
+    None (unset) means an equal share of the server's memory budget (`TenantQuotas`).
     """
 
     name: str
@@ -231,6 +234,7 @@ class TenantConfig:
     requests_per_second: float = 10.0
     burst: int = 20
     max_concurrent_inferences: int = 4
+    max_loaded_bytes: int | None = None
 
     def __post_init__(self) -> None:
         where = f"tenant {self.name!r}"
@@ -239,6 +243,8 @@ class TenantConfig:
         _check_int(where, "max_stored_bytes", self.max_stored_bytes, 0)
         _check_int(where, "burst", self.burst, 1)
         _check_int(where, "max_concurrent_inferences", self.max_concurrent_inferences, 1)
+        if self.max_loaded_bytes is not None:
+            _check_int(where, "max_loaded_bytes", self.max_loaded_bytes, 0)
         rps = self.requests_per_second
         if isinstance(rps, bool) or not isinstance(rps, int | float):
             raise AuthConfigError(f"{where}: requests_per_second must be a number, got {rps!r}")
@@ -278,6 +284,7 @@ _TENANT_FIELDS = frozenset(
         "requests_per_second",
         "burst",
         "max_concurrent_inferences",
+        "max_loaded_bytes",
         "key",
     }
 )
@@ -562,6 +569,25 @@ def visible_to(principal: Principal, model_owner: str, shared_with: Collection[s
         or principal.tenant in shared_with
         or EVERY_TENANT in shared_with
     )
+
+
+def sharing_view(
+    principal: Principal, model_owner: str, shared_with: Collection[str] = ()
+) -> tuple[str | None, list[str]]:
+    """What the principal may learn of a model's owner and sharing: (owner, shared_with).
+
+    The owning tenant and admins see both in full. A tenant the model is shared with
+    learns only that it is shared with it (its own name, or "*" when shared with
+    everyone), never the owner or the other tenants on the list: a share must not
+    introduce the tenants to one another.
+    """
+    if principal.role is Role.ADMIN or model_owner == principal.tenant:
+        return model_owner, sorted(shared_with)
+    if principal.tenant in shared_with:
+        return None, [principal.tenant]
+    if EVERY_TENANT in shared_with:
+        return None, [EVERY_TENANT]
+    return None, []
 
 
 def authorize(

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
@@ -23,6 +24,7 @@ from blindinfer.server.errors import (
     MissingHeaderError,
     PayloadTooLargeError,
 )
+from blindinfer.server.quotas import QuotaExceededError
 from blindinfer.sizes import human_size as human_size
 
 DRAIN_LIMIT = 64 * 1024
@@ -92,10 +94,31 @@ async def read_bounded(
     return bytes(chunks)
 
 
+@dataclass(frozen=True, slots=True)
+class StoredBytesRoom:
+    """What a tenant may still store: an upload without Content-Length (chunked) could
+    not be weighed against the quota before its body, so it is while it streams."""
+
+    tenant: str
+    room: int
+    quota: int
+
+    def error(self) -> QuotaExceededError:
+        return QuotaExceededError(
+            f"tenant {self.tenant!r} may store {self.room} more bytes (its quota is "
+            f"{self.quota} bytes) and this upload is larger"
+        )
+
+
 async def read_bounded_hashed(
-    request: Request, limit: int, *, setting: str | None = None
+    request: Request,
+    limit: int,
+    *,
+    setting: str | None = None,
+    room: StoredBytesRoom | None = None,
 ) -> tuple[bytes, str]:
-    """Streams an upload while hashing it, so the SHA-256 costs no second pass."""
+    """Streams an upload while hashing it, so the SHA-256 costs no second pass; refused
+    as soon as it passes `limit` (413) or the tenant's `room` (403 quota_exceeded)."""
     check_declared_length(request, limit, what="the model", setting=setting)
     chunks = bytearray()
     digest = hashlib.sha256()
@@ -103,6 +126,8 @@ async def read_bounded_hashed(
         async for chunk in request.stream():
             if len(chunks) + len(chunk) > limit:
                 raise PayloadTooLargeError(too_large_message("the model", limit, setting))
+            if room is not None and len(chunks) + len(chunk) > room.room:
+                raise room.error()
             chunks += chunk
             digest.update(chunk)
     except ClientDisconnect:

@@ -3,6 +3,7 @@ go into the simulated measurement (see `security_relevant`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 DEFAULT_PORT = 9924
@@ -16,6 +17,7 @@ GiB = 1 << 30
 class Limits:
     max_model_bytes: int = 512 * MiB
     max_request_bytes: int = 64 * MiB
+    max_response_bytes: int = 64 * MiB  # outputs of one inference, sized in the worker
     max_models: int = 32
     memory_budget_bytes: int = 4 * GiB  # measured session memory of loaded models
     max_stored_bytes: int = 16 * GiB  # sealed model storage
@@ -23,11 +25,38 @@ class Limits:
     workers: int = 2
     queue_limit: int = 64  # requests waiting for a worker before 503
     inference_timeout_ms: int = 60_000
+    load_timeout_ms: int = 120_000  # building one session; the worker is replaced past it
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """How long and how much a connection may take before the server gives up on it
+    (server/connection_guard.py, server/body_guard.py). Not pinned by the measurement:
+    they bound availability, not what the server accepts as a model or a request."""
+
+    header_timeout_s: float = 10.0  # TLS handshake and request head, from accept or first byte
+    keep_alive_s: float = 30.0  # idle between requests
+    max_header_bytes: int = 64 * 1024  # request line and headers of one request
+    max_headers: int = 100
+    body_timeout_s: float = 30.0  # longest pause in a body; its grace before `min_body_rate`
+    min_body_rate: int = 64 * 1024  # bytes per second, on average, once the grace is over
+    max_connections: int = 1000  # open connections per listener group; oldest idle go first
+    max_concurrent_bodies: int = 64  # request bodies being received at once, server-wide
+    max_body_buffer_bytes: int = 2 * GiB  # bytes of bodies being received, server-wide
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (value > 0 and math.isfinite(value))
+            ):
+                raise ValueError(f"limit {name} must be a positive number, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +71,7 @@ class ServerConfig:
     platform: str = "auto"  # auto | simulation | gramine-sgx | tdx | snp
     pccs_url: str | None = None
     kds_url: str | None = None
+    insecure_http_collateral: bool = False  # accept http:// for pccs_url and kds_url
     snp_product: str | None = None  # Milan | Genoa | Turin (for SNP reports older than v3)
     snp_vmpl: int | None = None
     store_dir: str | None = None  # persistence (sealed); None = a private temporary store
@@ -50,6 +80,7 @@ class ServerConfig:
     metrics_model_names: bool = False  # label per-model inference counts in /metrics by name
     blindai_compat: bool = False  # also listen the way BlindAI Core 0.6.3 did
     blindai_ports: tuple[int, int, int] = (9923, 9924, 9925)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
         if self.blindai_compat and self.port != 0 and self.port in self.blindai_ports:

@@ -14,7 +14,8 @@ What is recorded, and what never is:
 - with the operator's consent only (``model_names=True``): successful inferences per model,
   labelled by the owning tenant and the model's *registered* name, resolved exactly as the
   route resolves it. A reference that does not resolve is never recorded, so unknown names
-  sent by callers never reach the output.
+  sent by callers never reach the output; the series of a model that no longer exists
+  (deleted, by whatever path) is forgotten at the next scrape (`forget_models`).
 - clients that went away before their request body was complete, by route template and
   method (``blindinfer_client_disconnects_total``); in the request counter they have
   ``status="499"`` (nginx's "client closed request"): never a 5xx, which means the server
@@ -27,7 +28,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
@@ -131,6 +132,11 @@ class Counter:
     def value(self, *labels: str) -> float:
         with self._lock:
             return self._values.get(labels, 0.0)
+
+    def retain(self, keep: Callable[[Labels], bool]) -> None:
+        """Forgets every series whose labels `keep` refuses (e.g. a deleted model's)."""
+        with self._lock:
+            self._values = {key: value for key, value in self._values.items() if keep(key)}
 
     def render(self) -> str:
         with self._lock:
@@ -259,6 +265,13 @@ class ServerMetrics:
                 ("tenant", "model"),
             )
 
+    def forget_models(self, live: Iterable[tuple[str, str]]) -> None:
+        """Keeps the per-model series of the (tenant, name) pairs in `live` only: a
+        deleted model's name must not stay in the output for ever."""
+        if self.model_inferences is not None:
+            keep = frozenset(live)
+            self.model_inferences.retain(lambda labels: labels in keep)
+
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.inc(route, method, str(status))
         self.latency.observe(seconds, route, method)
@@ -367,7 +380,7 @@ class MetricsMiddleware:
             return
         try:
             principal = state.authenticator.authenticate(Headers(scope=scope).get("authorization"))
-            record = state.registry.resolve(ref, principal.tenant)
+            record = state.resolve(principal, ref)
         except BlindInferError:  # deleted meanwhile: not counted rather than mislabelled
             return
         counter.inc(str(record.owner), str(record.name))

@@ -62,18 +62,34 @@ def _hardware(choice: str, config: ServerConfig) -> Platform:
 
     if config.simulate_debug_enclave:
         raise NoPlatformError("--simulate-debug-enclave only exists in simulation")
-    pccs = PccsCollateral(config.pccs_url) if config.pccs_url else None
+    insecure = config.insecure_http_collateral
     try:
+        pccs = (
+            PccsCollateral(config.pccs_url, allow_insecure_http=insecure)
+            if config.pccs_url
+            else None
+        )
         if choice == "gramine-sgx":
             if pccs is None:
                 raise NoPlatformError("gramine-sgx needs --pccs-url for DCAP collateral")
             return GramineSgxPlatform(collateral=pccs)
-        kds = KdsVcekSource(config.kds_url, product=config.snp_product) if config.kds_url else None
-        platform = ConfigfsTsmPlatform(collateral=pccs, vcek_source=kds, privlevel=config.snp_vmpl)
+        kds = (
+            KdsVcekSource(config.kds_url, product=config.snp_product, allow_insecure_http=insecure)
+            if config.kds_url
+            else None
+        )
+        platform = ConfigfsTsmPlatform(
+            collateral=pccs, vcek_source=kds, crl_source=kds, privlevel=config.snp_vmpl
+        )
     except (GramineError, TsmError, CollateralError, ValueError) as exc:
         raise NoPlatformError(str(exc)) from exc
     if platform.kind != choice:
         raise NoPlatformError(
             f"--platform {choice}, but configfs-tsm's provider is {platform.provider!r}"
+        )
+    if platform.kind == "snp" and kds is None:
+        log.warning(
+            "SEV-SNP without --kds-url: the evidence carries no AMD CRL, so clients refuse it "
+            "unless their policy sets [snp] allow_missing_crl = true"
         )
     return platform

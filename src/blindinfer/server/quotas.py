@@ -1,4 +1,5 @@
-"""Per-tenant quotas: request rate, concurrent inferences, stored models and bytes.
+"""Per-tenant quotas: request rate, concurrent inferences, stored models and bytes,
+loaded session memory.
 
 Keys stop strangers; quotas stop a tenant, by accident or on purpose, from taking the
 server away from the others (the BlindAI audit's memory exhaustion by many uploads, now
@@ -9,7 +10,12 @@ per tenant on top of the server-wide `--max-models` / `--max-model-bytes`).
 - `ConcurrencyLimiter`: at most `max_concurrent_inferences` running per tenant. A request
   over the limit is refused at once rather than queued: a queue would hold its body in
   memory for as long as the tenant keeps flooding, which is the exhaustion we prevent.
-- `check_upload`: model count and stored bytes, with the exact numbers in the message.
+- `memory_limit`: the loaded session bytes charged to a tenant's models before the registry
+  evicts the tenant's own models to load another (never another tenant's, when the
+  limits add up to no more than the budget; the default is an equal share).
+- `check_upload` / `admission`: model count and stored bytes, with the exact numbers in
+  the message. `admission` is what uploads use: the registry asks it atomically with
+  reserving the upload's room, so that parallel uploads cannot together overshoot.
 
 Everything is guarded by plain `threading.Lock`s held for a few arithmetic operations and
 never across an await, so the same objects serve the event loop and worker threads, and
@@ -121,10 +127,17 @@ class TenantQuotas:
     failing is safer than running a request unmetered.
     """
 
-    def __init__(self, config: AuthConfig | None, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: AuthConfig | None,
+        *,
+        clock: Clock = time.monotonic,
+        memory_budget: int | None = None,
+    ) -> None:
         self._tenants: Mapping[str, TenantConfig] | None = (
             None if config is None else {t.name: t for t in config.tenants}
         )
+        self._memory_budget = memory_budget
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[str, TokenBucket] = {}
@@ -142,6 +155,27 @@ class TenantQuotas:
             return self._tenants[tenant]
         except KeyError:
             raise LookupError(f"tenant {tenant!r} is not in the configuration") from None
+
+    # ---- memory
+
+    def memory_limit(self, tenant: str) -> int | None:
+        """The most loaded-session bytes the registry charges to `tenant` before it
+        evicts the tenant's own models (`ModelRegistry(tenant_memory=...)`).
+
+        `max_loaded_bytes` when the tenant sets it, else an equal share of the server's
+        memory budget: with shares that add up to no more than the budget, no tenant's
+        loads can ever evict another tenant's model. None in open mode (one user) or
+        without a budget. A tenant the configuration no longer declares (its models
+        restored from disk) gets the equal share too.
+        """
+        if self._tenants is None:
+            return None
+        limits = self._tenants.get(tenant)
+        if limits is not None and limits.max_loaded_bytes is not None:
+            return limits.max_loaded_bytes
+        if self._memory_budget is None:
+            return None
+        return self._memory_budget // max(1, len(self._tenants))
 
     # ---- rate
 
@@ -220,6 +254,21 @@ class TenantQuotas:
             check_upload_against(
                 limits, current_models, current_bytes, new_bytes, replacing_bytes=replacing_bytes
             )
+
+    def admission(self, tenant: str) -> Callable[[int, int, int], None] | None:
+        """The tenant's storage quota as the registry asks it, under its lock, with the
+        room of uploads in flight reserved (`ModelRegistry.add(admit=...)`): the check
+        and the reservation are one step, so parallel uploads cannot overshoot it. None
+        in open mode."""
+        limits = self.limits(tenant)
+        if limits is None:
+            return None
+        checked = limits
+
+        def admit(current_models: int, current_bytes: int, new_bytes: int) -> None:
+            check_upload_against(checked, current_models, current_bytes, new_bytes)
+
+        return admit
 
 
 def check_upload_against(

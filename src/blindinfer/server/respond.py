@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
+import numpy as np
+import numpy.typing as npt
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from blindinfer.server.state import ServerState
+
+T = TypeVar("T")
+
+OFF_LOOP_BYTES = 256 * 1024
+"""Outputs from this size on are encoded on a thread (a thread hop costs more than
+encoding smaller ones: 64 Ki JSON numbers take about 10 ms)."""
 
 
 def json_response(document: object, status: int = 200) -> Response:
@@ -19,3 +30,13 @@ def json_response(document: object, status: int = 200) -> Response:
 def server_state(request: Request) -> ServerState:
     state: ServerState = request.app.state.blindinfer
     return state
+
+
+async def encode_outputs(outputs: Mapping[str, npt.NDArray[Any]], encode: Callable[[], T]) -> T:
+    """`encode()`, on a thread when `outputs` are large: encoding millions of numbers as
+    JSON takes seconds, and on the event loop it would stall every connection, health
+    checks and attestation included. Their size is bounded before they reach the server
+    (--max-response-bytes, checked in the worker)."""
+    if sum(int(np.asarray(array).nbytes) for array in outputs.values()) < OFF_LOOP_BYTES:
+        return encode()
+    return await run_in_threadpool(encode)

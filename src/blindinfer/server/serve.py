@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import resource
 import socket
 import threading
 from collections.abc import Callable
@@ -10,8 +12,10 @@ from collections.abc import Callable
 import uvicorn
 
 from blindinfer.server.app import build_state, create_app
-from blindinfer.server.config import ServerConfig
+from blindinfer.server.body_guard import BodyBudget
+from blindinfer.server.config import ConnectionLimits, ServerConfig
 from blindinfer.server.connection import abort_unread_bodies
+from blindinfer.server.connection_guard import ConnectionGuard, guard_connections
 from blindinfer.server.platforms import select_platform
 from blindinfer.server.state import ServerState
 from blindinfer.server.tls import make_tls_identity
@@ -40,14 +44,47 @@ def build_server_and_state(
         access_log=False,  # paths carry model names; keep logs free of user data
         server_header=False,
         date_header=False,
-        timeout_keep_alive=30,
+        http="httptools",  # connection_guard.py bounds heads through its callbacks
+        timeout_keep_alive=keep_alive_s(config.connections),
     )
     uv_config.load()
-    # an early refusal must reach a client still sending its body (see connection.py)
-    uv_config.http_protocol_class = abort_unread_bodies(uv_config.http_protocol_class)
-    # uvicorn only knows key files; ours lives in memory, so hand it the context directly.
-    uv_config.ssl = identity.ssl_context
+    # an early refusal must reach a client still sending its body (see connection.py);
+    # TLS, connection count, head deadline and head size are connection_guard.py's. The
+    # TLS context lives in memory and is used there, so uvicorn itself gets no `ssl`.
+    guard = ConnectionGuard(config.connections, connection_cap(config))
+    uv_config.http_protocol_class = guard_connections(
+        abort_unread_bodies(uv_config.http_protocol_class), guard, identity.ssl_context
+    )
     return uvicorn.Server(uv_config), state
+
+
+FD_RESERVE = 256
+"""File descriptors kept for everything but client connections (store, workers, logs)."""
+
+
+def keep_alive_s(limits: ConnectionLimits) -> int:
+    """uvicorn's keep-alive timeout is whole seconds."""
+    return max(1, math.ceil(limits.keep_alive_s))
+
+
+def connection_cap(config: ServerConfig) -> int:
+    """--max-connections per listener group, lowered to what the process's file
+    descriptor limit allows (the BlindAI listeners are a second group)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = config.connections.max_connections
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    groups = 2 if config.blindai_compat else 1
+    allowed = max(16, (soft - FD_RESERVE) // groups)
+    if allowed < wanted:
+        log.warning(
+            "--max-connections %d lowered to %d: the file descriptor limit is %d "
+            "(raise it with ulimit -n)",
+            wanted,
+            allowed,
+            soft,
+        )
+    return min(wanted, allowed)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -77,7 +114,10 @@ def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -
     if config.blindai_compat:
         from blindinfer.server.blindai import serve_blindai
 
-        compat = serve_blindai(state, config.host, config.blindai_ports)
+        # one body budget for the process: the BlindAI apps share the native app's
+        app_state = getattr(server.config.app, "state", None)
+        budget: BodyBudget | None = getattr(app_state, "body_budget", None)
+        compat = serve_blindai(state, config.host, config.blindai_ports, budget=budget)
     try:
         server.run(sockets=[sock])
     finally:

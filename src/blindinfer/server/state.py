@@ -16,8 +16,9 @@ from blindinfer.protocol.evidence import NONCE_SIZE, EvidenceDocument
 from blindinfer.protocol.limits import TensorLimits
 from blindinfer.protocol.receipts import RECEIPT_VERSION, measurement_of, sign_receipt
 from blindinfer.server.audit import AuditLog
-from blindinfer.server.auth import Action, Authenticator, Principal, authorize
+from blindinfer.server.auth import Action, Authenticator, Principal, authorize, visible_to
 from blindinfer.server.config import ServerConfig
+from blindinfer.server.offload import Offload
 from blindinfer.server.quotas import TenantQuotas
 from blindinfer.server.tls import TlsIdentity
 from blindinfer.store.registry import ModelRegistry
@@ -36,6 +37,7 @@ class ServerState:
     quotas: TenantQuotas
     audit: AuditLog
     auth_failures: FailureThrottle
+    offload: Offload = field(default_factory=Offload, repr=False)  # threads per purpose
     _boot: list[EvidenceDocument] = field(default_factory=list, repr=False)
     _boot_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -74,6 +76,7 @@ class ServerState:
             collateral_json=evidence.collateral_json,
             certificate_der=self.identity.certificate_der,
             chip_certificates=evidence.certificates,
+            crl=evidence.crl,
         )
 
     def principal(self, request: Request) -> Principal:
@@ -92,8 +95,15 @@ class ServerState:
         self.quotas.check_rate(principal.tenant)
         return principal
 
+    def resolve(self, principal: Principal, ref: str) -> ModelRecord:
+        """The model `ref` names among those the principal may see: another tenant's
+        model and a missing one give the same 404 (registry.resolve)."""
+        return self.registry.resolve(
+            ref, principal.tenant, lambda r: visible_to(principal, r.owner, r.shared_with)
+        )
+
     def model_for(self, principal: Principal, ref: str, action: Action) -> ModelRecord:
-        record = self.registry.resolve(ref, principal.tenant)
+        record = self.resolve(principal, ref)
         authorize(principal, action, model_owner=record.owner, shared_with=record.shared_with)
         return record
 

@@ -23,3 +23,7 @@ class InvalidModelNameError(BlindInferError):
 
 class MemoryBudgetError(BlindInferError):
     """One model alone needs more memory than the server's whole model budget."""
+
+
+class TenantMemoryQuotaError(MemoryBudgetError):
+    """One model alone needs more loaded memory than its owning tenant's memory quota."""

@@ -14,29 +14,60 @@ never exceeded by what is loaded.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from blindinfer.runtime.errors import OverloadedError
+from blindinfer.runtime.response_size import OutputEncoding
 from blindinfer.runtime.signature import ModelSignature
-from blindinfer.runtime.workers import WorkerPool
+from blindinfer.runtime.workers import ModelNotPlacedError, WorkerPool
 from blindinfer.store.errors import (
     MemoryBudgetError,
     ModelConflictError,
     StoreFullError,
+    TenantMemoryQuotaError,
     UnknownModelError,
 )
 from blindinfer.store.names import check_name, is_model_id, is_sha256, new_model_id
 from blindinfer.store.sealed import ModelRecord, SealedStore
 
 AuditHook = Callable[..., object]
+
+
+Admit = Callable[[int, int, int], None]
+"""An owner's upload quota: (models held, bytes held, new bytes) -> None, or raises."""
+
+
+def unknown_model_message(ref: str) -> str:
+    """The one answer for a reference that names nothing the caller can see, whether
+    the model does not exist or belongs to another tenant."""
+    return f"no model is visible to this API key as {ref[:140]!r}"
+
+
+def _everything(record: ModelRecord) -> bool:
+    return True
+
+
+_T = TypeVar("_T")
+
+
+async def _wait(future: Future[_T]) -> _T:
+    """Awaits a thread's future without holding a thread. A cancelled request (its client
+    went away) stops waiting, never the work others may share; whatever that work ends
+    in is then collected, so that no 'exception never retrieved' reaches the logs."""
+    wrapped = asyncio.wrap_future(future)
+    wrapped.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+    return await asyncio.shield(wrapped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,19 +88,37 @@ class ModelRegistry:
         memory_budget: int,
         max_models: int,
         audit: AuditHook | None = None,
+        tenant_memory: Callable[[str], int | None] | None = None,
     ) -> None:
+        """`tenant_memory(tenant)`: the most loaded-session bytes charged to `tenant`
+        (None: no limit of its own), see `_evict_for`."""
         self._sealed = sealed
         self._pool = pool
         self._budget = memory_budget
         self._max_models = max_models
         self._audit = audit or (lambda *args, **kwargs: None)
+        # `_lock` guards the maps below and is what every request takes to resolve its
+        # model: it is never held while waiting for a worker, a load or the disk.
+        # `_write_lock` serializes the changes that seal to disk (add, delete, share).
         self._lock = threading.RLock()
+        self._write_lock = threading.Lock()
         self._records: dict[str, ModelRecord] = {r.model_id: r for r in sealed.records()}
         self._loaded: OrderedDict[str, int] = OrderedDict()  # sha256 -> measured bytes
         self._cost: dict[str, int] = {}  # last measured cost per sha256, kept after eviction
         self._signatures: dict[str, ModelSignature] = {}
-        self._loading: dict[str, threading.Lock] = {}
+        self._loading: dict[str, Future[None]] = {}  # sha256 -> its load in flight
+        # Loads wait for a worker (up to the load timeout): on threads of their own, one
+        # per model being loaded, however many requests wait for it.
+        self._loader = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blindinfer-load")
+        self._evicted: list[tuple[str, int]] = []  # audited once the lock is released
         self._in_use: Counter[str] = Counter()  # sha256 -> requests running on it
+        self._reserved: Counter[str] = Counter()  # owner -> uploads in flight (see add)
+        self._reserved_bytes: Counter[str] = Counter()  # owner -> their bytes
+        self._tenant_memory = tenant_memory or (lambda tenant: None)
+        # sha256 -> the tenant its loaded session is charged to: the owner of the record
+        # whose upload or run loaded it. Only entries of `_loaded` count; stale ones are
+        # ignored (and overwritten at the next load).
+        self._charged: dict[str, str] = {}
         for record in self._records.values():
             self._audit(
                 "restore", tenant=record.owner, model_id=record.model_id, sha256=record.sha256
@@ -81,25 +130,36 @@ class ModelRegistry:
 
     def close(self) -> None:
         self._pool.close()
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     def pool_stats(self) -> list[dict[str, object]]:
         return [dataclasses.asdict(s) for s in self._pool.stats()]
 
     # -- lookups -------------------------------------------------------------------------
 
-    def resolve(self, ref: str, tenant: str) -> ModelRecord:
-        """By model_id; by SHA-256 (the caller's own model first); by name in `tenant`."""
+    def resolve(
+        self, ref: str, tenant: str, visible: Callable[[ModelRecord], bool] | None = None
+    ) -> ModelRecord:
+        """By model_id; by SHA-256 (the caller's own model first, else the oldest it can
+        see); by name in `tenant`.
+
+        Only the records `visible` accepts (all without it) are candidates, and every
+        reference takes the same path (filter, then match): a model the caller may not see
+        and one that does not exist end in the very same `unknown_model` error, so that a
+        404 tells no tenant anything about another's models, and a hash shared by a hidden
+        record and a visible one finds the visible one."""
+        accept = visible or _everything
         with self._lock:
-            records = list(self._records.values())
+            records = [r for r in self._records.values() if accept(r)]
         if is_model_id(ref):
-            found = self._records.get(ref)
+            found = next((r for r in records if r.model_id == ref), None)
         elif is_sha256(ref):
             same = [r for r in records if r.sha256 == ref]
             found = next((r for r in same if r.owner == tenant), same[0] if same else None)
         else:
             found = next((r for r in records if r.owner == tenant and r.name == ref), None)
         if found is None:
-            raise UnknownModelError(f"no model is known as {ref[:140]!r}")
+            raise UnknownModelError(unknown_model_message(ref))
         return found
 
     def records(
@@ -112,24 +172,46 @@ class ModelRegistry:
             )
 
     def usage(self, tenant: str) -> tuple[int, int]:
-        """(number of models, stored bytes) owned by `tenant`."""
+        """(number of models, stored bytes) owned by `tenant`, counting its uploads in
+        flight (their room is reserved: see `add`)."""
         with self._lock:
-            owned = [r for r in self._records.values() if r.owner == tenant]
-        return len(owned), sum(r.size for r in owned)
+            return self._usage_locked(tenant)
 
     def signature(self, record: ModelRecord) -> ModelSignature:
-        if record.sha256 not in self._signatures:
+        """The model's inputs and outputs; loads it (waiting) if it never was."""
+        for _ in range(3):
+            found = self._signatures.get(record.sha256)
+            if found is not None:
+                return found
             self._ensure_loaded(record)
-        return self._signatures[record.sha256]
+        self._check_stored(record)
+        raise self._contended()
+
+    async def signature_async(self, record: ModelRecord) -> ModelSignature:
+        """`signature` for the event loop: waiting for a load holds no thread."""
+        for _ in range(3):
+            found = self._signatures.get(record.sha256)
+            if found is not None:
+                return found
+            pending = self.loading(record)
+            if pending is not None:
+                await _wait(pending)
+            else:
+                self._check_stored(record)
+        self._check_stored(record)
+        raise self._contended()
 
     def stats(self) -> RegistryStats:
         with self._lock:
+            # stored bytes from the records (distinct blobs), not from the sealed store:
+            # its lock is held while an upload is written and fsynced
+            blobs = {r.sha256: r.size for r in self._records.values()}
             return RegistryStats(
                 models=len(self._records),
                 loaded=len(self._loaded),
                 memory_budget=self._budget,
                 memory_used=sum(self._loaded.values()),
-                stored_bytes=self._sealed.used_bytes,
+                stored_bytes=sum(blobs.values()),
             )
 
     # -- changes -------------------------------------------------------------------------
@@ -142,16 +224,38 @@ class ModelRegistry:
         name: str | None,
         owner: str,
         shared_with: Collection[str] = (),
+        admit: Admit | None = None,
     ) -> tuple[ModelRecord, bool]:
-        """Validates (in a worker), seals, then publishes; idempotent for identical bytes."""
+        """Validates (in a worker), seals, then publishes; idempotent for identical bytes
+        under the same name and owner.
+
+        `admit(models, stored_bytes, new_bytes)` is the owner's quota (it raises to
+        refuse): it is asked under the registry lock with what the owner holds *and has
+        in flight*, and the upload's room (one model, its bytes, one slot of the store's
+        `max_models`) stays reserved until the model is published or refused, so that
+        parallel uploads can never together exceed a quota or the store."""
         if name is not None:
             check_name(name)
         existing = self._existing(name, owner, sha256)
         if existing is not None:
             return existing, False
-        if sha256 not in self._signatures:
-            loaded = self._pool.validate_and_load(sha256, data)
-            self._account(sha256, loaded.memory_bytes, loaded.signature)
+        self._reserve(owner, len(data), admit)
+        try:
+            return self._add_reserved(data, sha256, name=name, owner=owner, shared_with=shared_with)
+        finally:
+            self._unreserve(owner, len(data))
+
+    def _add_reserved(
+        self,
+        data: bytes,
+        sha256: str,
+        *,
+        name: str | None,
+        owner: str,
+        shared_with: Collection[str],
+    ) -> tuple[ModelRecord, bool]:
+        """`add` once the upload's room is reserved: validate, seal, publish."""
+        self._validate(data, sha256, owner)
         model_id = new_model_id()
         record = ModelRecord(
             model_id=model_id,
@@ -162,20 +266,90 @@ class ModelRegistry:
             created_at=time.time(),
             shared_with=tuple(sorted(set(shared_with))),
         )
-        with self._lock:
+        with self._write_lock:  # not `_lock`: sealing writes and fsyncs
             try:
                 existing = self._existing(name, owner, sha256)
                 if existing is not None:
                     return existing, False
-                self._sealed.put(record, data)  # durable before it is acknowledged
+                # durable before it is acknowledged, and audited before it is committed:
+                # an upload whose audit entry cannot be written leaves nothing stored
+                self._sealed.put(
+                    record,
+                    data,
+                    before_commit=lambda: self._audit(
+                        "upload",
+                        tenant=owner,
+                        model_id=model_id,
+                        sha256=sha256,
+                        detail={"size": len(data)},
+                    ),
+                )
             except BaseException:
-                self._forget_if_orphan(sha256)
+                with self._lock:
+                    self._forget_if_orphan(sha256)
                 raise
-            self._records[model_id] = record
-        self._audit(
-            "upload", tenant=owner, model_id=model_id, sha256=sha256, detail={"size": len(data)}
-        )
+            with self._lock:
+                self._records[model_id] = record
         return record, True
+
+    def _validate(self, data: bytes, sha256: str, owner: str) -> None:
+        """Checks the bytes in a worker unless their owner already holds a validated copy.
+
+        Never skipped for bytes that only *another* tenant holds: how long an upload takes
+        must not tell whether someone else stored the same model. Where another tenant's
+        session of these bytes is live, the check loads a separate session (same work as
+        a first upload) and drops it, leaving the live one untouched."""
+        with self._lock:
+            known = sha256 in self._signatures
+            own = known and any(
+                r.owner == owner and r.sha256 == sha256 for r in self._records.values()
+            )
+            live = sha256 in self._loaded
+        if own:
+            return
+        if not live:
+            loaded = self._pool.validate_and_load(sha256, data)
+            self._account(sha256, loaded.memory_bytes, loaded.signature, owner=owner)
+            return
+        check_key = f"{sha256}:check:{new_model_id()}"
+        try:
+            checked = self._pool.validate_and_load(check_key, data)
+        finally:
+            self._pool.unload(check_key)
+        with self._lock:  # the same refusals as a first upload, not knowing the other copy
+            if checked.memory_bytes > self._budget:
+                raise MemoryBudgetError(
+                    f"the model needs {checked.memory_bytes} bytes of memory once loaded; the "
+                    f"server's model memory budget is {self._budget} bytes"
+                )
+            self._check_tenant_memory(checked.memory_bytes, owner)
+
+    def _reserve(self, owner: str, size: int, admit: Admit | None) -> None:
+        """Takes one model and `size` bytes of the owner's quota and one slot of the store,
+        atomically with the decision (see `add`); `_unreserve` gives them back."""
+        with self._lock:
+            if len(self._records) + sum(self._reserved.values()) >= self._max_models:
+                raise self._full()
+            if admit is not None:
+                count, stored = self._usage_locked(owner)
+                admit(count, stored, size)
+            self._reserved[owner] += 1
+            self._reserved_bytes[owner] += size
+
+    def _unreserve(self, owner: str, size: int) -> None:
+        with self._lock:
+            self._reserved[owner] -= 1
+            self._reserved_bytes[owner] -= size
+            if self._reserved[owner] <= 0:
+                del self._reserved[owner]
+                self._reserved_bytes.pop(owner, None)
+
+    def _usage_locked(self, owner: str) -> tuple[int, int]:
+        owned = [r for r in self._records.values() if r.owner == owner]
+        return (
+            len(owned) + self._reserved[owner],
+            sum(r.size for r in owned) + self._reserved_bytes[owner],
+        )
 
     def _existing(self, name: str | None, owner: str, sha256: str) -> ModelRecord | None:
         with self._lock:
@@ -194,18 +368,23 @@ class ModelRegistry:
                 raise self._full()
         return None
 
-    def check_room(self, name: str | None, owner: str) -> None:
-        """Refuses (StoreFullError), before any bytes arrive, an upload that a full store
-        could not take: on a full store only re-sending a model under its own name can
-        succeed. `add` decides again with the bytes (other uploads may land meanwhile)."""
+    def check_room(
+        self, name: str | None, owner: str, size: int = 0, admit: Admit | None = None
+    ) -> None:
+        """Refuses, before any bytes arrive, an upload that a full store (StoreFullError)
+        or the owner's quota (`admit`, see `add`) could not take: then only re-sending a
+        model under its own name can succeed. `add` decides again, atomically, with the
+        bytes (other uploads may land meanwhile)."""
         with self._lock:
-            if len(self._records) < self._max_models:
-                return
             if name is not None and any(
                 r.owner == owner and r.name == name for r in self._records.values()
             ):
                 return
-            raise self._full()
+            if len(self._records) + sum(self._reserved.values()) >= self._max_models:
+                raise self._full()
+            if admit is not None:
+                count, stored = self._usage_locked(owner)
+                admit(count, stored, size)
 
     def _full(self) -> StoreFullError:
         return StoreFullError(
@@ -223,26 +402,38 @@ class ModelRegistry:
         return True
 
     def delete(self, record: ModelRecord) -> None:
-        with self._lock:
-            if record.model_id not in self._records:
+        """Destroys the sealed copy, then forgets the record. Never waits for the model's
+        worker: a run in progress finishes (its session is dropped right after), a run
+        still queued ends in UnknownModelError."""
+        with self._write_lock:  # not `_lock`: the sealed store writes and fsyncs
+            if not self._stored(record):
                 raise UnknownModelError(f"no model is known as {record.model_id!r}")
-            self._sealed.delete(record.model_id)
-            del self._records[record.model_id]
-            self._forget_if_orphan(record.sha256)
-        self._audit("delete", tenant=record.owner, model_id=record.model_id, sha256=record.sha256)
+            # audited before it is committed: refused, with nothing deleted, if it cannot be
+            self._sealed.delete(
+                record.model_id,
+                before_commit=lambda: self._audit(
+                    "delete", tenant=record.owner, model_id=record.model_id, sha256=record.sha256
+                ),
+            )
+            with self._lock:
+                del self._records[record.model_id]
+                self._forget_if_orphan(record.sha256)  # its unload is queued, not awaited
 
     def share(self, record: ModelRecord, tenants: Collection[str]) -> ModelRecord:
         shared = dataclasses.replace(record, shared_with=tuple(sorted(set(tenants))))
-        with self._lock:
-            self._sealed.update_record(shared)
-            self._records[record.model_id] = shared
-        self._audit(
-            "share",
-            tenant=record.owner,
-            model_id=record.model_id,
-            sha256=record.sha256,
-            detail={"tenants": ",".join(shared.shared_with)[:200]},
-        )
+        with self._write_lock:  # not `_lock`: the sealed store writes and fsyncs
+            self._sealed.update_record(  # audited before it is committed, as delete
+                shared,
+                before_commit=lambda: self._audit(
+                    "share",
+                    tenant=record.owner,
+                    model_id=record.model_id,
+                    sha256=record.sha256,
+                    detail={"tenants": ",".join(shared.shared_with)[:200]},
+                ),
+            )
+            with self._lock:
+                self._records[record.model_id] = shared
         return shared
 
     # -- execution -----------------------------------------------------------------------
@@ -252,31 +443,95 @@ class ModelRegistry:
         record: ModelRecord,
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None = None,
+        *,
+        encoding: OutputEncoding | None = None,
     ) -> dict[str, np.ndarray]:
-        sha = record.sha256
-        self._pin(record)
-        try:
-            return self._pool.run(sha, dict(inputs), list(outputs) if outputs else None)
-        finally:
-            with self._lock:
-                self._in_use[sha] -= 1
-                if self._in_use[sha] <= 0:
-                    del self._in_use[sha]
+        """Loads the model if needed, runs it and waits for the outputs.
 
-    def _pin(self, record: ModelRecord) -> None:
-        """Loads the model and marks it in use, so that no other request evicts it before
-        its run reaches the worker."""
+        `encoding`: which outputs the response carries as JSON (for its size limit).
+        A model deleted before its run reached the worker ends in UnknownModelError."""
         for _ in range(3):
-            self._ensure_loaded(record)
-            with self._lock:
-                if record.sha256 in self._loaded:
-                    self._in_use[record.sha256] += 1
-                    self._loaded.move_to_end(record.sha256)
-                    return
-        raise OverloadedError(
+            pending = self.loading(record)
+            if pending is not None:
+                pending.result()
+            try:
+                queued = self.submit(record, inputs, outputs, encoding=encoding)
+                if queued is not None:
+                    return queued.result()
+            except ModelNotPlacedError:
+                self._check_stored(record)  # else unloaded by an eviction: try again
+        self._check_stored(record)
+        raise self._contended()
+
+    async def run_async(
+        self,
+        record: ModelRecord,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        encoding: OutputEncoding | None = None,
+    ) -> dict[str, np.ndarray]:
+        """`run` for the event loop: waiting for a load or for the model's worker holds
+        no thread, so requests queued on one busy worker cannot starve anything else."""
+        for _ in range(3):
+            pending = self.loading(record)
+            if pending is not None:
+                await _wait(pending)
+            try:
+                queued = self.submit(record, inputs, outputs, encoding=encoding)
+                if queued is not None:
+                    return await _wait(queued)
+            except ModelNotPlacedError:
+                self._check_stored(record)
+        self._check_stored(record)
+        raise self._contended()
+
+    def submit(
+        self,
+        record: ModelRecord,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        encoding: OutputEncoding | None = None,
+    ) -> Future[dict[str, np.ndarray]] | None:
+        """Queues a run of a loaded model on its worker, and keeps the model from being
+        evicted until the run ends; None if the model is not loaded (see `loading`).
+        Never blocks. The future may end in ModelNotPlacedError (unloaded meanwhile)."""
+        sha = record.sha256
+        with self._lock:
+            if sha not in self._loaded:
+                return None
+            self._in_use[sha] += 1
+            self._loaded.move_to_end(sha)
+        try:
+            wanted = list(outputs) if outputs else None
+            queued = self._pool.submit(sha, dict(inputs), wanted, encoding=encoding)
+        except BaseException:
+            self._unpin(sha)
+            raise
+        queued.add_done_callback(lambda _: self._unpin(sha))
+        return queued
+
+    def _unpin(self, sha: str) -> None:
+        with self._lock:
+            self._in_use[sha] -= 1
+            if self._in_use[sha] <= 0:
+                del self._in_use[sha]
+
+    def _contended(self) -> OverloadedError:
+        return OverloadedError(
             "the memory budget is contended: this model was evicted before it could run",
             retry_after_s=1.0,
         )
+
+    def _stored(self, record: ModelRecord) -> bool:
+        with self._lock:
+            return record.model_id in self._records
+
+    def _check_stored(self, record: ModelRecord) -> None:
+        """UnknownModelError (the answer a new request would get) for a deleted model."""
+        if not self._stored(record):
+            raise UnknownModelError(unknown_model_message(record.model_id))
 
     def source(self, sha256: str) -> bytes:
         """The sealed bytes of any model with this hash: how workers reload after a crash."""
@@ -286,40 +541,89 @@ class ModelRegistry:
             raise UnknownModelError(f"no stored model has sha256 {sha256}")
         return self._sealed.get(record.model_id)
 
+    def loading(self, record: ModelRecord) -> Future[None] | None:
+        """None if the model is loaded; else the future of its load, started now on a
+        loader thread unless one is already under way. Never blocks: one thread loads a
+        model however many requests wait for it, and no lock is held while it does."""
+        sha = record.sha256
+        with self._lock:
+            if record.model_id not in self._records:
+                raise UnknownModelError(unknown_model_message(record.model_id))
+            if sha in self._loaded:
+                self._loaded.move_to_end(sha)
+                return None
+            pending = self._loading.get(sha)
+            if pending is not None:
+                return pending
+            pending = Future()
+            self._loading[sha] = pending
+        try:
+            self._loader.submit(self._load, record, pending)
+        except RuntimeError:  # closed
+            with self._lock:
+                self._loading.pop(sha, None)
+            pending.set_exception(RuntimeError("the model registry is closed"))
+        return pending
+
     def _ensure_loaded(self, record: ModelRecord) -> None:
+        pending = self.loading(record)
+        if pending is not None:
+            pending.result()
+
+    def _load(self, record: ModelRecord, pending: Future[None]) -> None:
+        """A loader thread's job: `_load_now`, its outcome handed to every waiter."""
+        try:
+            self._load_now(record)
+        except BaseException as exc:
+            with self._lock:
+                self._loading.pop(record.sha256, None)
+            pending.set_exception(exc)
+        else:
+            pending.set_result(None)
+
+    def _load_now(self, record: ModelRecord) -> None:
         sha = record.sha256
         with self._lock:
             if sha in self._loaded:
-                self._loaded.move_to_end(sha)
-                return
-            gate = self._loading.setdefault(sha, threading.Lock())
-        with gate:  # one load per model at a time; others wait for it
-            with self._lock:
-                if sha in self._loaded:
-                    self._loaded.move_to_end(sha)
-                    return
-                # make room for what it cost last time (or twice its size) before loading
-                if not self._evict_for(self._cost.get(sha, 2 * record.size), keep=sha):
-                    raise OverloadedError(
-                        "every loaded model is in use and the memory budget is full",
-                        retry_after_s=1.0,
-                    )
-            loaded = self._pool.load(sha, self._sealed.get(record.model_id))
-            self._account(sha, loaded.memory_bytes, loaded.signature)
-            with self._lock:
                 self._loading.pop(sha, None)
-                orphan = self._forget_if_orphan(sha)  # deleted while it was loading
-            if orphan:
                 return
-            self._audit(
-                "restore",
-                tenant=record.owner,
-                model_id=record.model_id,
-                sha256=sha,
-                detail={"memory_bytes": loaded.memory_bytes},
+            # make room for what it cost last time (or twice its size) before loading
+            if sha in self._cost:
+                self._check_tenant_memory(self._cost[sha], record.owner)
+            incoming = self._cost.get(sha, 2 * record.size)
+            room = self._evict_for(incoming, keep=sha, owner=record.owner)
+        self._flush_evicted()
+        if not room:
+            raise OverloadedError(
+                "every loaded model is in use and the memory budget is full",
+                retry_after_s=1.0,
             )
+        loaded = self._pool.load(sha, self._sealed.get(record.model_id))
+        self._account(sha, loaded.memory_bytes, loaded.signature, owner=record.owner)
+        with self._lock:
+            self._loading.pop(sha, None)
+            orphan = self._forget_if_orphan(sha)  # deleted while it was loading
+        if orphan:
+            return
+        self._audit(
+            "restore",
+            tenant=record.owner,
+            model_id=record.model_id,
+            sha256=sha,
+            detail={"memory_bytes": loaded.memory_bytes},
+        )
 
-    def _account(self, sha256: str, cost: int, signature: ModelSignature) -> None:
+    def _flush_evicted(self) -> None:
+        """Audits the evictions decided under the lock, once it is released (an audit
+        entry is written and fsynced: never under the lock requests need)."""
+        with self._lock:
+            evicted, self._evicted = self._evicted, []
+        for sha, freed in evicted:
+            self._audit("evict", sha256=sha, detail={"memory_bytes": freed})
+
+    def _account(
+        self, sha256: str, cost: int, signature: ModelSignature, *, owner: str | None = None
+    ) -> None:
         with self._lock:
             if cost > self._budget:
                 self._pool.unload(sha256)
@@ -327,20 +631,72 @@ class ModelRegistry:
                     f"the model needs {cost} bytes of memory once loaded; the server's model "
                     f"memory budget is {self._budget} bytes"
                 )
+            if owner is not None:
+                try:
+                    self._check_tenant_memory(cost, owner)
+                except TenantMemoryQuotaError:
+                    self._pool.unload(sha256)
+                    raise
+                self._charged[sha256] = owner
             self._signatures[sha256] = signature
             self._cost[sha256] = cost
             self._loaded[sha256] = cost
             self._loaded.move_to_end(sha256)
-            self._evict_for(0, keep=sha256)
+            self._evict_for(0, keep=sha256, owner=owner)
+        self._flush_evicted()
 
-    def _evict_for(self, incoming: int, *, keep: str) -> bool:
+    def _check_tenant_memory(self, cost: int, owner: str) -> None:
+        """Refuses a model whose measured cost alone exceeds its owner's memory quota."""
+        limit = self._tenant_memory(owner)
+        if limit is not None and cost > limit:
+            raise TenantMemoryQuotaError(
+                f"the model needs {cost} bytes of memory once loaded, more than the memory "
+                "quota (max_loaded_bytes) of the tenant that owns it"
+            )
+
+    def loaded_by_tenant(self) -> dict[str, int]:
+        """Bytes of loaded sessions charged to each tenant (see `_evict_for`)."""
+        with self._lock:
+            charged: Counter[str] = Counter()
+            for sha, cost in self._loaded.items():
+                charged[self._charged.get(sha, "")] += cost
+            return dict(charged)
+
+    def _charged_to(self, tenant: str) -> int:
+        return sum(cost for sha, cost in self._loaded.items() if self._charged.get(sha) == tenant)
+
+    def _evict_for(self, incoming: int, *, keep: str, owner: str | None = None) -> bool:
         """Evicts least recently used idle sessions until `incoming` more bytes fit the
-        budget; False if the models in use leave no room."""
+        budget; False if the models in use leave no room.
+
+        With `owner` (the tenant the incoming session is charged to) and a memory quota
+        for it, the owner's own sessions go first, until the incoming bytes fit its
+        quota: a tenant makes room in its own share, never by pushing out the others'
+        models. Only when the quotas together exceed the budget (an operator's choice)
+        can the budget itself still evict another tenant's least recently used model.
+        """
+        limit = None if owner is None else self._tenant_memory(owner)
+        # an estimate above the whole quota still gets its try: `_account` decides on the
+        # measured cost (it refuses a model that alone exceeds the quota)
+        while limit is not None and self._charged_to(owner or "") + min(incoming, limit) > limit:
+            victim = next(
+                (
+                    s
+                    for s in self._loaded
+                    if s != keep and s not in self._in_use and self._charged.get(s) == owner
+                ),
+                None,
+            )
+            if victim is None:
+                return False
+            freed = self._loaded.pop(victim)
+            self._pool.unload(victim)
+            self._evicted.append((victim, freed))  # audited by _flush_evicted
         while sum(self._loaded.values()) + incoming > self._budget:
             victim = next((s for s in self._loaded if s != keep and s not in self._in_use), None)
             if victim is None:
                 return False
             freed = self._loaded.pop(victim)
             self._pool.unload(victim)
-            self._audit("evict", sha256=victim, detail={"memory_bytes": freed})
+            self._evicted.append((victim, freed))  # audited by _flush_evicted
         return True

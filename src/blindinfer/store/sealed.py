@@ -41,6 +41,22 @@ new state; files the manifest does not list are leftovers and are removed at ope
 record is never overwritten in place (a new version gets a new file name), so a crash
 while updating one cannot leave the manifest pointing at the wrong version.
 
+Each mutation takes a `before_commit` callback, called once everything but the manifest's
+rename is durable (the new manifest fsynced under a temporary name): the registry writes
+its audit entry there, so that an operation whose audit record cannot be written is
+refused with nothing changed (write-ahead: a crash between the two leaves an entry for an
+operation that did not commit, never a committed operation without its entry).
+
+Deleting on a full disk. A delete frees space only after its commit, and the commit is a
+new manifest, which needs space first; freeing first (unlinking the blob or record) would
+break the invariants above (a crash would leave a manifest naming missing files, which
+open must refuse as a rollback). So the store keeps ``space.reserve``, a file of zeros
+allocated (``posix_fallocate``) to at least twice the manifest's size: a `put` that cannot
+grow it is refused, and a delete that hits ENOSPC unlinks it, commits (its manifest is
+smaller than the current one; the rest is room for the audit entry) and allocates it again
+once the deleted model's files are gone. The reserve means nothing to recovery: open
+recreates it as it can.
+
 Rollback (the host presenting older files than the ones the enclave wrote).
 Detected at open:
   * a record file replaced by an older (or any other) version of itself: its associated
@@ -71,6 +87,7 @@ length), when uploads, updates and deletes happen, and whether an upload reused 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import io
@@ -92,7 +109,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from blindinfer.errors import BlindInferError
+from blindinfer.errors import BlindInferError, causes
 from blindinfer.store.errors import UnknownModelError
 
 _log = logging.getLogger(__name__)
@@ -118,6 +135,10 @@ _CHUNK: Final = 1024 * 1024
 """Blobs are encrypted and decrypted in chunks: peak memory stays near one model copy."""
 
 MANIFEST_NAME: Final = "manifest.sealed"
+RESERVE_NAME: Final = "space.reserve"
+RESERVE_MIN: Final = 256 * 1024
+"""Smallest reserve kept for deletes on a full disk (room for a manifest of ~1000 models
+and the delete's audit entry); it grows to twice the manifest's size."""
 BLOBS_DIR: Final = "blobs"
 RECORDS_DIR: Final = "records"
 SUFFIX: Final = ".sealed"
@@ -150,6 +171,13 @@ class SealedDataError(SealedStoreError):
 
 class StorageFullError(SealedStoreError):
     """Storing the model would exceed the store's byte budget."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True if `exc` or what caused it is ENOSPC / EDQUOT (no room on the store's disk)."""
+    return any(
+        isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in causes(exc)
+    )
 
 
 class StoreBrokenError(SealedStoreError):
@@ -309,6 +337,8 @@ class SealedStore:
         self._refs: dict[str, int] = {}  # sha256 -> number of records using it
         self._counter = 0
         self._committed_at = 0.0
+        self._manifest_size = 0  # bytes of the current manifest file
+        self._reserve_size = 0  # bytes allocated to space.reserve
         self._open(expected_min_counter, verify_blobs)
 
     # -- public API ---------------------------------------------------------------------
@@ -347,13 +377,17 @@ class SealedStore:
         with self._lock:
             return self._counter
 
-    def put(self, record: ModelRecord, data: bytes) -> None:
+    def put(
+        self, record: ModelRecord, data: bytes, *, before_commit: Callable[[], object] | None = None
+    ) -> None:
         """Store `data` under `record`; durable on disk when this returns.
 
         Checks that the record describes `data` (size and SHA-256: the hash is the
         deduplication key, so a wrong one would serve other bytes under it). Raises
         `StorageFullError` if a new blob would exceed `max_bytes` (existing bytes are free).
         Putting a model_id that is already stored replaces its record and bytes.
+        `before_commit` runs just before the commit (module docstring); if it raises,
+        nothing is stored and the exception propagates.
         """
         _check_record(record)
         if len(data) != record.size:
@@ -364,9 +398,11 @@ class SealedStore:
             raise ValueError("record.sha256 is not the SHA-256 of the data")
         with self._lock:
             self._check_usable()
-            self._put_locked(record, data)
+            self._put_locked(record, data, before_commit)
 
-    def update_record(self, record: ModelRecord) -> None:
+    def update_record(
+        self, record: ModelRecord, *, before_commit: Callable[[], object] | None = None
+    ) -> None:
         """Replace the record of a stored model (e.g. its `shared_with`), keeping its bytes.
 
         Cheaper than `put` with the same bytes: nothing is decrypted, hashed or rewritten
@@ -380,9 +416,11 @@ class SealedStore:
                 raise UnknownModelError(f"no model is known as {record.model_id[:140]!r}")
             if (record.sha256, record.size) != (old.record.sha256, old.record.size):
                 raise ValueError("update_record cannot change a model's bytes; use put")
-            self._put_locked(record, None)
+            self._put_locked(record, None, before_commit)
 
-    def _put_locked(self, record: ModelRecord, data: bytes | None) -> None:
+    def _put_locked(
+        self, record: ModelRecord, data: bytes | None, before_commit: Callable[[], object] | None
+    ) -> None:
         """Write blob (if new), record version, then the manifest: the commit point."""
         sha = record.sha256
         old = self._entries.get(record.model_id)
@@ -414,7 +452,10 @@ class SealedStore:
                 self._write_atomic(blob_path, lambda f: self._seal_blob(f, sha, data))
             sealed_record = self._seal_record(record, counter)
             self._write_atomic(record_path, lambda f: f.write(sealed_record))
-            self._write_manifest(self._seal_manifest(entries, counter, now))
+            manifest = self._seal_manifest(entries, counter, now)
+            # a put never takes the room a delete may need on a full disk
+            self._ensure_reserve(_reserve_for(len(manifest)))
+            self._write_manifest(manifest, before_commit)
         except BaseException:
             if self._broken is None:
                 # Nothing references these files: remove them now rather than at open.
@@ -489,8 +530,11 @@ class SealedStore:
             found = [e.record for e in self._entries.values()]
         return sorted(found, key=lambda r: (r.created_at, r.model_id))
 
-    def delete(self, model_id: str) -> None:
+    def delete(self, model_id: str, *, before_commit: Callable[[], object] | None = None) -> None:
         """Remove the model: manifest first (the commit), then its record and unused blob.
+
+        Works on a full disk (module docstring: the reserve). `before_commit` runs just
+        before the commit; if it raises, nothing is deleted and the exception propagates.
 
         Files are unlinked, not overwritten: they hold only ciphertext under keys the host
         never sees, and on journaling, copy-on-write or flash storage an overwrite would not
@@ -509,9 +553,20 @@ class SealedStore:
             refs = dict(self._refs)
             sizes = dict(self._blob_sizes)
             _release(refs, sizes, entry.record.sha256)
-            self._write_manifest(self._seal_manifest(entries, counter, now))
+            manifest = self._seal_manifest(entries, counter, now)
+            try:
+                self._write_manifest(manifest, before_commit)
+            except Exception as exc:
+                if self._broken is not None or not is_disk_full(exc) or not self._drop_reserve():
+                    raise
+                _log.warning("the store's disk is full: the space reserve lets a delete commit")
+                self._write_manifest(manifest, before_commit)
             self._commit(entries, refs, sizes, counter, now)
             self._remove_after_commit(model_id, entry, sizes)
+            try:
+                self._ensure_reserve(_reserve_for(len(manifest)))
+            except OSError as exc:
+                _log.warning("the space reserve could not be restored yet: %s", exc.strerror)
             _log.info("sealed model %s deleted", model_id)
 
     # -- sealing ------------------------------------------------------------------------
@@ -632,12 +687,18 @@ class SealedStore:
 
     # -- durable writes -----------------------------------------------------------------
 
-    def _write_atomic(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
+    def _write_atomic(
+        self,
+        path: Path,
+        write: Callable[[BinaryIO], object],
+        before_replace: Callable[[], object] | None = None,
+    ) -> None:
         """Write via temp file + fsync + rename + directory fsync.
 
-        A failure before the rename changes nothing on disk (`os.replace` is atomic: it
-        either happened or raised). A failure after it leaves the store broken (see
-        `StoreBrokenError`): the rename may or may not survive a power cut.
+        A failure before the rename (`before_replace` raising included) changes nothing on
+        disk (`os.replace` is atomic: it either happened or raised). A failure after it
+        leaves the store broken (see `StoreBrokenError`): the rename may or may not survive
+        a power cut.
         """
         tmp = _tmp_path(path.parent)
         try:
@@ -646,6 +707,8 @@ class SealedStore:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
+            if before_replace is not None:
+                before_replace()
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -657,9 +720,42 @@ class SealedStore:
             self._broken = f"fsync of {path.parent} failed: {exc}"
             raise
 
-    def _write_manifest(self, sealed: bytes) -> None:
+    def _write_manifest(
+        self, sealed: bytes, before_commit: Callable[[], object] | None = None
+    ) -> None:
         """Replace the manifest: the commit point of every mutation."""
-        self._write_atomic(self._dir / MANIFEST_NAME, lambda f: f.write(sealed))
+        self._write_atomic(self._dir / MANIFEST_NAME, lambda f: f.write(sealed), before_commit)
+        self._manifest_size = len(sealed)
+
+    # -- the space reserve (module docstring: deleting on a full disk) ------------------
+
+    def _ensure_reserve(self, size: int) -> None:
+        """Grows space.reserve to `size` allocated bytes; raises OSError (the file is
+        left as it was) when the disk has no room for that."""
+        if self._reserve_size >= size:
+            return
+        path = self._dir / RESERVE_NAME
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            before = os.fstat(fd).st_size
+            try:
+                _allocate(fd, before, size)
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, before)
+                raise
+        finally:
+            os.close(fd)
+        self._reserve_size = size
+
+    def _drop_reserve(self) -> bool:
+        """Unlinks space.reserve to free its room; False if there was none to free."""
+        path = self._dir / RESERVE_NAME
+        freed = self._reserve_size > 0 or path.exists()
+        path.unlink(missing_ok=True)
+        self._reserve_size = 0
+        return freed
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -718,6 +814,14 @@ class SealedStore:
                 raise SealedDataError(f"model(s) {users}: {exc}") from None
 
         self._remove_leftovers(entries, counter)
+        manifest_path = self._dir / MANIFEST_NAME
+        self._manifest_size = manifest_path.stat().st_size if manifest_path.exists() else 0
+        reserve_path = self._dir / RESERVE_NAME
+        self._reserve_size = reserve_path.stat().st_size if reserve_path.exists() else 0
+        try:
+            self._ensure_reserve(_reserve_for(self._manifest_size))
+        except OSError as exc:  # a full disk must not stop the store from opening
+            _log.warning("the space reserve could not be allocated: %s", exc.strerror)
         self._entries = entries
         self._blob_sizes = sizes
         self._refs = refs
@@ -793,6 +897,27 @@ class SealedStore:
             _fsync_dir(self._records_dir)
         if stale_blobs:
             _fsync_dir(self._blobs_dir)
+
+
+def _reserve_for(manifest_size: int) -> int:
+    """The reserve a store with a manifest of this size keeps (a 64 KiB multiple)."""
+    wanted = max(RESERVE_MIN, 2 * manifest_size)
+    return -(-wanted // (64 * 1024)) * (64 * 1024)
+
+
+def _allocate(fd: int, start: int, size: int) -> None:
+    """Allocates bytes [start, size) of the file: `posix_fallocate` where the filesystem
+    supports it, else zeros written (which a compressing filesystem may not store)."""
+    try:
+        os.posix_fallocate(fd, start, size - start)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    zeros = bytes(64 * 1024)
+    os.lseek(fd, start, os.SEEK_SET)
+    while start < size:
+        start += os.write(fd, zeros[: min(len(zeros), size - start)])
 
 
 def _blob_auth_failure(sha256: str) -> str:

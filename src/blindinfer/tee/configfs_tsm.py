@@ -41,6 +41,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -48,7 +49,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
-from blindinfer.attestation.intel.pccs import CollateralSource, Fetch, HttpResponse, httpx_fetch
+from blindinfer.attestation.intel.pccs import (
+    CollateralSource,
+    Fetch,
+    HttpResponse,
+    httpx_fetch,
+    require_https,
+)
 from blindinfer.errors import BlindInferError, QuoteParseError
 from blindinfer.tee.platform import REPORT_DATA_SIZE, Evidence
 
@@ -67,6 +74,8 @@ TDX_CWT_THRESHOLD: Final = 8 * 1024
 """The ABI doc: a TDX quote larger than 8 KiB is a DICE-based CWT, not a DCAP quote."""
 SNP_REPORT_SIZE: Final = 0x4A0
 DEFAULT_ATTEMPTS: Final = 3
+CRL_REFRESH_MARGIN: Final = timedelta(days=1)
+"""An AMD CRL is fetched again once less than this is left before its nextUpdate."""
 
 # GHCB spec v2, section 4.1.8.1: certificate table GUIDs.
 CERT_GUIDS: Final = types.MappingProxyType(
@@ -201,6 +210,14 @@ def parse_cert_table(blob: bytes) -> dict[str, bytes]:
     return certs
 
 
+class CrlSource(Protocol):
+    """Supplies AMD's CRL (DER) for an SNP report's product and chip key kind."""
+
+    def crl_for(self, report: bytes) -> bytes:
+        """The ARK-signed CRL covering the ASK (VCEK reports) or ASVK (VLEK reports)."""
+        ...
+
+
 class VcekSource(Protocol):
     """Supplies the chip certificate (and possibly ASK/ARK) for an SNP report."""
 
@@ -235,18 +252,22 @@ class KdsVcekSource:
     """
 
     def __init__(
-        self, base_url: str, *, product: str | None = None, fetch: Fetch = httpx_fetch
+        self,
+        base_url: str,
+        *,
+        product: str | None = None,
+        fetch: Fetch = httpx_fetch,
+        allow_insecure_http: bool = False,
     ) -> None:
-        if not base_url.startswith(("https://", "http://")):
-            raise ValueError(f"KDS URL must be an http(s) URL, got {base_url!r}")
+        require_https(base_url, "the KDS URL", allow_insecure_http=allow_insecure_http)
         self._base = base_url.rstrip("/")
         self._product = product
         self._fetch = fetch
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[bytes, ...]] = {}
+        self._crls: dict[str, tuple[bytes, datetime]] = {}
 
-    def vcek_url(self, report: bytes) -> str:
-        """The KDS URL of the VCEK matching `report`'s chip ID and reported TCB."""
+    def _product_of(self, report: bytes) -> str:
         if len(report) < SNP_REPORT_SIZE:
             raise TsmError(f"SNP report is {len(report)} bytes, expected {SNP_REPORT_SIZE}")
         product = snp_product(report) or self._product
@@ -255,6 +276,52 @@ class KdsVcekSource:
                 "cannot tell the AMD product (Milan/Genoa/Turin) from this report (version < 3 "
                 "or unknown CPUID); configure it for the KDS VCEK source"
             )
+        return product
+
+    def crl_url(self, report: bytes) -> str:
+        """KDS's CRL for the report's product and key kind (the VLEK CRL for VLEK reports)."""
+        product = self._product_of(report)
+        flags = struct.unpack_from("<I", report, _SNP_FLAGS)[0]
+        kind = "vlek" if (flags >> 2) & 0x7 == _SNP_SIGNING_KEY_VLEK else "vcek"
+        return f"{self._base}/{kind}/v1/{product}/crl"
+
+    def crl_for(self, report: bytes) -> bytes:
+        """AMD's CRL (DER) for `report`, cached, refreshed within a day of its nextUpdate.
+
+        Why cached like Intel collateral: every attestation carries it, and KDS rate-limits.
+        If a refresh fails while the cached CRL is still current, the cached one is served
+        (the client checks its validity window itself); otherwise `TsmError`.
+        """
+        url = self.crl_url(report)
+        now = datetime.now(UTC)
+        with self._lock:
+            hit = self._crls.get(url)
+        if hit is not None and now < hit[1] - CRL_REFRESH_MARGIN:
+            return hit[0]
+        try:
+            der, next_update = self._get_crl(url)
+        except TsmError as exc:
+            if hit is not None and now < hit[1]:
+                log.warning("AMD CRL refresh failed (%s); serving the cached one", exc)
+                return hit[0]
+            raise
+        with self._lock:
+            self._crls[url] = (der, next_update)
+        return der
+
+    def _get_crl(self, url: str) -> tuple[bytes, datetime]:
+        body = self._response(url).body
+        try:
+            crl = x509.load_der_x509_crl(body)
+        except ValueError as exc:
+            raise TsmError(f"{url} did not return a DER CRL: {exc}") from exc
+        if crl.next_update_utc is None:
+            raise TsmError(f"{url} returned a CRL without nextUpdate")
+        return body, crl.next_update_utc
+
+    def vcek_url(self, report: bytes) -> str:
+        """The KDS URL of the VCEK matching `report`'s chip ID and reported TCB."""
+        product = self._product_of(report)
         flags = struct.unpack_from("<I", report, _SNP_FLAGS)[0]
         if (flags >> 2) & 0x7 == _SNP_SIGNING_KEY_VLEK:
             raise TsmError(
@@ -350,6 +417,7 @@ class ConfigfsTsmPlatform:
         *,
         collateral: CollateralSource | None,
         vcek_source: VcekSource | None = None,
+        crl_source: CrlSource | None = None,
         privlevel: int | None = None,
         provider: str | None = None,
         fs: TsmFs | None = None,
@@ -362,6 +430,7 @@ class ConfigfsTsmPlatform:
         self._root = Path(root)
         self._collateral = collateral
         self._vcek_source = vcek_source
+        self._crl_source = crl_source
         self._privlevel = privlevel
         self._fs: TsmFs = fs if fs is not None else OsTsmFs()
         self._attempts = attempts
@@ -457,7 +526,22 @@ class ConfigfsTsmPlatform:
             quote=report,
             collateral_json="",
             certificates=tuple((role, certs[role]) for role in CERT_ROLES if role in certs),
+            crl=self._snp_crl(report),
         )
+
+    def _snp_crl(self, report: bytes) -> bytes:
+        """AMD's CRL for the report, or b"" (the client then refuses by default)."""
+        if self._crl_source is None:
+            return b""
+        try:
+            return self._crl_source.crl_for(report)
+        except TsmError as exc:
+            log.warning(
+                "no AMD CRL for this SNP evidence (%s): clients refuse it unless their policy "
+                "sets [snp] allow_missing_crl",
+                exc,
+            )
+            return b""
 
     def _generate(self, report_data: bytes) -> _Report:
         for attempt in range(1, self._attempts + 1):

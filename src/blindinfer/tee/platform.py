@@ -23,12 +23,15 @@ class Evidence:
     `collateral_json` is the dcap-qvl `QuoteCollateralV3` JSON for Intel quotes ("" if the
     client must fetch collateral itself). `certificates` carries AMD's chip certificates
     by role ("vcek" or "vlek", and "ask"/"asvk"/"ark" when the platform supplies them).
+    `crl` is AMD's CRL (DER) for SEV-SNP evidence, b"" when the platform has none: the
+    client checks revocation with it and refuses its absence unless its policy allows.
     """
 
     kind: str
     quote: bytes
     collateral_json: str = ""
     certificates: tuple[tuple[str, bytes], ...] = ()
+    crl: bytes = b""
 
 
 class Platform(Protocol):

@@ -51,7 +51,7 @@ import dcap_qvl  # type: ignore[import-untyped]  # has a .pyi but no py.typed ma
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from blindinfer.errors import BlindInferError
+from blindinfer.errors import BlindInferError, UsageError
 
 log = logging.getLogger("blindinfer.attestation.intel.pccs")
 
@@ -183,6 +183,24 @@ class _Cached:
     next_attempt: int
 
 
+def require_https(url: str, what: str, *, allow_insecure_http: bool) -> None:
+    """Refuse `url` unless it is https:// (http:// only when the user explicitly allowed it).
+
+    Why: collateral and chip certificates are signed, so a plain-HTTP hop cannot forge
+    them, but it shows every observer which platform (FMSPC, chip ID) is being attested and
+    lets anyone on the path withhold or replay stale revocation data. A user-set URL is
+    therefore https unless they say otherwise, in so many words.
+    """
+    parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("https", "http") or not parts.netloc:
+        raise UsageError(f"{what} must be an https:// URL, got {str(url)[:200]!r}")
+    if parts.scheme == "http" and not allow_insecure_http:
+        raise UsageError(
+            f"{what} {url[:200]!r} is plain http://: use https://, or allow it explicitly "
+            "(allow_insecure_http=True, or --insecure-http-collateral on the command line)"
+        )
+
+
 class PccsCollateral:
     """A `CollateralSource` backed by a PCCS (or Intel PCS), cached per platform kind."""
 
@@ -193,10 +211,9 @@ class PccsCollateral:
         fetch: Fetch = httpx_fetch,
         clock: Callable[[], float] = time.time,
         retry_interval: int = RETRY_INTERVAL,
+        allow_insecure_http: bool = False,
     ) -> None:
-        parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme not in ("https", "http") or not parts.netloc:
-            raise ValueError(f"PCCS URL must be an http(s) URL, got {base_url!r}")
+        require_https(base_url, "the PCCS/collateral URL", allow_insecure_http=allow_insecure_http)
         base = base_url.rstrip("/")
         for suffix in ("/sgx/certification/v4", "/tdx/certification/v4"):
             base = base.removesuffix(suffix)

@@ -2,8 +2,9 @@
 
 Within the section an unset field is not checked and a list field accepts any of its values
 (for rolling upgrades). Secure defaults: only the UpToDate TCB status, no advisories, never a
-debug enclave. The section must pin the code identity (MRENCLAVE or MRSIGNER): without
-either, any enclave signed by anyone would pass. `sgx_validate` compares a quote with it.
+debug enclave. The section must pin the code identity (MRENCLAVE, or MRSIGNER with
+ISVPRODID): without it, any enclave signed by anyone, or any product of the signer, would
+pass. `sgx_validate` compares a quote with it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class SgxPolicy:
     def __post_init__(self) -> None:
         if not self.mrenclave and not self.mrsigner:
             raise PolicyError("an SGX policy must pin mrenclave or mrsigner (or both)")
+        if not self.mrenclave and not self.isvprodid:
+            raise PolicyError(
+                "an SGX policy that pins sgx.mrsigner without sgx.mrenclave must pin "
+                "sgx.isvprodid too (add isvprodid = [N]): otherwise every enclave product "
+                "that signer ever signed would pass"
+            )
         for name, values in (("mrenclave", self.mrenclave), ("mrsigner", self.mrsigner)):
             for value in values:
                 if len(value) != 32:

@@ -6,8 +6,17 @@ the defaults are the secure ones (only the UpToDate TCB status, no advisories). 
 TD is ALWAYS refused: its memory is open to the host, so `allow_debug = true` is refused
 at load and a td_attributes requirement that demands DEBUG is refused too.
 
-A TDX policy must pin what runs in the TD (MRTD, an RTMR or MRCONFIGID): without one of
-them, any TD on a genuine, up-to-date Intel platform would pass.
+A TDX policy must pin MRTD, the measurement of the TD's initial memory (its firmware): it
+is the only register that identifies code on its own. RTMR0-2 are extended by that
+firmware, so without MRTD a host could boot firmware of its choice that extends whatever it
+likes; RTMR3 is usually all zero and MRCONFIGID is chosen by the host. They are checked
+in addition to MRTD, never instead of it.
+
+TD_ATTRIBUTES bits other than DEBUG are set by the host at launch too. By default a TD
+must have SEPT_VE_DISABLE (bit 28: the host cannot inject #VE through EPT violations) and
+none of MIGRATABLE (29), PKS (30), KL (31) or PERFMON (63); a policy that states
+`td_attributes` decides the bits under its mask itself (bit numbers: Intel TDX module ABI,
+TD_ATTRIBUTES, as the Linux kernel's asm/shared/tdx.h names them).
 
 This module does not import `attestation.policy` (which imports it): the small helpers
 it needs are kept local so the import graph has no cycle.
@@ -26,7 +35,14 @@ from blindinfer.attestation.policy_values import str_value as _str
 from blindinfer.attestation.tcb import TCB_STATUSES as ALL_TCB_STATUSES
 from blindinfer.errors import Mismatch, PolicyError
 
-__all__ = ["MEASUREMENT_FIELDS", "PINNING_FIELDS", "MaskedBytes", "TdxPolicy"]
+__all__ = [
+    "DEFAULT_TD_ATTRIBUTES",
+    "MEASUREMENT_FIELDS",
+    "PINNING_FIELDS",
+    "MaskedBytes",
+    "TdxPolicy",
+    "default_td_attribute_violations",
+]
 
 TCB_STATUSES: Final = frozenset(ALL_TCB_STATUSES)
 
@@ -43,8 +59,22 @@ MEASUREMENT_FIELDS: Final = (
 )
 """48-byte (SHA-384) registers that a policy may pin, each to a list of accepted values."""
 
-PINNING_FIELDS: Final = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrconfigid")
-"""At least one of these must be pinned: they are what identifies the TD's software."""
+PINNING_FIELDS: Final = ("mrtd",)
+"""Must be pinned: the only register that identifies the TD's code on its own."""
+
+DEFAULT_TD_ATTRIBUTES: Final = (
+    ("SEPT_VE_DISABLE", 28, True),
+    ("MIGRATABLE", 29, False),
+    ("PKS", 30, False),
+    ("KL", 31, False),
+    ("PERFMON", 63, False),
+)
+"""(name, bit, required set) of the TD_ATTRIBUTES bits checked unless a policy's
+`td_attributes` states them (bit 0, DEBUG, is always refused on top of these)."""
+
+DEFAULT_TD_ATTRIBUTES_RULE: Final = (
+    "SEPT_VE_DISABLE (bit 28) set; MIGRATABLE (29), PKS (30), KL (31), PERFMON (63) clear"
+)
 
 _MEASUREMENT_SIZE: Final = 48
 _U64_SIZE: Final = 8
@@ -112,11 +142,16 @@ class TdxPolicy:
             for value in getattr(self, name):
                 if not isinstance(value, bytes) or len(value) != _MEASUREMENT_SIZE:
                     raise PolicyError(f"tdx.{name} values are 48 bytes (96 hex digits)")
-        if not any(getattr(self, name) for name in PINNING_FIELDS):
+        if not self.mrtd:
             raise PolicyError(
-                "a TDX policy must pin at least one of tdx.mrtd, tdx.rtmr0..tdx.rtmr3 or "
-                "tdx.mrconfigid: otherwise any TD on a genuine platform would pass"
+                'a [tdx] policy must pin tdx.mrtd (add mrtd = ["<96 hex digits>"], as '
+                "`blindinfer measure --image DIR --platform tdx` prints it): RTMRs and "
+                "mrconfigid are only checked in addition, since without MRTD the host chooses "
+                "the firmware that extends RTMR0-2, RTMR3 is usually all zero and mrconfigid "
+                "is set by the host"
             )
+        if any(value == bytes(_MEASUREMENT_SIZE) for value in self.mrtd):
+            raise PolicyError("tdx.mrtd: an all-zero value identifies no code; pin the real MRTD")
         if self.allow_debug:
             raise PolicyError(
                 "tdx.allow_debug = true is not supported: a debug TD's memory is open to "
@@ -189,6 +224,7 @@ class TdxPolicy:
             value: bytes = getattr(body, name)
             if masked is not None and not masked.matches(value):
                 found.append(Mismatch(f"tdx.{name}", masked.describe(), value.hex()))
+        found.extend(self._default_attribute_mismatches(body))
         minimum = self.min_tee_tcb_svn
         if minimum is not None and not all(
             g >= m for g, m in zip(body.tee_tcb_svn, minimum, strict=True)
@@ -215,6 +251,34 @@ class TdxPolicy:
                 )
             )
         return found
+
+    def _default_attribute_mismatches(self, body: TdReportBody) -> list[Mismatch]:
+        """The default TD_ATTRIBUTES rule, for every bit the policy's mask leaves open."""
+        mask = self.td_attributes.mask if self.td_attributes is not None else bytes(_U64_SIZE)
+        wrong = default_td_attribute_violations(body.td_attributes, stated_mask=mask)
+        if not wrong:
+            return []
+        return [
+            Mismatch(
+                "tdx.td_attributes",
+                DEFAULT_TD_ATTRIBUTES_RULE,
+                f"{body.td_attributes.hex()} ({', '.join(wrong)})",
+            )
+        ]
+
+
+def default_td_attribute_violations(
+    td_attributes: bytes, *, stated_mask: bytes = bytes(_U64_SIZE)
+) -> list[str]:
+    """What in `td_attributes` (8 bytes, as in the quote) breaks the default rule, e.g.
+    ["SEPT_VE_DISABLE clear", "PKS set"], skipping the bits a policy's mask states."""
+    got = int.from_bytes(td_attributes, "little")
+    stated = int.from_bytes(stated_mask, "little")
+    return [
+        f"{name} {'clear' if required else 'set'}"
+        for name, bit, required in DEFAULT_TD_ATTRIBUTES
+        if not stated >> bit & 1 and bool(got >> bit & 1) != required
+    ]
 
 
 def _nonempty_list(table: Mapping[str, Any], name: str) -> list[object]:
@@ -243,10 +307,17 @@ def _hex(value: object, where: str, size: int) -> bytes:
 
 
 def _masked(value: object, where: str) -> MaskedBytes | None:
+    """A hex string is an exact value (every bit stated); a {value, mask} table states
+    only the bits under its mask."""
     if value is None:
         return None
+    if isinstance(value, str):
+        return MaskedBytes(_hex(value, where, _U64_SIZE), b"\xff" * _U64_SIZE)
     if not isinstance(value, Mapping):
-        raise PolicyError(f"{where} must be a table with value (and optionally mask)")
+        raise PolicyError(
+            f"{where} must be a hex string (exact value) or a table with value (and "
+            "optionally mask)"
+        )
     unknown = sorted(set(value) - {"value", "mask"})
     if unknown:
         raise PolicyError(f"unknown field(s) in {where}: {unknown}; known: ['mask', 'value']")

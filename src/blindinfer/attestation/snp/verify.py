@@ -80,6 +80,8 @@ class SnpVerified:
     report: SnpReport
     product: str
     key_kind: KeyKind
+    revocation_checked: bool = False
+    """True when an ARK-signed CRL, current at `now`, was checked for the ASK/ASVK."""
 
 
 def _fail(reason: str) -> QuoteVerificationError:
@@ -257,14 +259,20 @@ def _check_crls(
     chip: x509.Certificate,
     signer_name: str,
     now: datetime,
-) -> None:
+) -> bool:
     """Each CRL is AMD's, current at `now`, and does not revoke the chain we rely on.
 
-    AMD's KDS CRL is issued by the ARK and lists revoked ASKs/ASVKs. Serial numbers are
-    only unique per issuer, so an ARK-issued CRL is checked against the ASK/ASVK serial;
-    a CRL issued by the ASK/ASVK (not published by AMD today, accepted for completeness)
-    is checked against the chip certificate's serial. A CRL from anyone else is refused.
+    AMD's KDS CRL (/vcek/v1/<product>/crl, /vlek/v1/<product>/crl) is issued by the ARK
+    and lists revoked ASKs/ASVKs, as go-sev-guest's `verifyCRL` reads it. Serial numbers
+    are only unique per issuer, so an ARK-issued CRL is checked against the ASK/ASVK
+    serial; a CRL issued by the ASK/ASVK (not published by AMD today, accepted for
+    completeness) is checked against the chip certificate's serial. A CRL from anyone else
+    is refused, and so is one without a nextUpdate (it could be replayed forever).
+
+    Returns whether an ARK-issued CRL was among them: only that one speaks for the
+    ASK/ASVK that every VCEK/VLEK hangs from.
     """
+    ark_checked = False
     for data in crls:
         crl = _load_crl(data)
         if crl.issuer == ark.subject:
@@ -288,13 +296,17 @@ def _check_crls(
         if now < crl.last_update_utc:
             raise _fail(f"CRL is not yet valid: issued {crl.last_update_utc.isoformat()}")
         next_update = crl.next_update_utc
-        if next_update is not None and now > next_update:
+        if next_update is None:
+            raise _fail("CRL has no nextUpdate: it would never expire, so it is refused")
+        if now > next_update:
             raise _fail(f"CRL expired: its next update was due {next_update.isoformat()}")
         if crl.get_revoked_certificate_by_serial_number(revocable.serial_number) is not None:
             raise _fail(
                 f"the {revocable_name} (serial {revocable.serial_number}) is revoked by "
                 f"{_common_name(issuer.subject)!r}'s CRL"
             )
+        ark_checked = ark_checked or issuer is ark
+    return ark_checked
 
 
 def _der_integer(value: bytes, what: str) -> int:
@@ -399,8 +411,11 @@ def verify_snp(
      5. The ASK (VCEK) or ASVK (VLEK) is signed by the ARK with RSA-PSS.
      6. The VCEK/VLEK is signed by the ASK/ASVK with RSA-PSS.
      7. ARK, ASK/ASVK and chip certificate are all valid at `now`.
-     8. Each CRL in `crls` is signed by the ARK (or the ASK/ASVK), current at `now`, and
-        does not list the ASK/ASVK (or chip certificate) serial.
+     8. Each CRL in `crls` is signed by the ARK (or the ASK/ASVK), current at `now` (and
+        has a nextUpdate), and does not list the ASK/ASVK (or chip certificate) serial.
+        `SnpVerified.revocation_checked` says whether an ARK-signed CRL was among them;
+        whether a missing CRL is acceptable is the policy's decision
+        (`[snp] allow_missing_crl`), not this function's.
      9. The report's SIGNING_KEY says VCEK (0) or VLEK (1), matching the certificate kind.
     10. The chip certificate's key is ECDSA P-384 and verifies the report signature (R, S
         little-endian) over bytes 0x000..0x29F, with SHA-384.
@@ -415,7 +430,26 @@ def verify_snp(
     """
     when = _as_datetime(now)
     products = AMD_PRODUCTS if trusted_products is None else trusted_products
+    try:
+        return _verify(report, chip_certificate, chain, when, crls, products)
+    except QuoteVerificationError:
+        raise
+    except (ValueError, TypeError) as exc:
+        # `cryptography` parses certificate fields lazily (public key, extensions, names):
+        # a malformed VCEK can fail deep inside any step. It is bad evidence, never a bug.
+        raise QuoteParseError(
+            f"SEV-SNP: malformed certificate or report ({type(exc).__name__}: {exc})"
+        ) from None
 
+
+def _verify(
+    report: bytes,
+    chip_certificate: bytes,
+    chain: bytes | None,
+    when: datetime,
+    crls: Sequence[bytes],
+    products: Mapping[str, AmdProductRoots],
+) -> SnpVerified:
     # 1. Parse.
     parsed = parse_snp_report(report)
     chip = _load_certificate(chip_certificate, "the chip certificate")
@@ -446,7 +480,7 @@ def verify_snp(
     _check_validity(chip, kind.upper(), when)
 
     # 8. Revocation.
-    _check_crls(crls, ark, signer, chip, signer_name, when)
+    revocation_checked = _check_crls(crls, ark, signer, chip, signer_name, when)
 
     # 9. The report names the kind of key that signed it.
     expected_signing_key = SIGNING_KEY_VCEK if kind == "vcek" else SIGNING_KEY_VLEK
@@ -489,7 +523,12 @@ def verify_snp(
             f"reported TCB does not match the {kind.upper()}: report "
             f"{verified.reported_tcb.describe()}, certificate {certified.describe()}"
         )
-    return SnpVerified(report=verified, product=product.name, key_kind=kind)
+    return SnpVerified(
+        report=verified,
+        product=product.name,
+        key_kind=kind,
+        revocation_checked=revocation_checked,
+    )
 
 
 __all__ = ["KeyKind", "SnpVerified", "verify_snp"]

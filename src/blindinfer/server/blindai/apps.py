@@ -40,14 +40,20 @@ from starlette.routing import Route
 
 from blindinfer.attestation.intel.sgx_quote import parse_sgx_quote
 from blindinfer.errors import BlindInferError
+from blindinfer.protocol.content_types import blindai_media_types
 from blindinfer.server.auth import Action, authorize
 from blindinfer.server.blindai import cbor, schemas
+from blindinfer.server.body_guard import tenant_slot
+from blindinfer.server.content_types import CheckContentType
 from blindinfer.server.errors import (
+    AnswerUnexpectedErrors,
     MissingHeaderError,
     PayloadTooLargeError,
     response_headers,
     status_and_code,
+    where,
 )
+from blindinfer.server.respond import encode_outputs
 from blindinfer.server.state import ServerState
 from blindinfer.server.tls import TlsIdentity
 
@@ -83,8 +89,12 @@ def _reply(request: Request, content: bytes, status: int = 200) -> Response:
 
 async def handle_exception(request: Request, exc: Exception) -> Response:
     status, code, message = status_and_code(exc)
-    if status >= 500:
-        log.error("BlindAI-compatible request failed with %s", type(exc).__name__)
+    if status >= 500:  # the exception's type and the route, never its message
+        log.error(
+            "BlindAI-compatible request failed with %s (%s)",
+            type(exc).__name__,
+            where(request),
+        )
     headers = response_headers(exc)
     headers[ERROR_CODE_HEADER] = code
     headers["Server"] = request.app.state.blindai_server_header
@@ -190,13 +200,13 @@ async def certificate(request: Request) -> Response:
 
 async def quote(request: Request) -> Response:
     evidence: BlindAiEvidence = request.app.state.blindai_evidence
-    raw, _ = await run_in_threadpool(evidence.current)
+    raw, _ = await _state(request).offload.attestation(evidence.current)
     return _reply(request, cbor.dumps(raw))
 
 
 async def collateral(request: Request) -> Response:
     evidence: BlindAiEvidence = request.app.state.blindai_evidence
-    _, document = await run_in_threadpool(evidence.current)
+    _, document = await _state(request).offload.attestation(evidence.current)
     return _reply(request, cbor.dumps(document))
 
 
@@ -220,10 +230,11 @@ async def upload(request: Request) -> Response:
     del body
     parsed = schemas.parse_upload(document, max_model)
     sha256 = hashlib.sha256(parsed.model).hexdigest()
-    count, stored = state.registry.usage(principal.tenant)
-    state.quotas.check_upload(principal.tenant, count, stored, len(parsed.model))
-    record, _ = await run_in_threadpool(
-        lambda: state.registry.add(parsed.model, sha256, name=None, owner=principal.tenant)
+    admit = state.quotas.admission(principal.tenant)  # decided and reserved atomically
+    record, _ = await state.offload.store(
+        lambda: state.registry.add(
+            parsed.model, sha256, name=None, owner=principal.tenant, admit=admit
+        )
     )
     reply = {
         "hash": bytes.fromhex(record.sha256),
@@ -238,7 +249,7 @@ async def delete(request: Request) -> Response:
     body = await read_body(request, SMALL_BODY)
     ref = schemas.parse_delete(cbor.decode_top_map(body, cbor.Bounds()))
     record = state.model_for(principal, ref, Action.DELETE)
-    await run_in_threadpool(state.registry.delete, record)
+    await state.offload.store(state.registry.delete, record)
     return _reply(request, cbor.dumps(None))  # serde_cbor's encoding of `()`
 
 
@@ -253,14 +264,18 @@ async def run(request: Request) -> Response:
     document = await run_in_threadpool(cbor.decode_top_map, body, cbor.Bounds())
     parsed = schemas.parse_run(document, limit)
     record = state.model_for(principal, parsed.ref, Action.RUN)
-    signature = await run_in_threadpool(state.registry.signature, record)
+    signature = await state.registry.signature_async(record)  # no thread held
     inputs = schemas.bind_inputs(parsed.inputs, [spec.name for spec in signature.inputs])
-    async with state.quotas.slot(principal.tenant):
-        results = await run_in_threadpool(state.registry.run, record, inputs, None)
+    # the slot BodyGuard took before the body was read (body_guard.py)
+    async with tenant_slot(request, state.quotas, principal.tenant):
+        results = await state.registry.run_async(record, inputs, None)  # no thread held
     names = [name for name in signature.output_names if name in results]
     names += [name for name in results if name not in names]
-    outputs = [schemas.encode_output(name, results[name]) for name in names]
-    return _reply(request, cbor.dumps({"outputs": outputs}))
+    encoded = await encode_outputs(
+        results,
+        lambda: cbor.dumps({"outputs": [schemas.encode_output(n, results[n]) for n in names]}),
+    )
+    return _reply(request, encoded)
 
 
 # ------------------------------------------------------------------------ assembling
@@ -281,6 +296,9 @@ def _app(
     app.state.blindinfer = state
     app.state.blindai_server_header = server_header(state)
     app.state.blindai_evidence = evidence
+    # innermost: answers what escapes the routes, so that nothing reaches uvicorn
+    app.add_middleware(AnswerUnexpectedErrors, handler=handle_exception)
+    app.add_middleware(CheckContentType, allowed=blindai_media_types)
     return app
 
 

@@ -23,7 +23,11 @@ import uvicorn
 from cryptography import x509
 
 from blindinfer.server.blindai.apps import blindai_apps
-from blindinfer.server.serve import listening_socket
+from blindinfer.server.bodies import CloseUnreadBodies
+from blindinfer.server.body_guard import BodyBudget, BodyGuard
+from blindinfer.server.connection import abort_unread_bodies
+from blindinfer.server.connection_guard import ConnectionGuard, guard_connections
+from blindinfer.server.serve import connection_cap, keep_alive_s, listening_socket
 from blindinfer.server.state import ServerState
 from blindinfer.server.tls import TlsIdentity, make_tls_identity
 
@@ -68,25 +72,41 @@ class BlindAiListeners:
         host: str = "127.0.0.1",
         ports: tuple[int, int, int] = DEFAULT_PORTS,
         identity: TlsIdentity | None = None,
+        budget: BodyBudget | None = None,
     ) -> None:
         self.identity = identity or blindai_identity(state)
         apps = blindai_apps(state, self.identity)
         self._sockets = [listening_socket(host, port) for port in ports]
         self.ports = tuple(int(s.getsockname()[1]) for s in self._sockets)
         self.servers: list[uvicorn.Server] = []
+        limits = state.config.connections
+        # the native server's bounds: bodies (slot, budget, deadlines) and connections
+        # (count, head deadline and size), one connection guard for the three ports
+        self.budget = budget or BodyBudget.from_limits(limits)
+        self.guard = ConnectionGuard(limits, connection_cap(state.config))
         for name in APP_ORDER:
-            config = uvicorn.Config(
+            guarded = BodyGuard(
                 apps[name],
+                limits=limits,
+                budget=self.budget,
+                quotas=state.quotas,
+                authenticator=state.authenticator,
+            )
+            config = uvicorn.Config(
+                CloseUnreadBodies(guarded),
                 log_level="warning",
                 access_log=False,  # BlindAI requests carry model ids
                 server_header=False,  # the apps set BlindAI's Server header
                 date_header=False,
                 lifespan="off",  # the native app owns the state's lifetime
-                timeout_keep_alive=30,
+                http="httptools",
+                timeout_keep_alive=keep_alive_s(limits),
             )
             config.load()
-            if name != "attestation":
-                config.ssl = self.identity.ssl_context
+            context = None if name == "attestation" else self.identity.ssl_context
+            config.http_protocol_class = guard_connections(
+                abort_unread_bodies(config.http_protocol_class), self.guard, context
+            )
             self.servers.append(uvicorn.Server(config))
         self._thread: threading.Thread | None = None
 
@@ -123,10 +143,15 @@ class BlindAiListeners:
 
 
 def serve_blindai(
-    state: ServerState, host: str, ports: tuple[int, int, int] = DEFAULT_PORTS
+    state: ServerState,
+    host: str,
+    ports: tuple[int, int, int] = DEFAULT_PORTS,
+    *,
+    budget: BodyBudget | None = None,
 ) -> BlindAiListeners:
-    """Starts the BlindAI-compatible listeners; call `.stop()` when the native server ends."""
-    listeners = BlindAiListeners(state, host, ports)
+    """Starts the BlindAI-compatible listeners; call `.stop()` when the native server ends.
+    `budget`: the native app's, so that the process has one bound on bodies."""
+    listeners = BlindAiListeners(state, host, ports, budget=budget)
     listeners.start()
     log.warning(
         "BlindAI Core compatible listeners: attestation http://%s:%d (plain HTTP, as "

@@ -34,6 +34,8 @@ from blindinfer.store.names import is_model_id
 
 MAX_INPUTS = 256
 MAX_RANK = 32
+MAX_DIMENSION = 2**63 - 1
+"""ONNX dimensions are int64; so is what numpy allows for a shape's byte size."""
 MAX_NAME_CHARS = 1024
 CLIENT_INFO_KEYS = 16
 
@@ -181,6 +183,15 @@ def parse_tensor(item: object, position: int) -> InputTensor:
     if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME_CHARS):
         raise _invalid(f"{where}.info.node_name must be text or null")
     dtype = DATUM_TYPES[code]
+    if any(d > MAX_DIMENSION for d in fact):
+        raise _invalid(f"{where}.info.fact: a dimension is larger than {MAX_DIMENSION}")
+    # numpy (and onnxruntime) bound the non-zero dimensions' product even for an empty
+    # tensor: a shape such as [0, 2**62] describes no tensor any runtime can hold
+    if math.prod(d for d in fact if d) * dtype.itemsize > MAX_DIMENSION:
+        raise _invalid(
+            f"{where}.info.fact: the shape has more elements than any tensor can hold "
+            f"(its non-zero dimensions multiply to more than {MAX_DIMENSION} bytes)"
+        )
     count = math.prod(fact)
     if count * dtype.itemsize != len(data):
         raise _invalid(
@@ -191,7 +202,11 @@ def parse_tensor(item: object, position: int) -> InputTensor:
         array: npt.NDArray[Any] = np.frombuffer(data, dtype=np.uint8) != 0
     else:
         array = np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
-    return InputTensor(name=name, array=array.reshape(fact))
+    try:
+        shaped = array.reshape(fact)
+    except ValueError as exc:  # a limit of numpy's not checked above: still the caller's
+        raise _invalid(f"{where}.info.fact: {fact} is not a shape numpy can hold") from exc
+    return InputTensor(name=name, array=shaped)
 
 
 def bind_inputs(inputs: Sequence[InputTensor], input_names: Sequence[str]) -> dict[str, Any]:

@@ -23,6 +23,8 @@ async def stats(request: Request) -> Response:
             "loaded": registry.loaded,
             "memory_budget_bytes": registry.memory_budget,
             "memory_used_bytes": registry.memory_used,
+            # per tenant, as charged against its memory quota ("" = charged to nobody)
+            "memory_used_bytes_by_tenant": state.registry.loaded_by_tenant(),
             "stored_bytes": registry.stored_bytes,
             "workers": [
                 {k: w[k] for k in ("index", "pid", "alive", "loaded", "memory_bytes", "restarts")}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -15,7 +14,7 @@ from blindinfer.server.respond import server_state
 async def fresh_evidence(request: Request) -> Response:
     state = server_state(request)
     nonce = parse_nonce_request(await read_bounded(request, 4096))
-    document = await run_in_threadpool(state.evidence_for, nonce)
+    document = await state.offload.attestation(state.evidence_for, nonce)
     return Response(encode_evidence_document(document), media_type="application/json")
 
 
@@ -23,7 +22,7 @@ async def boot_evidence(request: Request) -> Response:
     """Evidence with an all-zero nonce, made once at first use: proves the binding, not the
     freshness; receipts carry the SHA-256 of its quote."""
     state = server_state(request)
-    document = await run_in_threadpool(state.boot_evidence)
+    document = await state.offload.attestation(state.boot_evidence)
     return Response(encode_evidence_document(document), media_type="application/json")
 
 

@@ -11,13 +11,17 @@ from starlette.routing import Route
 
 import blindinfer
 from blindinfer.protocol.inference import (
+    InferRequest,
     encode_infer_response,
     parse_header_length,
     parse_infer_request,
 )
 from blindinfer.protocol.receipts import tensor_digest
-from blindinfer.server.auth import Action
+from blindinfer.runtime.response_size import OutputEncoding
+from blindinfer.server.auth import Action, Principal, sharing_view
 from blindinfer.server.bodies import read_bounded
+from blindinfer.server.body_guard import tenant_slot
+from blindinfer.server.respond import encode_outputs
 from blindinfer.server.respond import json_response as _json
 from blindinfer.server.respond import server_state as _state
 from blindinfer.server.state import ServerState
@@ -30,13 +34,18 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "attestation"]
 
 
 def _model(request: Request, action: Action) -> ModelRecord:
+    return _viewed_model(request, action)[1]
+
+
+def _viewed_model(request: Request, action: Action) -> tuple[Principal, ModelRecord]:
     version = request.path_params.get("version")
     if version is not None and version != MODEL_VERSION:
         raise UnknownModelError(
             f"model version {version[:20]!r} does not exist; use {MODEL_VERSION!r}"
         )
     state = _state(request)
-    return state.model_for(state.principal(request), request.path_params["ref"], action)
+    principal = state.principal(request)
+    return principal, state.model_for(principal, request.path_params["ref"], action)
 
 
 async def server_metadata(request: Request) -> Response:
@@ -59,8 +68,10 @@ async def model_ready(request: Request) -> Response:
 
 
 async def model_metadata(request: Request) -> Response:
-    record = _model(request, Action.READ_METADATA)
-    signature = await run_in_threadpool(_state(request).registry.signature, record)
+    principal, record = _viewed_model(request, Action.READ_METADATA)
+    signature = await _state(request).registry.signature_async(record)  # no thread held
+    # the owner only to its own tenant and admins, never to the tenants it is shared with
+    owner, _ = sharing_view(principal, record.owner, record.shared_with)
     return _json(
         {
             "name": record.name,
@@ -78,7 +89,7 @@ async def model_metadata(request: Request) -> Response:
                 "model_id": record.model_id,
                 "sha256": record.sha256,
                 "size": record.size,
-                "owner": record.owner,
+                **({"owner": owner} if owner is not None else {}),
             },
         }
     )
@@ -98,18 +109,29 @@ async def infer(request: Request) -> Response:
     )
     inputs = {tensor.name: tensor.array for tensor in parsed.inputs}
     wanted = [output.name for output in parsed.outputs] or None
-    async with state.quotas.slot(principal.tenant):
-        results = await run_in_threadpool(state.registry.run, record, inputs, wanted)
+    # the slot BodyGuard took before the body was read (body_guard.py)
+    async with tenant_slot(request, state.quotas, principal.tenant):
+        # queued on the model's worker without holding a thread (see server/offload.py)
+        results = await state.registry.run_async(record, inputs, wanted, encoding=_encoding(parsed))
     binary = {name for name in results if parsed.wants_binary(name)}
     parameters = None
     if parsed.receipt:
         parameters = {
             "receipt": await run_in_threadpool(_receipt, state, record, parsed.id, inputs, results)
         }
-    payload, headers = encode_infer_response(
-        record.name, MODEL_VERSION, parsed.id, results, binary, parameters
+    payload, headers = await encode_outputs(
+        results,
+        lambda: encode_infer_response(
+            record.name, MODEL_VERSION, parsed.id, results, binary, parameters
+        ),
     )
     return Response(payload, headers=headers)
+
+
+def _encoding(parsed: InferRequest) -> OutputEncoding:
+    """The request's choice of binary or JSON per output, for the worker's size check."""
+    named = {output.name: output.binary for output in parsed.outputs}
+    return OutputEncoding(parsed.binary_output_default, named)
 
 
 def _receipt(

@@ -123,6 +123,8 @@ async def metrics(request: Request) -> Response:
     stats = state.registry.stats()
     workers = await run_in_threadpool(state.registry.pool_stats)
     recorded: ServerMetrics | None = getattr(request.app.state, "metrics", None)
+    if recorded is not None:
+        recorded.forget_models((r.owner, r.name) for r in state.registry.records())
     text = (recorded.render() if recorded is not None else "") + _scrape_time_families(
         {
             "models": stats.models,

@@ -36,6 +36,7 @@ from blindinfer.server.auth import (
     Principal,
     authorize,
     check_tenant_name,
+    sharing_view,
     visible_to,
 )
 from blindinfer.server.bodies import (
@@ -44,6 +45,7 @@ from blindinfer.server.bodies import (
     read_bounded_hashed,
     too_large_message,
 )
+from blindinfer.server.body_guard import stored_bytes_room
 from blindinfer.server.errors import PayloadTooLargeError
 from blindinfer.server.respond import json_response as _json
 from blindinfer.server.respond import server_state as _state
@@ -61,14 +63,21 @@ MAX_MODEL_BYTES_SETTING = "--max-model-bytes"
 MAX_REQUEST_BYTES_SETTING = "--max-request-bytes"
 
 
-def describe(model: ModelRecord) -> dict[str, object]:
-    return {
+def describe(model: ModelRecord, viewer: Principal) -> dict[str, object]:
+    """A model as `viewer` may see it: a tenant it is shared with sees neither the owner
+    nor the other tenants on its share list (`sharing_view`)."""
+    owner, shared_with = sharing_view(viewer, model.owner, model.shared_with)
+    described: dict[str, object] = {
         "name": model.name,
         "model_id": model.model_id,
         "sha256": model.sha256,
         "size": model.size,
-        "owner": model.owner,
-        "shared_with": list(model.shared_with),
+    }
+    if owner is not None:
+        described["owner"] = owner
+    return {
+        **described,
+        "shared_with": shared_with,
         "version": "1",
         "state": "READY",
         "reason": "",
@@ -98,9 +107,9 @@ def _check_room(state: ServerState, principal: Principal, name: str | None, size
     """The tenant's quota and the server's model count for one more model of `size`
     bytes: what can be refused before the body arrives is refused then (and checked again
     once it is there: other uploads may have landed meanwhile)."""
-    count, stored = state.registry.usage(principal.tenant)
-    state.quotas.check_upload(principal.tenant, count, stored, size)
-    state.registry.check_room(name, principal.tenant)
+    state.registry.check_room(
+        name, principal.tenant, size, state.quotas.admission(principal.tenant)
+    )
 
 
 async def _store(
@@ -116,14 +125,13 @@ async def _store(
     name = _requested_name(request)
     if name is not None:
         check_model_name(name)
-    count, stored = state.registry.usage(principal.tenant)
-    state.quotas.check_upload(principal.tenant, count, stored, len(data))
-    record, created = await run_in_threadpool(
+    admit = state.quotas.admission(principal.tenant)  # decided and reserved atomically
+    record, created = await state.offload.store(
         lambda: state.registry.add(
-            data, sha256, name=name, owner=principal.tenant, shared_with=shared
+            data, sha256, name=name, owner=principal.tenant, shared_with=shared, admit=admit
         )
     )
-    reply: dict[str, object] = {**describe(record), "created": created}
+    reply: dict[str, object] = {**describe(record, principal), "created": created}
     if wants_receipt:
         reply["receipt"] = await run_in_threadpool(state.receipt, "upload", record)
     return _json(reply, 201 if created else 200)
@@ -158,7 +166,13 @@ async def upload(request: Request) -> Response:
         request, limit, what="the model", setting=MAX_MODEL_BYTES_SETTING
     )
     _check_room(state, principal, name, declared or 0)
-    data, sha256 = await read_bounded_hashed(request, limit, setting=MAX_MODEL_BYTES_SETTING)
+    # without Content-Length the quota is enforced while the body streams
+    room = None if declared is not None else stored_bytes_room(
+        state.quotas, state.registry, principal.tenant, name
+    )
+    data, sha256 = await read_bounded_hashed(
+        request, limit, setting=MAX_MODEL_BYTES_SETTING, room=room
+    )
     return await _store(
         request, principal, data, sha256, shared=shared, wants_receipt=wants_receipt
     )
@@ -182,7 +196,7 @@ async def load(request: Request) -> Response:
     encoded = parameters.get(TRITON_FILE_PARAMETER)
     if encoded is None:
         record = state.model_for(principal, request.path_params["name"], Action.READ_METADATA)
-        return _json({**describe(record), "created": False})
+        return _json({**describe(record, principal), "created": False})
     if not isinstance(encoded, str):
         raise ProtocolError("invalid_parameter", f"{TRITON_FILE_PARAMETER} must be base64 text")
     try:
@@ -211,9 +225,9 @@ async def delete(request: Request) -> Response:
     principal = state.principal(request)
     record = state.model_for(principal, request.path_params["ref"], Action.DELETE)
     wants_receipt = _wants_receipt(request)
-    await run_in_threadpool(state.registry.delete, record)
+    await state.offload.store(state.registry.delete, record)
     reply: dict[str, object] = {
-        **describe(record),
+        **describe(record, principal),
         "state": "DELETED",
         "sealed_copy_destroyed": True,
     }
@@ -234,8 +248,8 @@ async def share(request: Request) -> Response:
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("malformed_json", "the share request is not valid JSON") from exc
     tenants = _tenants(document.get("tenants") if isinstance(document, dict) else None)
-    shared = await run_in_threadpool(state.registry.share, record, tenants)
-    return _json(describe(shared))
+    shared = await state.offload.store(state.registry.share, record, tenants)
+    return _json(describe(shared, principal))
 
 
 async def index(request: Request) -> Response:
@@ -243,7 +257,7 @@ async def index(request: Request) -> Response:
     principal = state.principal(request)
     authorize(principal, Action.LIST)
     records = state.registry.records(lambda r: visible_to(principal, r.owner, r.shared_with))
-    return _json([describe(record) for record in records])
+    return _json([describe(record, principal) for record in records])
 
 
 routes = [
