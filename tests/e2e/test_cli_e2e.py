@@ -43,8 +43,15 @@ def test_policy_discovery_then_attest_with_it(server: ServerProcess, tmp_path: P
     refused = cli("policy", "--from", server.url, check=False)
     assert refused.returncode == 1
     assert "SIMULATION server" in refused.stderr and "--simulation" in refused.stderr
-    text = cli("policy", "--from", server.url, "--simulation").stdout
+    suggested = cli("policy", "--from", server.url, "--simulation")
+    text = suggested.stdout
     assert "WARNING: SIMULATION server" in text
+    # Only pins: nothing weaker than the defaults, no all-zero register (issue 21, item 18).
+    active = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert 'tcb_statuses = ["UpToDate"]' in active and "accepted_advisories = []" in active
+    assert not any("OutOfDate" in line or "INTEL-SA" in line for line in active)
+    assert not any(f'"{"0" * 64}"' in line for line in active)
+    assert "blindinfer policy: WARNING" not in suggested.stderr  # nothing was left out
     mrenclave = simulated_mrenclave(ServerConfig(simulation=True)).hex()
     assert f'mrenclave = ["{mrenclave}"]' in text
     policy = tmp_path / "policy.toml"

@@ -78,7 +78,7 @@ def test_origins_and_fetch_metadata() -> None:
     assert code(guard, scope(local, sec_fetch_site="same-origin")) is None
     assert code(guard, scope(local, sec_fetch_site="none")) is None
     assert guard.cors_headers(scope(local, origin="http://evil.example")) == []
-    assert guard.cors_headers(scope(local))[:0] == []
+    assert guard.cors_headers(scope(local)) == []
     assert (
         dict(guard.cors_headers(scope(local, origin="http://localhost:3000")))[
             b"access-control-allow-origin"
@@ -122,5 +122,5 @@ def test_option_values() -> None:
             check_origin_entry(bad)
     assert parse_host("[::1]:80") == ("::1", 80)
     for bad in ("", ":80", "host:0", "host:65536", "host:8a", "[zz]:80"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"\w"):
             parse_host(bad)

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -185,6 +186,8 @@ def test_parallel_uploads_reserve_the_quota_atomically(make: Make) -> None:
     limits = TenantConfig("t", max_models=3)
 
     def admit(models: int, stored: int, new: int) -> None:
+        # a slow decision: any gap between deciding and reserving lets all twelve through
+        time.sleep(0.02)
         check_upload_against(limits, models, stored, new)
 
     results = _parallel(

@@ -675,10 +675,10 @@ class AttestingProxy:
             for token in value.split(",")
         }
         dropped = HOP_BY_HOP | DROPPED_RESPONSE | named
-        headers = [
+        headers = [  # CORS headers are the guard's alone: never the upstream's
             (name.lower(), value)
             for name, value in response.headers.raw
-            if name.lower() not in dropped
+            if name.lower() not in dropped and not name.lower().startswith(b"access-control-")
         ]
         if declared is not None and declared.isdigit():
             headers.append((b"content-length", declared.encode()))

@@ -179,4 +179,6 @@ def create_app(state: ServerState) -> Starlette:
     )
     app.add_middleware(CloseUnreadBodies)
     server_metrics.install(app, model_names=state.config.metrics_model_names)
+    # outermost too: what a middleware itself raises is answered, not re-raised to uvicorn
+    app.add_middleware(AnswerUnexpectedErrors, handler=handle_exception)
     return app

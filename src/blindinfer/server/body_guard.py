@@ -7,9 +7,10 @@ and the tenant's concurrency slot was taken only once the body was in. `BodyGuar
 ASGI middleware in front of the routes of every listener (native and BlindAI), does
 before the route runs what can be done before the body:
 
-- the tenant's concurrency slot (`TenantQuotas.slot`) is taken for every request that
-  carries a body, so one tenant's unfinished bodies count against its own limit
-  (429 too_many_concurrent), not against everyone's memory;
+- the tenant's concurrency slot (`TenantQuotas.slot`) is taken for every request whose
+  body is chunked or declared larger than SMALL_BODY (uploads included), so one tenant's
+  unfinished bodies count against its own limit (429 too_many_concurrent), not against
+  everyone's memory; the route then uses that slot (`tenant_slot`);
 - `BodyBudget`, shared by every listener of the process, bounds the bodies being
   received at once (--max-concurrent-bodies) and their bytes (--max-body-buffer-bytes):
   past either the request is answered 503 "overloaded" at once, before reading;
@@ -35,7 +36,7 @@ from blindinfer.errors import BlindInferError
 from blindinfer.protocol.inference import encode_error
 from blindinfer.runtime.errors import OverloadedError
 from blindinfer.server.auth import Authenticator
-from blindinfer.server.bodies import StoredBytesRoom, parse_content_length
+from blindinfer.server.bodies import DRAIN_LIMIT, StoredBytesRoom, parse_content_length
 from blindinfer.server.config import ConnectionLimits
 from blindinfer.server.errors import (
     MissingHeaderError,
@@ -46,6 +47,8 @@ from blindinfer.server.errors import (
 from blindinfer.server.quotas import TenantQuotas
 from blindinfer.store.registry import ModelRegistry
 
+SMALL_BODY = DRAIN_LIMIT
+"""A body declared no larger takes no tenant slot here (its route may take one)."""
 SLOT_SCOPE_KEY = "blindinfer.tenant_slot"
 """Set in the request's scope when `BodyGuard` holds the tenant's slot for it."""
 
@@ -74,8 +77,9 @@ class BodyBudget:
         with self._lock:
             return self._bodies, self._bytes
 
-    def open(self, reserve: int) -> None:
-        """Counts one more body and reserves `reserve` bytes for it, or refuses (503)."""
+    def open(self) -> None:
+        """Counts one more body, or refuses (503). Its bytes are counted as they arrive
+        (`grow`): a declared Content-Length is no memory until it is sent."""
         with self._lock:
             if self._bodies >= self.max_bodies:
                 raise OverloadedError(
@@ -83,13 +87,10 @@ class BodyBudget:
                     "bodies at once (--max-concurrent-bodies); retry shortly",
                     retry_after_s=1,
                 )
-            self._check_bytes(reserve)
             self._bodies += 1
-            self._bytes += reserve
 
     def grow(self, more: int) -> None:
-        """Reserves `more` bytes for a body already open (a chunked one, or one longer
-        than it declared), or refuses (503)."""
+        """Counts `more` bytes received for an open body, or refuses (503)."""
         with self._lock:
             self._check_bytes(more)
             self._bytes += more
@@ -163,21 +164,23 @@ class BodyGuard:
         if not has_body:
             await self.app(scope, receive, send)
             return
-        tenant = self._tenant(headers)
+        # a small declared body (an attestation nonce, a share list) is no memory to
+        # speak of: its route takes the slot where it needs one, as before
+        tenant = self._tenant(headers) if declared == 0 or declared > SMALL_BODY else None
         async with AsyncExitStack() as stack:
             try:
                 if tenant is not None:
                     await stack.enter_async_context(self.quotas.slot(tenant))
                     scope[SLOT_SCOPE_KEY] = True
-                self.budget.open(declared)
+                self.budget.open()
             except BlindInferError as exc:  # refused before the route runs (429, 503)
                 await _refuse(send, exc)
                 return
-            await self._guarded(scope, receive, send, declared)
+            await self._guarded(scope, receive, send)
 
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send, declared: int) -> None:
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         budget, limits = self.budget, self.limits
-        reserved, received, complete = declared, 0, False
+        reserved, received, complete = 0, 0, False
         started: float | None = None
         timed_out = False
 

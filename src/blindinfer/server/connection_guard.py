@@ -198,6 +198,7 @@ def guard_connections(
                 context,
                 server_side=True,
                 ssl_handshake_timeout=limits.header_timeout_s,
+                ssl_shutdown_timeout=limits.header_timeout_s,  # a closing one goes soon too
             )
             try:
                 waiter = coroutine.send(None)

@@ -178,7 +178,8 @@ class AnswerUnexpectedErrors:
     here and goes no further (module docstring: why not Starlette's `Exception` handler).
 
     Add it before any other middleware (innermost), so that those see the answer as an
-    ordinary response (metrics count a 500, not an exception). If the response had
+    ordinary response (metrics count a 500, not an exception), and once more after all
+    of them (outermost), for what a middleware itself raises. If the response had
     already started, nothing can be answered: one line is logged and the exception is
     swallowed; the server then closes the connection, as it must mid-response.
     """

@@ -7,7 +7,9 @@ idle workers waited behind them. So blocking work is split by purpose, each with
 bounded pool that no other purpose can exhaust:
 
 - attestation (evidence for a nonce, boot evidence, BlindAI's quote): never behind models;
-- store (upload validation and sealing, delete, share): waits for a worker and the disk;
+- uploads (validation in a worker, then sealing): wait for a worker, up to the load time
+  limit, and the disk;
+- store (delete, share): the disk only, so slow uploads never hold a delete back;
 - inference does not appear here at all: a run waits in its worker's own queue
   (`ModelRegistry.run_async`), holding no thread while it waits.
 
@@ -29,7 +31,8 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 ATTESTATION_THREADS = 4
-STORE_THREADS = 8
+UPLOAD_THREADS = 8
+STORE_THREADS = 4
 
 
 class Offload:
@@ -38,6 +41,9 @@ class Offload:
     def __init__(self) -> None:
         self._attestation = ThreadPoolExecutor(
             max_workers=ATTESTATION_THREADS, thread_name_prefix="blindinfer-attest"
+        )
+        self._uploads = ThreadPoolExecutor(
+            max_workers=UPLOAD_THREADS, thread_name_prefix="blindinfer-upload"
         )
         self._store = ThreadPoolExecutor(
             max_workers=STORE_THREADS, thread_name_prefix="blindinfer-store"
@@ -49,12 +55,16 @@ class Offload:
         """Runs `call` on the attestation threads (quotes, collateral)."""
         return await _run(self._attestation, functools.partial(call, *args, **kwargs))
 
+    async def upload(self, call: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Runs `call` on the upload threads (registry.add)."""
+        return await _run(self._uploads, functools.partial(call, *args, **kwargs))
+
     async def store(self, call: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        """Runs `call` on the model-store threads (upload, delete, share)."""
+        """Runs `call` on the model-store threads (delete, share)."""
         return await _run(self._store, functools.partial(call, *args, **kwargs))
 
     def close(self) -> None:
-        for executor in (self._attestation, self._store):
+        for executor in (self._attestation, self._uploads, self._store):
             executor.shutdown(wait=False, cancel_futures=True)
 
 

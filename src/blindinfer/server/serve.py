@@ -45,6 +45,7 @@ def build_server_and_state(
         server_header=False,
         date_header=False,
         http="httptools",  # connection_guard.py bounds heads through its callbacks
+        ws="none",  # no WebSocket routes: no upgrade past the guard
         timeout_keep_alive=keep_alive_s(config.connections),
     )
     uv_config.load()

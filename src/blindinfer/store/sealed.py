@@ -554,13 +554,21 @@ class SealedStore:
             sizes = dict(self._blob_sizes)
             _release(refs, sizes, entry.record.sha256)
             manifest = self._seal_manifest(entries, counter, now)
+            done = False
+
+            def once() -> None:  # a retry must not write the audit entry twice
+                nonlocal done
+                if before_commit is not None and not done:
+                    before_commit()
+                done = True
+
             try:
-                self._write_manifest(manifest, before_commit)
+                self._write_manifest(manifest, once)
             except Exception as exc:
                 if self._broken is not None or not is_disk_full(exc) or not self._drop_reserve():
                     raise
                 _log.warning("the store's disk is full: the space reserve lets a delete commit")
-                self._write_manifest(manifest, before_commit)
+                self._write_manifest(manifest, once)
             self._commit(entries, refs, sizes, counter, now)
             self._remove_after_commit(model_id, entry, sizes)
             try:

@@ -231,7 +231,7 @@ async def upload(request: Request) -> Response:
     parsed = schemas.parse_upload(document, max_model)
     sha256 = hashlib.sha256(parsed.model).hexdigest()
     admit = state.quotas.admission(principal.tenant)  # decided and reserved atomically
-    record, _ = await state.offload.store(
+    record, _ = await state.offload.upload(
         lambda: state.registry.add(
             parsed.model, sha256, name=None, owner=principal.tenant, admit=admit
         )
@@ -299,6 +299,8 @@ def _app(
     # innermost: answers what escapes the routes, so that nothing reaches uvicorn
     app.add_middleware(AnswerUnexpectedErrors, handler=handle_exception)
     app.add_middleware(CheckContentType, allowed=blindai_media_types)
+    # outermost too: what a middleware itself raises is answered, not re-raised to uvicorn
+    app.add_middleware(AnswerUnexpectedErrors, handler=handle_exception)
     return app
 
 

@@ -100,6 +100,7 @@ class BlindAiListeners:
                 date_header=False,
                 lifespan="off",  # the native app owns the state's lifetime
                 http="httptools",
+                ws="none",  # no WebSocket routes: no upgrade past the guard
                 timeout_keep_alive=keep_alive_s(limits),
             )
             config.load()

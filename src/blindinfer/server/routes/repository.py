@@ -126,7 +126,7 @@ async def _store(
     if name is not None:
         check_model_name(name)
     admit = state.quotas.admission(principal.tenant)  # decided and reserved atomically
-    record, created = await state.offload.store(
+    record, created = await state.offload.upload(
         lambda: state.registry.add(
             data, sha256, name=name, owner=principal.tenant, shared_with=shared, admit=admit
         )
@@ -167,9 +167,9 @@ async def upload(request: Request) -> Response:
     )
     _check_room(state, principal, name, declared or 0)
     # without Content-Length the quota is enforced while the body streams
-    room = None if declared is not None else stored_bytes_room(
-        state.quotas, state.registry, principal.tenant, name
-    )
+    room = None
+    if declared is None:
+        room = stored_bytes_room(state.quotas, state.registry, principal.tenant, name)
     data, sha256 = await read_bounded_hashed(
         request, limit, setting=MAX_MODEL_BYTES_SETTING, room=room
     )
