@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -508,3 +509,23 @@ def test_the_blindai_listeners_bound_heads_bodies_and_connections(
     finally:
         for sock in idle_sockets:
             sock.close()
+
+
+def test_closed_and_evicted_connections_leave_nothing_behind() -> None:
+    """Connections closed in their TLS handshake (evicted, or past the header timeout)
+    must not stay registered: uvicorn waits for every registered one when it stops (one
+    such leak made SIGTERM hang until the process was killed)."""
+    args = ["--simulation", f"--header-timeout-s={HEADER_TIMEOUT_S}", "--max-connections=4"]
+    with start_server(args) as server:
+        host, port = server.url.removeprefix("https://").rsplit(":", 1)
+        idle = [socket.create_connection((host, int(port))) for _ in range(12)]
+        time.sleep(0.5)
+        for sock in idle:
+            sock.close()
+        silent = socket.create_connection((host, int(port)))
+        assert _closed_after(silent) < HEADER_TIMEOUT_S + 5
+        silent.close()
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 5
+        assert server.process.returncode in (0, -signal.SIGTERM)  # not killed

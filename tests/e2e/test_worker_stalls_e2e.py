@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +55,25 @@ class Server:
     process: ServerProcess
     keys: dict[str, str]  # "a", "b": owners of tenants a and b; "ops": an admin
     log: Path
+    clients: list[blindinfer.Client] = field(default_factory=list)
 
     def client(self, who: str) -> blindinfer.Client:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", blindinfer.SimulationWarning)
-            return blindinfer.connect(
+            connected = blindinfer.connect(
                 self.process.url,
                 policy=policy_for(ServerConfig(simulation=True, limits=LIMITS)),
                 simulation=True,
                 api_key=self.keys[who],
             )
+        self.clients.append(connected)
+        return connected
+
+    def stop(self) -> None:
+        """Clients first: the server's graceful stop waits for their open connections."""
+        for connected in self.clients:
+            connected.close()
+        self.process.stop()
 
     def raw(self, certificate_der: bytes) -> httpx.Client:
         return httpx.Client(
@@ -113,8 +122,10 @@ def _start(tmp: Path) -> Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = _start(tmp_path_factory.mktemp("stalls"))
-    with running.process:
+    try:
         yield running
+    finally:
+        running.stop()
 
 
 def _timed(call: Callable[[], Any]) -> Any:
@@ -194,7 +205,7 @@ def test_forty_runs_queued_on_one_worker_starve_nothing(tmp_path: Path) -> None:
     """Forty runs wait for a's busy worker: attestation, b's upload and b's inference on
     the idle worker are served at once (the shared 40-thread pool made them wait)."""
     server = _start(tmp_path)
-    with server.process:
+    try:
         a, b = server.client("a"), server.client("b")
         a.upload_model(SLOW, name="slow")
         b.upload_model(MLP, name="mlp-b")
@@ -211,6 +222,9 @@ def test_forty_runs_queued_on_one_worker_starve_nothing(tmp_path: Path) -> None:
             _timed(lambda: b.upload_model(other, name="new-b"))
             assert b.run_model("new-b", MLP_INPUT)["probabilities"].shape == (1, 10)
             assert _pending(raw, server.keys["ops"]) >= 40  # still queued meanwhile
+    finally:
+        server.process.process.kill()  # a graceful stop would wait for the queue (200 s)
+        server.stop()
     assert server.tracebacks() == []
 
 

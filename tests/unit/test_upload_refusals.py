@@ -327,7 +327,8 @@ def test_inference_and_load_bodies_over_the_request_limit_are_refused_before(
         f"the limit is {MAX_REQUEST} bytes (48.8 KiB, --max-request-bytes)"
     )
     assert infer.headers["connection"] == "close"
-    load = _call(app, "POST", "/v2/repository/models/x/load", headers=_length(HUGE))
+    json_body = [("content-length", str(HUGE)), ("content-type", "application/json")]
+    load = _call(app, "POST", "/v2/repository/models/x/load", headers=json_body)
     load.error(413, "payload_too_large")
     # the model must exist before its inputs are read
     _call(app, "POST", "/v2/models/nope/infer", headers=_length(HUGE)).error(404, "unknown_model")

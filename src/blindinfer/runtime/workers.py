@@ -437,14 +437,6 @@ class _Gate:
             self._waiters.append(waiter)
         waiter.acquire()  # released by release(): ownership is handed over, busy stays True
 
-    def try_acquire(self) -> bool:
-        """Takes the gate only if nobody holds it or waits for it; never blocks."""
-        with self._lock:
-            if self._busy:
-                return False
-            self._busy = True
-            return True
-
     def release(self) -> None:
         with self._lock:
             if self._waiters:

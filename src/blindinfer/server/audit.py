@@ -39,6 +39,11 @@ refuses with `AuditLogError`: someone must look at it (``blindinfer audit verify
 it aside. Opening checks only the tail (start-up stays O(1)); the whole chain is checked by
 `verify_audit_log`.
 
+A write that fails while the server runs (a full disk) raises `AuditLogError` (the caller
+refuses its operation) and may leave part of the entry in the file; the next append first
+truncates the file back to its last durable entry (those bytes are this process's own,
+never acknowledged), so the log recovers by itself once the disk has room.
+
 One process owns a log file (an exclusive ``flock`` enforces it); within it `AuditLog` is
 thread-safe.
 """

@@ -123,6 +123,7 @@ def guard_connections(
             return cycle is None or bool(cycle.response_complete)
 
         def guard_abort(self) -> None:
+            self._g_lost = True  # no connection_made after this (see _g_tls_ready)
             self._g_cancel_timer()
             if self._g_raw is not None and not self._g_raw.is_closing():
                 self._g_raw.abort()
@@ -226,7 +227,10 @@ def guard_connections(
             waiter.add_done_callback(handshake_done)
 
         def _g_tls_ready(self, tls: asyncio.Transport | None) -> None:
-            if self._g_lost or tls is None:
+            # uvloop ends the handshake without an error when the connection is aborted
+            # during it: then no connection_lost would ever follow a connection_made
+            raw = self._g_raw
+            if self._g_lost or tls is None or tls.is_closing() or raw is None or raw.is_closing():
                 self._g_gone()
                 return
             self._g_connected = True
