@@ -233,3 +233,29 @@ def test_unexpected_exceptions_are_answered_not_reraised(
         assert "secret" not in record.getMessage() and "/store" not in record.getMessage()
     assert "(POST /boom)" in failures[0].getMessage()
     assert "GET /boom/{ref}" in failures[1].getMessage()
+
+
+def test_an_unauthenticated_caller_gets_401_while_the_audit_log_cannot_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The auth failure goes unrecorded, but the answer must not become a 507 that tells
+    a caller without a key about the server's disk."""
+    from blindinfer.server.auth import generate_api_key
+
+    key, sha = generate_api_key()
+    auth = tmp_path / "auth.toml"
+    auth.write_text(
+        f'[[tenant]]\nname = "acme"\n[[tenant.key]]\nid = "k"\nrole = "owner"\nsha256 = "{sha}"\n'
+    )
+    config = ServerConfig(simulation=True, store_dir=str(tmp_path / "store"), auth_file=str(auth))
+    state = build_state(config, SimulationPlatform(bytes(range(32))), make_tls_identity())
+    with TestClient(create_app(state)) as client:
+        monkeypatch.setattr(
+            os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+        )
+        wrong = {"authorization": "Bearer bi_" + "0" * 43, "content-type": "application/json"}
+        reply = client.post("/v2/repository/index", headers=wrong, content=b"{}")
+        monkeypatch.undo()
+        assert (reply.status_code, reply.json()["code"]) == (401, "unauthorized")
+        right = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+        assert client.post("/v2/repository/index", headers=right, content=b"{}").json() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import threading
 import time
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from blindinfer.protocol.evidence import NONCE_SIZE, EvidenceDocument
 from blindinfer.protocol.limits import TensorLimits
 from blindinfer.protocol.receipts import RECEIPT_VERSION, measurement_of, sign_receipt
-from blindinfer.server.audit import AuditLog
+from blindinfer.server.audit import AuditLog, AuditLogError
 from blindinfer.server.auth import Action, Authenticator, Principal, authorize, visible_to
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.offload import Offload
@@ -24,6 +25,8 @@ from blindinfer.server.tls import TlsIdentity
 from blindinfer.store.registry import ModelRegistry
 from blindinfer.store.sealed import ModelRecord
 from blindinfer.tee.platform import REPORT_DATA_SIZE, Platform
+
+log = logging.getLogger("blindinfer.server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +93,12 @@ class ServerState:
                     "surface": _route_kind(request),
                     "since_last": suppressed,
                 }
-                self.audit.record("auth_failure", detail=detail)
+                try:
+                    self.audit.record("auth_failure", detail=detail)
+                except AuditLogError:
+                    # Still a 401: a full disk must not turn an unauthenticated caller's
+                    # answer into a 507 that tells it about the server's storage.
+                    log.warning("audit log unavailable: an authentication failure went unrecorded")
             raise
         self.quotas.check_rate(principal.tenant)
         return principal
