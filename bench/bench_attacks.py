@@ -14,10 +14,12 @@ While each attack runs (and for the same time before it, idle), two probers meas
 in its own thread, one request after the other: GET /v2/health/live, and tenant B's
 inference on its own small MLP (a different worker is free). Sampled every 50 ms: the
 resident memory of the server's process tree (server + workers, /proc). Prints, for idle
-and attack windows, the median and max of each latency, failures, and the peak RSS.
+and attack windows, the median and max of each latency, failures, the peak RSS and the RSS
+at the window's end (what an attack still holds).
 
-Run: `.venv/bin/python bench/bench_attacks.py` (about a minute; `--seconds N` for the
-attack window; the servers' banners go to stderr, add `2>/dev/null` for the table alone).
+Run: `.venv/bin/python bench/bench_attacks.py` (about two minutes; `--seconds N` for the
+windows of (1) and (2), `--body-seconds N` for those of (3), which must outlast the 30 s
+body timeout; the servers' banners go to stderr, add `2>/dev/null` for the table alone).
 Not a test: nothing here asserts a time. Compare commits by running it on each.
 """
 
@@ -133,6 +135,7 @@ class Window:
     infer_ms: list[float] = field(default_factory=list)
     failures: int = 0
     peak_rss: int = 0
+    end_rss: int = 0  # at the end of the window: what the attack still holds
 
 
 def measure(server: ServerProcess, b: blindinfer.Client, b_model: str, seconds: float) -> Window:
@@ -180,6 +183,7 @@ def measure(server: ServerProcess, b: blindinfer.Client, b_model: str, seconds: 
     window.failures = failures[0]
     done.set()
     sampler.join()
+    window.end_rss = procmem.rss_bytes(server.process.pid)
     return window
 
 
@@ -277,13 +281,19 @@ def row(label: str, window: Window) -> str:
 
     return (
         f"  {label:<8} {stats(window.health_ms)} {stats(window.infer_ms)} "
-        f"{window.failures:>6} {window.peak_rss / MiB:9.0f}"
+        f"{window.failures:>6} {window.peak_rss / MiB:9.0f} {window.end_rss / MiB:8.0f}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0, help="each measuring window")
+    parser.add_argument(
+        "--body-seconds",
+        type=float,
+        default=40.0,
+        help="the windows of attack (3): longer than the server's 30 s body timeout",
+    )
     args = parser.parse_args()
     cpu = next(
         (
@@ -297,17 +307,18 @@ def main() -> None:
         f"blindinfer attack benchmark; {os.cpu_count()} vCPU {cpu}; "
         f"Python {platform.python_version()}"
     )
-    print(f"each window {args.seconds:.0f} s; latencies in ms; RSS = server + workers, MiB")
+    print("latencies in ms; RSS = server + workers, MiB, peak and at the window's end")
     print(
-        f"  {'window':<8} {'health':>9} {'':>9} {'B infer':>9} {'':>9} {'fails':>6} {'peak RSS':>9}"
+        f"  {'window':<8} {'health':>9} {'':>9} {'B infer':>9} {'':>9} {'fails':>6} "
+        f"{'peak RSS':>9} {'end RSS':>8}"
     )
     print(f"  {'':<8} {'median':>9} {'max':>9} {'median':>9} {'max':>9}")
-    for name, prepare in (
-        ("(1) delete while running", delete_while_running),
-        ("(2) 64 M-element output", huge_output),
-        ("(3) 8 unfinished 64 MiB chunked uploads", unfinished_bodies),
+    for name, prepare, seconds in (
+        ("(1) delete while running", delete_while_running, args.seconds),
+        ("(2) 64 M-element output", huge_output, args.seconds),
+        ("(3) 8 unfinished 64 MiB chunked uploads", unfinished_bodies, args.body_seconds),
     ):
-        title, idle, under = run_attack(name, prepare, args.seconds)
+        title, idle, under = run_attack(f"{name}, {seconds:.0f} s windows", prepare, seconds)
         print(title)
         print(row("idle", idle))
         print(row("attack", under))
