@@ -12,6 +12,8 @@
     ├── PolicyError                 a policy file or object is malformed
     ├── UsageError                  a wrong argument: bad URL, unknown dtype, unreadable file
     ├── ProtocolError               a message on the wire is malformed (either side)
+    │   ├── ModelArchiveError       a model folder archive entry is unsafe or malformed
+    │   └── GenaiConfigError        a genai_config.json blindinfer will not run
     ├── ConnectionFailedError       the server could not be reached, or the connection broke
     └── ServerError                 the server answered a request with a structured error
 

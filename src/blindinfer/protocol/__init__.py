@@ -8,6 +8,9 @@ Modules:
 - `inference`: OIP v2 inference request/response bodies, JSON tensors and the binary
   tensor data extension (`Inference-Header-Content-Length`).
 - `evidence`: the attestation message.
+- `strict_json`: the one strict JSON decoder (no duplicate keys; NaN only where allowed).
+- `generation`, `openai_requests`, `openai_responses` (both re-exported by `openai_api`),
+  `oip_generate`, `sse`: the generative wire formats (OpenAI-compatible API, OIP generate).
 
 Every parser here turns untrusted bytes into typed, frozen values once, and raises nothing
 but `blindinfer.errors.ProtocolError` (with a machine-readable `code`). This package imports

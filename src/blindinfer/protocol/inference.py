@@ -49,6 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from blindinfer.errors import ProtocolError
+from blindinfer.protocol import strict_json
 from blindinfer.protocol.datatypes import DATATYPES, datatype_to_dtype, dtype_to_datatype
 from blindinfer.protocol.limits import TensorLimits
 from blindinfer.protocol.shown import shown as _shown
@@ -182,33 +183,9 @@ def parse_header_length(value: str | None) -> int | None:
     return int(text)
 
 
-class _DuplicateKeyError(ValueError):
-    """Raised from the JSON object hook; converted to ProtocolError by `_loads`."""
-
-
-def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Build a JSON object, refusing repeated keys (parsers disagree on which one wins)."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKeyError(f"duplicate key {_shown(key)}")
-            seen.add(key)
-    return obj
-
-
 def _loads(raw: bytes) -> object:
-    """Decode bounded JSON bytes; every failure becomes ProtocolError("malformed_json")."""
-    try:
-        text = raw.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_object_pairs)
-    except UnicodeDecodeError as exc:
-        raise ProtocolError("malformed_json", f"JSON is not valid UTF-8: {exc.reason}") from exc
-    except RecursionError as exc:
-        raise ProtocolError("malformed_json", "JSON is nested too deeply") from exc
-    except ValueError as exc:  # JSONDecodeError, duplicate keys, int digit limit
-        raise ProtocolError("malformed_json", f"invalid JSON: {_shown(str(exc))}") from exc
+    """Decode bounded JSON bytes (NaN/Infinity allowed: see the module docstring)."""
+    return strict_json.loads(raw, allow_nan=True)
 
 
 def _split(body: bytes, header_length: int | None, limits: TensorLimits) -> tuple[object, int]:

@@ -92,3 +92,25 @@ class ResponseTooLargeError(ExecutionError):
         self.size = size
         self.limit = limit
         super().__init__(message)
+
+
+class GenerationRequestError(InvalidTensorError):
+    """A generation request the runtime refuses before generating (bad token ids, sampling
+    parameters out of range, too many new tokens); `code` is machine-readable. An
+    InvalidTensorError, so the server answers 400 with that code like any bad input."""
+
+
+class ContextLengthError(GenerationRequestError):
+    """Prompt tokens plus `max_tokens` exceed the model's context or the server's limit.
+
+    Refused before any KV cache is allocated: the cache grows with the context, so this is
+    the bound on a request's memory. `needed` and `limit` are token counts (no content).
+    """
+
+    def __init__(self, *, needed: int, limit: int) -> None:
+        self.needed = needed
+        self.limit = limit
+        super().__init__(
+            "context_length_exceeded",
+            f"prompt tokens plus max_tokens ({needed}) exceed the context limit ({limit})",
+        )
