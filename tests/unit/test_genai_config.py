@@ -160,28 +160,49 @@ HOSTILE_SESSION_OPTIONS: dict[str, Any] = {
     "session.intra_op.allow_spinning": "1",
     "enable_profiling": "/var/lib/blindinfer/store/profile",
     "ep_context_file_path": "/etc/passwd",
-    "custom_ops_library": "/tmp/evil.so",
     "log_severity_level": 0,
 }
 
 
 def test_session_options_are_dropped_and_replaced() -> None:
-    """Devices, threads, spinning, profiling paths and a library to load: none survives."""
+    """Devices, threads, spinning, profiling and EP-context paths: none survives."""
     raw = _edited("model.decoder.session_options", HOSTILE_SESSION_OPTIONS)
     config = parse_genai_config(raw, entries=ENTRIES)
     assert "model.decoder.session_options" in config.ignored
     text = render(config).decode()
-    for needle in ("/etc/passwd", "/tmp/evil.so", "profile", "tensorrt", "device_id", "512"):
+    for needle in ("/etc/passwd", "profile", "tensorrt", "device_id", "512"):
         assert needle not in text
     options = json.loads(text)["model"]["decoder"]["session_options"]
     assert options == session_options()
 
 
-def test_engine_section_is_server_owned() -> None:
+def test_a_library_to_load_is_refused_not_dropped() -> None:
+    """og would dlopen it; a graph that needs custom ops cannot run without them either."""
+    options = {**HOSTILE_SESSION_OPTIONS, "custom_ops_library": "/tmp/evil.so"}
+    exc = _refused(
+        _edited("model.decoder.session_options", options),
+        "model.decoder.session_options.custom_ops_library",
+    )
+    assert "evil" not in exc.message
+
+
+def test_engine_section_is_refused() -> None:
+    """Batching and KV-cache memory are the server's: a model may not size them."""
     raw = _edited("engine", {"dynamic_batching": {"max_batch_size": 100000, "num_blocks": 10**9}})
-    config = parse_genai_config(raw, entries=ENTRIES)
-    assert config.ignored == ("engine", "model.decoder.session_options")
-    assert "engine" not in json.loads(render(config))
+    exc = _refused(raw, "engine")
+    assert "server's" in exc.message
+
+
+def test_neutral_search_replaces_the_models_defaults() -> None:
+    """The runtime sets each request's sampling; a model's penalties must not change it."""
+    doc = copy.deepcopy(BUILDER_CONFIG)
+    doc["search"].update(repetition_penalty=1.3, no_repeat_ngram_size=2, min_length=20)
+    config = parse_genai_config(_raw(doc), entries=ENTRIES)
+    search = json.loads(render(config, max_length=64, neutral_search=True))["search"]
+    assert (search["repetition_penalty"], search["no_repeat_ngram_size"]) == (1.0, 0)
+    assert (search["min_length"], search["do_sample"], search["top_k"]) == (0, False, 0)
+    assert search["max_length"] == 64
+    assert json.loads(render(config, neutral_search=True))["search"]["max_length"] == 128
 
 
 @pytest.mark.parametrize(
@@ -343,6 +364,7 @@ def test_eos_list_and_sliding_window() -> None:
         ("past_key_names", "p" * 62 + "%d"),  # overflows og's 64-byte buffer at layer 10+
         ("input_ids", "input_%d"),  # not a template
         ("input_ids", "in put"),
+        ("input_ids", "i" * 49),  # longer than any real tensor name
         ("input_ids", ""),
         ("Input-Ids", "input_ids"),
     ],

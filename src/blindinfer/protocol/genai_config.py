@@ -16,19 +16,25 @@ plus the server's own session options. The decisions:
 
 - Strict JSON (`strict_json.loads` without NaN/Infinity): UTF-8, no duplicate keys (two
   parsers could read two configs), at most MAX_CONFIG_BYTES (64 KiB; builder output is ~2 KB).
-- Server-owned sections are dropped, and listed in `GenaiConfig.ignored`: the decoder's
-  `session_options` (the builder always writes one, with the provider it built for) and the
-  top-level `engine` (batching and memory of the server). A model cannot choose them, and
-  refusing them would refuse every model built for a GPU.
+- The decoder's `session_options` are the server's: dropped, and listed in
+  `GenaiConfig.ignored` (the builder always writes one, with the provider it built for, so
+  refusing it would refuse every model built for a GPU). One option in it is refused instead:
+  `custom_ops_library`, a shared library to load (the server loads no code from a model, and
+  a graph that needs custom ops would otherwise fail or run differently). The top-level
+  `engine` (batching and KV-cache memory, the server's) is refused, not dropped: og 0.18's
+  builder writes it only for paged-attention exports (`dynamic_batching`), which blindinfer
+  does not serve yet, and a model may not size the server's memory.
 - Every other key must be known, or the config is refused naming it: a model that needs a
   setting we do not carry (vision or speech sections, pipelines, speculative decoding,
   recurrent-state groups) would otherwise run differently from what its author built.
 - Bounds: context length, vocabulary, layers, heads, head size by `ConfigLimits` (the server
   passes its own); token ids inside the vocabulary; the decoder's `filename` a flat `.onnx`
-  name accepted by the archive rules (and, when the archive's names are given, one of them);
-  tensor names printable, name templates (`*_names`) exactly one `%d` and no other `%`, short
-  enough for og's 64-byte buffer; search defaults finite and in range, `max_length` at most the
-  context, no beam search (`num_beams`, `num_return_sequences` 1), `batch_size` bounded.
+  name accepted by the archive rules (and, when the folder's names are given, one of them:
+  the runtime passes only the folder's regular files, so never a link); tensor names of
+  letters, digits and `_.:/-`, at most 48 characters, name templates (`*_names`) exactly one
+  `%d` and no other `%`, short enough for og's 64-byte buffer; search defaults finite and in
+  range, `max_length` at most the context, no beam search (`num_beams`,
+  `num_return_sequences` 1), `batch_size` bounded.
 
 Errors are `GenaiConfigError` (a `ProtocolError`, HTTP 400 "invalid_genai_config") whose
 message names the key (`model.decoder.filename`) and what is wrong; `key` holds the path.
@@ -71,8 +77,12 @@ _TENSOR_NAME = re.compile(r"[A-Za-z0-9_.:/\-]+\Z")
 _MAP_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 _MODEL_TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 
+_MAX_TENSOR_NAME: Final = 48  # real names are under 30 characters
 _TOP_KEYS: Final = frozenset({"model", "search"})
-_TOP_SERVER_OWNED: Final = frozenset({"engine"})
+_TOP_REFUSED: Final = {
+    "engine": "is the server's to choose (batching and KV-cache memory); a model may not set it"
+}
+_CUSTOM_OPS: Final = "custom_ops_library"
 _TOKEN_KEYS: Final = (
     "bos_token_id",
     "pad_token_id",
@@ -152,7 +162,7 @@ class ConfigLimits:
     max_layers: int = 1024
     max_heads: int = 1024
     max_head_size: int = 1024
-    max_hidden_size: int = 1 << 17
+    max_hidden_size: int = 1 << 16
 
     def __post_init__(self) -> None:
         """Limits are trusted, but must be positive ints within og's int."""
@@ -290,9 +300,9 @@ def _tensor_names(value: object, key: str, layers: int) -> tuple[tuple[str, str]
                 + (" with exactly one '%d' (og formats it with printf)" if template else ""),
             )
         longest = len(bare) + len(str(max(layers - 1, 0))) if template else len(graph_name)
-        if longest >= _KV_NAME_BUFFER:
+        if longest >= _KV_NAME_BUFFER or len(graph_name) > _MAX_TENSOR_NAME:
             raise GenaiConfigError(
-                where, f"names longer than {_KV_NAME_BUFFER - 1} characters are not accepted"
+                where, f"names longer than {_MAX_TENSOR_NAME} characters are not accepted"
             )
         out.append((name, graph_name))
     return tuple(sorted(out))
@@ -342,6 +352,12 @@ def _decoder(
     for name in doc:
         if name in _DECODER_SERVER_OWNED:
             ignored.append(f"{key}.{name}")
+    options = doc.get("session_options")
+    if isinstance(options, dict) and _CUSTOM_OPS in options:
+        raise GenaiConfigError(
+            f"{key}.session_options.{_CUSTOM_OPS}",
+            "names a shared library to load; blindinfer loads no code from a model",
+        )
     _known(doc, key, _DECODER_KEYS | _DECODER_SERVER_OWNED, _UNKNOWN)
     filename = doc.get("filename")
     if not isinstance(filename, str):
@@ -440,8 +456,11 @@ def parse_genai_config(
     except ProtocolError as exc:
         raise GenaiConfigError("(file)", exc.message) from None
     top = _object(document, "(file)")
-    ignored = [name for name in top if name in _TOP_SERVER_OWNED]
-    _known(top, "", _TOP_KEYS | _TOP_SERVER_OWNED, _UNKNOWN)
+    for name, why in _TOP_REFUSED.items():
+        if name in top:
+            raise GenaiConfigError(name, why)
+    ignored: list[str] = []
+    _known(top, "", _TOP_KEYS, _UNKNOWN)
     if "model" not in top:
         raise GenaiConfigError("model", "is required")
     model = _object(top["model"], "model")
@@ -499,16 +518,38 @@ def session_options(
     }
 
 
+_NEUTRAL_SEARCH: Final = {
+    "do_sample": False,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "min_length": 0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "diversity_penalty": 0.0,
+    "early_stopping": True,
+    "past_present_share_buffer": True,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+}
+
+
 def render(
     config: GenaiConfig,
     *,
     intra_op_threads: int = 1,
     provider: Literal["cpu", "cuda"] = "cpu",
     max_length: int | None = None,
+    neutral_search: bool = False,
 ) -> bytes:
     """The genai_config.json the worker hands onnxruntime-genai: the parsed model, the
     server's session options, and the search defaults with `max_length` capped by the
-    server's own limit when given. Deterministic (sorted keys)."""
+    server's own limit when given. Deterministic (sorted keys).
+
+    `neutral_search`: og's neutral search defaults instead of the model's (the runtime sets
+    every request's sampling itself; a model's repetition penalty or n-gram ban would
+    otherwise change even a greedy answer)."""
     decoder = config.decoder
     dec: dict[str, Any] = {
         "filename": decoder.filename,
@@ -540,8 +581,8 @@ def render(
         "decoder": dec,
         **dict(config.token_ids),
     }
-    search: dict[str, Any] = dict(config.search.values)
-    length = config.max_length
+    search: dict[str, Any] = dict(_NEUTRAL_SEARCH if neutral_search else config.search.values)
+    length = config.context_length if neutral_search else config.max_length
     if max_length is not None:
         if type(max_length) is not int or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")

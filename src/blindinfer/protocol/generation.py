@@ -34,6 +34,7 @@ __all__ = [
     "ERROR_CODES",
     "MAX_SEED",
     "MAX_STOP_SEQUENCES",
+    "MAX_TEMPERATURE",
     "FinishReason",
     "GenerationLimits",
     "ParameterError",
@@ -64,6 +65,7 @@ ERROR_CODES: Final = frozenset(
 MAX_STOP_SEQUENCES: Final = 4  # the OpenAI API's own limit
 MAX_SEED: Final = (1 << 31) - 1
 """Seeds are 0..2**31-1: what every engine we target takes as a non-negative seed."""
+MAX_TEMPERATURE: Final = 2.0  # the OpenAI API's range is [0, 2]
 _MAX_LIMIT: Final = 1 << 40
 
 FinishReason = Literal["stop", "length"]
@@ -118,6 +120,11 @@ class SamplingParams:
     seed change nothing); top_k 0 means "no top-k filter"; seed None means "the engine
     picks one". `stop` holds up to four non-empty strings; generation ends before the
     first one to appear.
+
+    The parsers (`parse_sampling`) refuse out-of-range fields with a `ParameterError` naming
+    the field; `__post_init__` holds the same invariants for values built in code, so an
+    engine given any `SamplingParams` never sees NaN, a negative seed or an empty stop
+    string (a `ValueError`: a bug of the caller, not a client's mistake).
     """
 
     max_tokens: int
@@ -126,6 +133,29 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        def number(value: object) -> bool:
+            return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+
+        if type(self.max_tokens) is not int or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
+        if not (number(self.temperature) and 0.0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}]")
+        if not (number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ValueError("top_p must be in (0, 1]")
+        if type(self.top_k) is not int or self.top_k < 0:
+            raise ValueError("top_k must be a non-negative int")
+        if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an int from 0 to {MAX_SEED}")
+        if (
+            not isinstance(self.stop, tuple)
+            or len(self.stop) > MAX_STOP_SEQUENCES
+            or not all(isinstance(s, str) and s for s in self.stop)
+        ):
+            raise ValueError(
+                f"stop must be a tuple of at most {MAX_STOP_SEQUENCES} non-empty strings"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -325,7 +355,9 @@ def parse_sampling(
                     "invalid_parameter", f"{names} disagree; give one of them", prefix + key
                 )
             chosen = value
-    temperature = optional_float(doc, "temperature", prefix + "temperature", low=0.0, high=2.0)
+    temperature = optional_float(
+        doc, "temperature", prefix + "temperature", low=0.0, high=MAX_TEMPERATURE
+    )
     top_p = optional_float(doc, "top_p", prefix + "top_p", low=0.0, high=1.0, low_open=True)
     top_k = optional_int(doc, "top_k", prefix + "top_k", low=0, high=limits.max_top_k)
     seed = optional_int(doc, "seed", prefix + "seed", low=0, high=MAX_SEED)

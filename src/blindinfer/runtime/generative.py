@@ -5,18 +5,25 @@ its external data, `tokenizer.json`, `tokenizer_config.json`, a chat template). 
 `genai_config.json` is untrusted: read as-is, onnxruntime-genai would let it pick the
 execution providers and devices, thread counts, a profiling output path and even a shared
 library to load (`session_options.custom_ops_library`). So the runtime never hands the
-model's config to onnxruntime-genai. `sanitized_config` rebuilds it from an allow-list
-(architecture and tensor names only), replaces every session option with the server's
-(`RuntimeOptions`: threads, spinning off, CPU provider, no profiling, no custom ops) and the
-search defaults with neutral ones; `GenerativeSession` loads the model from a private
-staging folder holding that config and links to the model's other files, then removes it.
+model's config to onnxruntime-genai. `load_config` parses it once
+(`blindinfer.protocol.genai_config.parse_genai_config`: bounded, strict, allow-listed), with
+the folder's regular files as the names the decoder may use (a link, folder or device in the
+model folder refuses the model); `GenerativeSession` loads the model from a private staging
+folder holding `render(...)` of that config (the server's `RuntimeOptions`: threads, spinning
+off, CPU provider, no profiling, no custom ops; neutral search defaults) and links to the
+model's other files, then removes the staging folder.
 
-Generation (`GenerativeSession.generate`) takes token ids and `SamplingParams` and returns a
-`Generation`: an iterator of `GeneratedToken` (id and the text it completes, decoded by
-onnxruntime-genai's `TokenizerStream`), then `finish_reason` ("stop" or "length") and the
-token counts. Bounds are checked before a KV cache exists: prompt + `max_tokens` must fit
-the model's context and the server's limit (`ContextLengthError`). `Generation.close()`
-stops a generation at once and frees its generator and KV cache (a client that went away).
+Generation (`GenerativeSession.generate`) takes token ids and the wire's
+`blindinfer.protocol.generation.SamplingParams` (one type for every front end; its values are
+already bounded by construction), plus the stop token ids of the model or request, and
+returns a `Generation`: an iterator of `GeneratedToken` (id and the text it completes,
+decoded by onnxruntime-genai's `TokenizerStream`), then `finish_reason` ("stop" or "length")
+and the token counts. The bounds that depend on the model and the server are checked here,
+before a KV cache exists: token ids inside the vocabulary, `max_tokens` within the server's
+limit, prompt + `max_tokens` within the model's context and the server's limit
+(`ContextLengthError`); top_k above the vocabulary is clamped to it (the same cut).
+`Generation.close()` stops a generation at once and frees its generator and KV cache (a
+client that went away).
 
 Tokenization: `og.Tokenizer.encode` does not run the tokenizer's post-processor, so it never
 adds BOS. That is the right thing for chat (`chat_prompt_ids`): a rendered chat template
@@ -32,47 +39,48 @@ configured for dynamic batching", and dynamic batching needs a decoder exported 
 paged KV cache, which the builder's CPU export does not produce. So this module serves one
 `og.Generator` per request (every parameter, seeds included, exact), and
 `generative_batch.BatchedGenerator` runs a static Engine for requests without a seed (same
-sanitized config, same `check` bounds first, the same `TokenText`); the server sends
+rendered config, same `check` bounds first, the same `TokenText`); the server sends
 seeded requests to a Generator until paged exports are available.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
+from blindinfer.protocol.genai_config import (
+    ConfigLimits,
+    GenaiConfig,
+    GenaiConfigError,
+    parse_genai_config,
+    render,
+)
+from blindinfer.protocol.generation import FinishReason, SamplingParams
+from blindinfer.protocol.model_archive import CONFIG_NAME, MAX_CONFIG_BYTES
 from blindinfer.runtime.errors import (
     ContextLengthError,
     GenerationRequestError,
     InvalidModelError,
 )
 
-CONFIG_NAME = "genai_config.json"
-MAX_CONFIG_BYTES = 1 << 20
+__all__ = [
+    "GeneratedToken",
+    "Generation",
+    "GenerativeSession",
+    "RuntimeOptions",
+    "TokenText",
+    "load_config",
+]
 
-# What a decoder-only model's config may say: architecture and tensor names. Anything else
-# (other model sections, run options, pipelines, engine settings) is refused, not dropped:
-# a model that needs it would otherwise run differently from what its author built.
-_MODEL_KEYS = frozenset(
-    {"type", "bos_token_id", "eos_token_id", "pad_token_id", "context_length", "vocab_size",
-     "decoder"}
-)
-_DECODER_KEYS = frozenset(
-    {"session_options", "filename", "head_size", "hidden_size", "inputs", "outputs",
-     "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "sliding_window"}
-)
-_NAME_MAPS = ("inputs", "outputs")
-_MAX_CONTEXT = 1 << 20
-_MAX_VOCAB = 1 << 22
+_MAX_OPTION = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,38 +93,8 @@ class RuntimeOptions:
 
     def __post_init__(self) -> None:
         for name in ("intra_op_threads", "max_context_tokens", "max_new_tokens"):
-            if not _is_int(getattr(self, name), 1, _MAX_CONTEXT):
+            if not _is_int(getattr(self, name), 1, _MAX_OPTION):
                 raise ValueError(f"{name} must be a positive integer")
-
-    def session_options(self) -> dict[str, Any]:
-        """onnxruntime session options in genai_config form: threads fixed, no spinning
-        (a spinning thread starves the other workers on a shared CPU), CPU only."""
-        return {
-            "log_id": "blindinfer",
-            "intra_op_num_threads": self.intra_op_threads,
-            "inter_op_num_threads": 1,
-            "session.intra_op.allow_spinning": "0",
-            "session.inter_op.allow_spinning": "0",
-            "provider_options": [],
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """One request's decoding parameters (OpenAI's names). temperature 0 is greedy;
-    top_k 0 means no top-k cut; a seed makes sampling reproducible."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,115 +106,50 @@ class GeneratedToken:
     text: str
 
 
-def _refuse(message: str) -> InvalidModelError:
-    return InvalidModelError(f"genai_config.json: {message}")
-
-
 def _is_int(value: object, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _tensor_name_ok(key: str, name: object) -> bool:
-    """Printable names; a `*_names` template (og fills it with `snprintf(buf, 64, template,
-    layer)`) holds exactly one `%d` and no other `%`: a `%s` or `%n` there would be memory
-    corruption in the worker."""
-    if not isinstance(name, str) or not name.isprintable() or not 0 < len(name) <= 48:
-        return False
-    if key.endswith("_names"):
-        return name.count("%") == 1 and "%d" in name
-    return "%" not in name
-
-
-def _check_decoder(decoder: object, folder: Path) -> dict[str, Any]:
-    if not isinstance(decoder, dict):
-        raise _refuse("model.decoder must be an object")
-    unknown = set(decoder) - _DECODER_KEYS
-    if unknown:
-        raise _refuse(f"unsupported decoder settings: {', '.join(sorted(unknown))}")
-    filename = decoder.get("filename")
-    if not isinstance(filename, str) or Path(filename).name != filename or filename in {
-        "", ".", ".."
-    }:
-        raise _refuse("model.decoder.filename must be a plain file name")
-    if not (folder / filename).is_file():
-        raise _refuse("model.decoder.filename names no file of the folder")
-    for key in ("head_size", "hidden_size", "num_attention_heads", "num_hidden_layers",
-                "num_key_value_heads"):
-        if key in decoder and not _is_int(decoder[key], 1, 1 << 16):
-            raise _refuse(f"model.decoder.{key} must be a positive integer")
-    for key in _NAME_MAPS:
-        names = decoder.get(key, {})
-        if not isinstance(names, dict) or not all(
-            isinstance(k, str) and _tensor_name_ok(k, v) for k, v in names.items()
-        ):
-            raise _refuse(f"model.decoder.{key} must map names to tensor names")
-    clean = {k: v for k, v in decoder.items() if k != "session_options"}
-    return clean
-
-
-def sanitized_config(folder: Path, options: RuntimeOptions) -> dict[str, Any]:
-    """The config the server runs `folder` with: the model's architecture, the server's
-    session options and neutral search defaults. Raises InvalidModelError."""
-    path = folder / CONFIG_NAME
+def _regular_files(folder: Path) -> frozenset[str]:
+    """The names of `folder`'s files. A link, folder or device in it refuses the model:
+    nothing the model names may lead outside its folder."""
     try:
-        raw = path.read_bytes()[: MAX_CONFIG_BYTES + 1]
+        entries = list(folder.iterdir())
+        regular = all(stat.S_ISREG(entry.lstat().st_mode) for entry in entries)
     except OSError:
-        raise _refuse("missing or unreadable") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise _refuse("too large")
+        raise InvalidModelError("the model folder could not be read") from None
+    if not regular:
+        raise InvalidModelError("the model folder may hold only regular files")
+    return frozenset(entry.name for entry in entries)
+
+
+def load_config(
+    folder: Path, limits: ConfigLimits | None = None
+) -> tuple[GenaiConfig, frozenset[str]]:
+    """The model's genai_config.json parsed once (read at most MAX_CONFIG_BYTES + 1 bytes,
+    never through a link), and the folder's file names. Raises InvalidModelError."""
+    names = _regular_files(folder)
     try:
-        config = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise _refuse("not valid JSON") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise _refuse("no model section")
-    unknown = set(config) - {"model", "search"}
-    if unknown:  # e.g. "engine": batching and cache sizes are the server's to choose
-        raise _refuse(f"unsupported sections: {', '.join(sorted(unknown))}")
-    model = config["model"]
-    unknown = set(model) - _MODEL_KEYS
-    if unknown:
-        raise _refuse(f"unsupported model settings: {', '.join(sorted(unknown))}")
-    if not isinstance(model.get("type"), str):
-        raise _refuse("model.type must be a string")
-    if not _is_int(model.get("context_length"), 1, _MAX_CONTEXT):
-        raise _refuse(f"model.context_length must be an integer from 1 to {_MAX_CONTEXT}")
-    if not _is_int(model.get("vocab_size"), 1, _MAX_VOCAB):
-        raise _refuse(f"model.vocab_size must be an integer from 1 to {_MAX_VOCAB}")
-    vocab = model["vocab_size"]
-    eos = model.get("eos_token_id")
-    eos_ids = eos if isinstance(eos, list) else [eos]
-    if not eos_ids or not all(_is_int(e, 0, vocab - 1) for e in eos_ids):
-        raise _refuse("model.eos_token_id must be token ids")
-    for key in ("bos_token_id", "pad_token_id"):
-        if key in model and not _is_int(model[key], 0, vocab - 1):
-            raise _refuse(f"model.{key} must be a token id")
-    decoder = _check_decoder(model.get("decoder"), folder)
-    decoder["session_options"] = options.session_options()
-    context = model["context_length"]
-    return {
-        "model": {**model, "decoder": decoder},
-        "search": {
-            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "min_length": 0,
-            "max_length": context, "repetition_penalty": 1.0, "length_penalty": 1.0,
-            "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
-            "past_present_share_buffer": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-        },
-    }
+        fd = os.open(folder / CONFIG_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError:
+        raise InvalidModelError("genai_config.json: missing or unreadable") from None
+    try:
+        return parse_genai_config(raw, entries=names, limits=limits), names
+    except GenaiConfigError as exc:
+        raise InvalidModelError(exc.message) from None
 
 
-def _stage(folder: Path, config: Mapping[str, Any], parent: Path | None) -> Path:
-    """A private folder with `config` and links to the model's other files (regular files
-    only: a link or device in the model folder is refused, never followed)."""
+def _stage(folder: Path, names: Collection[str], config: bytes, parent: Path | None) -> Path:
+    """A private folder with the rendered `config` and links to the model's other files
+    (`names`: its regular files, from `load_config`)."""
     staging = Path(tempfile.mkdtemp(prefix="genai-", dir=parent))
     try:
-        for entry in sorted(folder.iterdir()):
-            if entry.name == CONFIG_NAME:
-                continue
-            if not stat.S_ISREG(entry.lstat().st_mode):
-                raise _refuse("the model folder may hold only regular files")
-            os.symlink(entry.resolve(), staging / entry.name)
-        (staging / CONFIG_NAME).write_text(json.dumps(config), encoding="utf-8")
+        for name in sorted(names):
+            if name != CONFIG_NAME:
+                os.symlink((folder / name).resolve(), staging / name)
+        (staging / CONFIG_NAME).write_bytes(config)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -257,13 +170,20 @@ class GenerativeSession:
 
         self._og = og
         self.options = options
-        self.config = sanitized_config(folder, options)
-        model = self.config["model"]
-        self.context_length: int = model["context_length"]
-        self.vocab_size: int = model["vocab_size"]
-        eos = model["eos_token_id"]
-        self.eos_token_ids: frozenset[int] = frozenset(eos if isinstance(eos, list) else [eos])
-        staging = _stage(folder, self.config, staging_parent)
+        self.config, names = load_config(folder)
+        self.context_length: int = self.config.context_length
+        self.vocab_size: int = self.config.vocab_size
+        self.eos_token_ids: frozenset[int] = frozenset(self.config.eos_token_ids)
+        rendered = render(
+            self.config,
+            intra_op_threads=options.intra_op_threads,
+            provider="cpu",
+            max_length=self.max_total_tokens,
+            neutral_search=True,
+        )
+        # the genai_config.json og loads: the model's architecture, the server's options
+        self.rendered_config: bytes = rendered
+        staging = _stage(folder, names, rendered, staging_parent)
         try:
             self._model = og.Model(str(staging))
             self._tokenizer = og.Tokenizer(self._model)
@@ -308,15 +228,22 @@ class GenerativeSession:
         stream = self._tokenizer.create_stream()
         return "".join(stream.decode(int(t)) for t in ids)
 
-    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Refuse what cannot be generated within bounds, before anything is allocated."""
+    def check(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stop_token_ids: Collection[int] = (),
+    ) -> None:
+        """Refuse what this model and server cannot generate within bounds, before anything
+        is allocated. `params` is bounded by its type; what depends on the model (the
+        vocabulary, the context) and the server's limits is checked here."""
         if not prompt_ids:
             raise GenerationRequestError("empty_prompt", "the prompt has no tokens")
         if not all(_is_int(t, 0, self.vocab_size - 1) for t in prompt_ids):
             raise GenerationRequestError(
                 "invalid_token_id", f"prompt token ids must be in [0, {self.vocab_size})"
             )
-        if not _is_int(params.max_tokens, 1, self.options.max_new_tokens):
+        if params.max_tokens > self.options.max_new_tokens:
             raise GenerationRequestError(
                 "invalid_max_tokens",
                 f"max_tokens must be from 1 to {self.options.max_new_tokens}",
@@ -324,26 +251,26 @@ class GenerativeSession:
         needed = len(prompt_ids) + params.max_tokens
         if needed > self.max_total_tokens:
             raise ContextLengthError(needed=needed, limit=self.max_total_tokens)
-        if not (math.isfinite(params.temperature) and 0.0 <= params.temperature <= 2.0):
-            raise GenerationRequestError("invalid_temperature", "temperature must be 0 to 2")
-        if not (math.isfinite(params.top_p) and 0.0 < params.top_p <= 1.0):
-            raise GenerationRequestError("invalid_top_p", "top_p must be in (0, 1]")
-        if not _is_int(params.top_k, 0, self.vocab_size):
-            raise GenerationRequestError(
-                "invalid_top_k", f"top_k must be from 0 to {self.vocab_size}"
-            )
-        if params.seed is not None and not _is_int(params.seed, 0, (1 << 31) - 1):
-            raise GenerationRequestError("invalid_seed", "seed must be from 0 to 2**31-1")
-        if not all(_is_int(t, 0, self.vocab_size - 1) for t in params.stop_token_ids):
+        if not all(_is_int(t, 0, self.vocab_size - 1) for t in stop_token_ids):
             raise GenerationRequestError("invalid_stop", "stop token ids must be token ids")
-        if len(params.stop) > 4 or not all(0 < len(s) <= 256 for s in params.stop):
-            raise GenerationRequestError(
-                "invalid_stop", "at most 4 stop strings of 1 to 256 characters"
-            )
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
-        """Start generating after `prompt_ids`; iterate the result for tokens."""
-        self.check(prompt_ids, params)
+    def top_k(self, params: SamplingParams) -> int:
+        """`params.top_k` within the vocabulary (a larger cut keeps every token, as 0 does)."""
+        return min(params.top_k, self.vocab_size)
+
+    def stop_ids(self, stop_token_ids: Collection[int]) -> frozenset[int]:
+        """The token ids that end an answer: the model's end of sequence and the request's."""
+        return self.eos_token_ids | frozenset(stop_token_ids)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stop_token_ids: Collection[int] = (),
+    ) -> Generation:
+        """Start generating after `prompt_ids`; iterate the result for tokens. A token of
+        `stop_token_ids` (or the model's end of sequence) ends the answer."""
+        self.check(prompt_ids, params, stop_token_ids)
         og = self._og
         search: dict[str, Any] = {
             "max_length": len(prompt_ids) + params.max_tokens,
@@ -351,7 +278,9 @@ class GenerativeSession:
             "do_sample": not params.greedy,
         }
         if not params.greedy:
-            search.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+            search.update(
+                temperature=params.temperature, top_p=params.top_p, top_k=self.top_k(params)
+            )
         if params.seed is not None:
             search["random_seed"] = params.seed
         gen_params = og.GeneratorParams(self._model)
@@ -365,12 +294,12 @@ class GenerativeSession:
                 "invalid_prompt", "the model could not process this prompt"
             ) from None
         return Generation(
-            generator, self._tokenizer.create_stream(), params, len(prompt_ids),
-            self.eos_token_ids | frozenset(params.stop_token_ids),
+            generator,
+            self._tokenizer.create_stream(),
+            params,
+            len(prompt_ids),
+            self.stop_ids(stop_token_ids),
         )
-
-
-FinishReason = Literal["stop", "length"]
 
 
 class TokenText:
@@ -401,7 +330,7 @@ class TokenText:
                 return GeneratedToken(token, text[:cut]), "stop"
             keep = self._held_back(text)
             if keep:
-                text, self._pending = text[: len(text) - keep], text[len(text) - keep:]
+                text, self._pending = text[: len(text) - keep], text[len(text) - keep :]
         if self.count >= self._params.max_tokens or exhausted:
             return GeneratedToken(token, text + self._flush()), "length"
         return GeneratedToken(token, text), None
@@ -458,7 +387,9 @@ class Generation:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.close()

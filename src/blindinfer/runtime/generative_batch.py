@@ -18,17 +18,12 @@ steps the whole batch until that request has a token).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
+from blindinfer.protocol.generation import FinishReason, SamplingParams
 from blindinfer.runtime.errors import ExecutionError, GenerationRequestError
-from blindinfer.runtime.generative import (
-    FinishReason,
-    GeneratedToken,
-    GenerativeSession,
-    SamplingParams,
-    TokenText,
-)
+from blindinfer.runtime.generative import GeneratedToken, GenerativeSession, TokenText
 
 
 class BatchedGeneration:
@@ -36,7 +31,11 @@ class BatchedGeneration:
     KV cache rows are released at the Engine's next step)."""
 
     def __init__(
-        self, owner: BatchedGenerator, request: Any, turn: int, text: TokenText,
+        self,
+        owner: BatchedGenerator,
+        request: Any,
+        turn: int,
+        text: TokenText,
         prompt_tokens: int,
     ) -> None:
         self._owner = owner
@@ -112,9 +111,15 @@ class BatchedGenerator:
     def max_batch_size(self) -> int:
         return int(self._engine.get_capabilities().configured_max_batch_size)
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> BatchedGeneration:
-        """Queue a request; it joins the batch at the Engine's next step."""
-        self._session.check(prompt_ids, params)
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stop_token_ids: Collection[int] = (),
+    ) -> BatchedGeneration:
+        """Queue a request; it joins the batch at the Engine's next step. A token of
+        `stop_token_ids` (or the model's end of sequence) ends its answer."""
+        self._session.check(prompt_ids, params, stop_token_ids)
         if params.seed is not None:
             raise GenerationRequestError(
                 "seed_not_batched", "a seeded request is not served by the batched engine"
@@ -129,7 +134,7 @@ class BatchedGenerator:
         if not params.greedy:
             options.set_temperature(params.temperature)
             options.set_top_p(params.top_p)
-            options.set_top_k(params.top_k)
+            options.set_top_k(self._session.top_k(params))
         try:
             turn = request.begin_turn(np.asarray(prompt_ids, dtype=np.int32), options)
         except RuntimeError:
@@ -137,7 +142,7 @@ class BatchedGenerator:
             raise GenerationRequestError(
                 "invalid_prompt", "the model could not process this prompt"
             ) from None
-        stop_ids = self._session.eos_token_ids | frozenset(params.stop_token_ids)
+        stop_ids = self._session.stop_ids(stop_token_ids)
         text = TokenText(self._session._tokenizer.create_stream(), params, stop_ids)
         generation = BatchedGeneration(self, request, turn, text, len(prompt_ids))
         self._live[id(request)] = (request, generation)
