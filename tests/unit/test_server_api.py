@@ -155,6 +155,7 @@ def test_upload_returns_201_then_idempotent_200(client: TestClient) -> None:
         "model_id": body["model_id"],
         "sha256": MODEL_SHA,
         "size": len(MODEL),
+        "kind": "tensor",
         "owner": "local",
         "shared_with": [],
         "version": "1",
@@ -202,6 +203,7 @@ def test_model_metadata(client: TestClient) -> None:
             "model_id": model_id,
             "sha256": MODEL_SHA,
             "size": len(MODEL),
+            "kind": "tensor",
             "owner": "local",
         },
     }

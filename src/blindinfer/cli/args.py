@@ -94,6 +94,20 @@ def readable_file(what: str = "file") -> Callable[[str], Path]:
     return check
 
 
+def model_path(what: str = "model file") -> Callable[[str], Path]:
+    """`readable_file`, or a generative model folder (a directory with genai_config.json,
+    checked in full by `ModelFolder.open` when it is uploaded)."""
+
+    def check(text: str) -> Path:
+        path = Path(text)
+        if (path / "genai_config.json").is_file():
+            return path
+        return _check_readable(path, what)
+
+    check.__name__ = what
+    return check
+
+
 def directory_or_new(what: str) -> Callable[[str], str]:
     """A directory that exists, or one that can be created (not an existing file)."""
 

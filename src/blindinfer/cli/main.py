@@ -26,6 +26,7 @@ from blindinfer.cli.args import (
     directory_or_new,
     https_url,
     human_size,
+    model_path,
     port,
     readable_file,
     size,
@@ -156,6 +157,12 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--inference-timeout-ms", type=int, default=60_000, help="time limit of one inference"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=512,
+        help="generative models: the largest max_tokens one request may ask for",
     )
     parser.add_argument(
         "--load-timeout-ms",
@@ -524,7 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     _simulation_option(policy)
 
     upload = _command(commands, "upload", "upload an ONNX model", epilog=CLIENT_EPILOG)
-    upload.add_argument("model", type=readable_file("model file"), help="the .onnx file")
+    upload.add_argument(
+        "model",
+        type=model_path("model file"),
+        help="the .onnx file, or an onnxruntime-genai model folder (a generative model)",
+    )
     upload.add_argument("--name", help="name to run it by (default: none, run it by model_id)")
     _client_options(upload)
 
@@ -622,6 +633,7 @@ def _config(args: argparse.Namespace) -> object:
             queue_limit=args.queue_limit,
             inference_timeout_ms=args.inference_timeout_ms,
             load_timeout_ms=args.load_timeout_ms,
+            max_new_tokens=args.max_new_tokens,
         )
     except ValueError as exc:  # "limit workers must be ...": name the option instead
         text = str(exc)

@@ -46,6 +46,7 @@ from blindinfer.client.common import (
     upload_call,
 )
 from blindinfer.client.models import ModelInfo, ModelMetadata
+from blindinfer.client.openai_sdk import openai_client
 from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
 from blindinfer.client.simulation import simulation_flag, warn_simulation
 from blindinfer.client.tensors import to_arrays
@@ -161,6 +162,7 @@ class AsyncClient:
         self.attestation = attestation
         self.retry = retry
         self._timeout = timeout
+        self._api_key = api_key
         self._http = httpx.AsyncClient(
             **http_options(
                 url,
@@ -173,6 +175,17 @@ class AsyncClient:
         )
         self._metadata: dict[str, ModelMetadata] = {}
         self._limits = TensorLimits()
+
+    def async_openai(self) -> Any:
+        """An `openai.AsyncOpenAI` for this server's `/v1` API on the pinned, attested
+        connection only (`blindinfer.client.openai_sdk`). Needs the `openai` package."""
+        return openai_client(
+            self.url,
+            self.attestation.certificate_der,
+            api_key=self._api_key,
+            timeout=self._timeout,
+            asynchronous=True,
+        )
 
     @staticmethod
     def connect(

@@ -45,6 +45,7 @@ from blindinfer.client.common import (
     upload_call,
 )
 from blindinfer.client.models import ModelInfo, ModelMetadata
+from blindinfer.client.openai_sdk import openai_client
 from blindinfer.client.receipts import Receipt, ReceiptedOutputs, check_receipt
 from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
 from blindinfer.client.simulation import SIMULATION_BANNER as SIMULATION_BANNER
@@ -230,6 +231,7 @@ class Client:
         self._boot_lock = threading.Lock()
         self.retry = retry
         self._timeout = timeout
+        self._api_key = api_key
         self._http = httpx.Client(
             **http_options(
                 url,
@@ -276,6 +278,28 @@ class Client:
         """
         response = self._send(upload_call(model, name, share_with, progress, receipt))
         return json_answer(response, lambda d: self._model_info(d, "upload" if receipt else None))
+
+    def openai(self) -> Any:
+        """An `openai.OpenAI` for this server's OpenAI-compatible API (`/v1`) whose HTTP
+        client trusts only the attested, pinned TLS key: no request goes anywhere else
+        (`blindinfer.client.openai_sdk`). Needs the `openai` package."""
+        return openai_client(
+            self.url,
+            self.attestation.certificate_der,
+            api_key=self._api_key,
+            timeout=self._timeout,
+            asynchronous=False,
+        )
+
+    def async_openai(self) -> Any:
+        """`openai()`, as an `openai.AsyncOpenAI`."""
+        return openai_client(
+            self.url,
+            self.attestation.certificate_der,
+            api_key=self._api_key,
+            timeout=self._timeout,
+            asynchronous=True,
+        )
 
     def delete_model(self, model: str, *, receipt: bool = False) -> ModelInfo:
         """Deletes `model` and its sealed copies; `receipt`: with a signed delete receipt."""

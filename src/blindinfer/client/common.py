@@ -40,10 +40,12 @@ import numpy as np
 
 from blindinfer.attestation.policy import Policy, load_policy
 from blindinfer.attestation.report import VerifiedAttestation
+from blindinfer.client.model_folder import ModelFolder
 from blindinfer.client.models import ModelInfo
 from blindinfer.client.retry import RetryPolicy
 from blindinfer.client.transport import NO_DELAY, connection_failed, pinned_context
 from blindinfer.errors import BlindInferError, ProtocolError, ServerError, UsageError
+from blindinfer.protocol.content_types import TAR
 from blindinfer.protocol.inference import (
     InferResponse,
     encode_infer_request,
@@ -51,6 +53,7 @@ from blindinfer.protocol.inference import (
     parse_infer_response,
 )
 from blindinfer.protocol.limits import TensorLimits
+from blindinfer.protocol.model_archive import CONFIG_NAME
 
 log = logging.getLogger("blindinfer.client")
 T = TypeVar("T")
@@ -80,8 +83,8 @@ def model_file(model: str | Path) -> tuple[Path, int]:
         raise UsageError(f"cannot read the model file {str(path)!r}: {_why(exc)}") from exc
     if stat.S_ISDIR(info.st_mode):
         raise UsageError(
-            f"{str(path)!r} is a directory: upload_model takes an ONNX model file, its bytes, "
-            "or an onnx.ModelProto"
+            f"{str(path)!r} is a directory without genai_config.json: upload_model takes an "
+            "ONNX model file, its bytes, an onnx.ModelProto, or an onnxruntime-genai model folder"
         )
     if not stat.S_ISREG(info.st_mode):
         raise UsageError(f"{str(path)!r} is not a regular file: pass an ONNX model file")
@@ -110,9 +113,18 @@ class Upload:
     data: bytes | None = None
     path: Path | None = None
     progress: Progress | None = None
+    folder: ModelFolder | None = None
+    """A generative model folder, streamed as its archive (application/x-tar)."""
+
+    @property
+    def content_type(self) -> str:
+        return TAR if self.folder is not None else "application/octet-stream"
 
     @classmethod
     def of(cls, model: object, progress: Progress | None = None) -> Upload:
+        if isinstance(model, str | os.PathLike) and (Path(model) / CONFIG_NAME).is_file():
+            folder = ModelFolder.open(model)
+            return cls(folder.size, folder=folder, progress=progress)
         if isinstance(model, bytes | bytearray | memoryview):
             data = bytes(model)
             return cls(len(data), data=data, progress=progress)
@@ -164,6 +176,9 @@ class Upload:
         return report
 
     def _read(self) -> Generator[bytes, None, None]:
+        if self.folder is not None:
+            yield from self.folder.chunks(UPLOAD_CHUNK)
+            return
         if self.data is not None:
             for start in range(0, self.size, UPLOAD_CHUNK):
                 yield self.data[start : start + UPLOAD_CHUNK]
@@ -221,7 +236,7 @@ def upload_call(
         f"/v2/repository/models/{_quoted(name) if name else '_'}/upload",
         params=params or None,
         headers={
-            "content-type": "application/octet-stream",
+            "content-type": upload.content_type,
             "Content-Length": str(upload.size),
         },
         upload=upload,

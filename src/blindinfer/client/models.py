@@ -19,6 +19,8 @@ class ModelInfo:
     shared_with: tuple[str, ...] = ()
     receipt: Receipt | None = field(default=None, compare=False)
     """The verified upload or delete receipt, when one was asked for."""
+    kind: str = "tensor"
+    """"tensor" (an ONNX file) or "generative" (an onnxruntime-genai folder)."""
 
     @classmethod
     def from_json(cls, document: Any) -> ModelInfo:
@@ -29,6 +31,7 @@ class ModelInfo:
             size=int(document["size"]),
             owner=str(document.get("owner", "")),
             shared_with=tuple(str(t) for t in document.get("shared_with", ())),
+            kind=str(document.get("kind", "tensor")),
         )
 
 

@@ -9,7 +9,8 @@ lands: on the server, or on `blindinfer proxy`, which would otherwise add its AP
 
 - JSON routes (everything but the two below) take `application/json`.
 - Model upload (`/v2/repository/models/{name}/upload`) takes `application/octet-stream`
-  (what blindinfer's client sends).
+  (an ONNX file, what blindinfer's client sends) or `application/x-tar` (a generative model
+  folder as `blindinfer.protocol.model_archive`'s archive).
 - Inference takes `application/json`, or `application/octet-stream` for the binary tensor
   extension (a JSON header followed by raw tensors).
 - Parameters (`; charset=utf-8`) and letter case are ignored.
@@ -31,11 +32,12 @@ from typing import Final
 JSON: Final = "application/json"
 OCTET_STREAM: Final = "application/octet-stream"
 CBOR: Final = "application/cbor"
+TAR: Final = "application/x-tar"
 UNSUPPORTED_MEDIA_TYPE: Final = "unsupported_media_type"
 """The machine code of the 415 answer, on the server and on the proxy."""
 
 JSON_ONLY: Final = frozenset({JSON})
-UPLOAD_TYPES: Final = frozenset({OCTET_STREAM})
+UPLOAD_TYPES: Final = frozenset({OCTET_STREAM, TAR})
 INFER_TYPES: Final = frozenset({JSON, OCTET_STREAM})
 BLINDAI_TYPES: Final = frozenset({CBOR, OCTET_STREAM})
 """BlindAI Core's routes read CBOR; its client sends no Content-Type at all."""
@@ -91,6 +93,7 @@ __all__ = [
     "JSON",
     "JSON_ONLY",
     "OCTET_STREAM",
+    "TAR",
     "UNSUPPORTED_MEDIA_TYPE",
     "UPLOAD_TYPES",
     "blindai_media_types",

@@ -61,6 +61,7 @@ import numpy.typing as npt
 from blindinfer.errors import ProtocolError
 from blindinfer.protocol.datatypes import DATATYPES, dtype_to_datatype
 from blindinfer.runtime.errors import (
+    GenerationRequestError,
     InferenceTimeoutError,
     InvalidModelError,
     InvalidTensorError,
@@ -96,6 +97,10 @@ class LoadedModel:
 
     signature: ModelSignature
     memory_bytes: int
+    kind: str = "tensor"
+    context_length: int | None = None
+    """Generative models: the most tokens (prompt + answer) one request may hold."""
+    vocab_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +310,11 @@ def _worker_main(conn: Connection, memory_limit: int, intra_op_threads: int) -> 
                         continue
                     del outputs  # never sent: the server must not receive them at all
                     reply = refusal
+            elif op == "generate":
+                # streams text frames itself; the reply below is the final frame
+                reply = _generate(sessions[header["key"]], header, conn)
+            elif op == "cancel":
+                continue  # a cancel that arrived after its generation ended: nothing to do
             elif op == "unload":
                 sessions.pop(header["key"], None)
                 _trim()
@@ -373,6 +383,8 @@ def _load(
     """
     key = header["key"]
     sessions.pop(key, None)
+    if header.get("kind") == "generative":
+        return _load_generative(sessions, header, data, intra_op_threads)
     if header.get("check"):
         _check_model(data)
     _trim()
@@ -387,6 +399,98 @@ def _load(
         "memory_bytes": cost,
         "inputs": [[s.name, s.datatype, list(s.shape)] for s in signature.inputs],
         "outputs": [[s.name, s.datatype, list(s.shape)] for s in signature.outputs],
+    }
+
+
+def _load_generative(
+    sessions: dict[str, Any], header: Mapping[str, Any], data: bytes, intra_op_threads: int
+) -> dict[str, Any]:
+    """A generative model: its archive (already checked by the server, parsed again here:
+    the worker trusts nothing) extracted into a private 0700 folder of this worker,
+    loaded by onnxruntime-genai with the server's options, then the folder is removed
+    (the session holds what it needs). Replies with the cost and a small signature."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from blindinfer.protocol.model_archive import ArchiveLimits, extract_archive
+    from blindinfer.runtime.generative import GenerativeSession, RuntimeOptions
+
+    options = RuntimeOptions(
+        intra_op_threads=max(1, intra_op_threads),
+        max_new_tokens=int(header.get("max_new_tokens", 512)),
+        max_context_tokens=int(header.get("max_context_tokens", 4096)),
+    )
+    view = memoryview(data)
+    _trim()
+    before = _rss_bytes()
+    # mode 0700, this worker's own; in memory (tmpfs) where there is one, so that the
+    # decrypted weights never reach a disk, and removed as soon as the session is built
+    shm = "/dev/shm"  # noqa: S108 - mkdtemp makes a fresh 0700 folder there
+    memory_dir = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+    private = tempfile.mkdtemp(prefix="blindinfer-model-", dir=memory_dir)
+    try:
+        folder = Path(private) / "model"
+        extract_archive(
+            (view[i : i + (1 << 20)] for i in range(0, len(view), 1 << 20)),  # type: ignore[misc]
+            folder,
+            ArchiveLimits(max_total_bytes=max(1, len(data))),
+        )
+        session = GenerativeSession(folder, options, staging_parent=Path(private))
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    _trim()
+    cost = max(0, _rss_bytes() - before)
+    sessions[header["key"]] = session
+    return {
+        "ok": True,
+        "memory_bytes": cost,
+        "inputs": [],
+        "outputs": [],
+        "kind": "generative",
+        "context_length": session.max_total_tokens,
+        "vocab_size": session.vocab_size,
+    }
+
+
+def _generate(session: Any, header: Mapping[str, Any], conn: Connection) -> dict[str, Any]:
+    """Generates, sending one frame per piece of text; between tokens a `cancel` from the
+    server (its client went away) stops at once and frees the generator and KV cache.
+    Returns the final frame: finish reason and token counts."""
+    from blindinfer.protocol.generation import SamplingParams
+    from blindinfer.runtime.generative import GenerativeSession
+
+    if not isinstance(session, GenerativeSession):
+        raise ProtocolError("not_generative", "this model does not generate text")
+    raw = header["params"]
+    params = SamplingParams(
+        max_tokens=raw["max_tokens"],
+        temperature=raw["temperature"],
+        top_p=raw["top_p"],
+        top_k=raw["top_k"],
+        seed=raw["seed"],
+        stop=tuple(raw["stop"]),
+    )
+    prompt = header["prompt"]
+    if "messages" in prompt:
+        ids = session.chat_prompt_ids(prompt["messages"])
+    else:
+        ids = session.encode(prompt["text"])
+    cancelled = False
+    generation = session.generate(ids, params)
+    with generation:
+        for token in generation:
+            if token.text:
+                _send(conn, {"ok": True, "text": token.text}, {})
+            if conn.poll(0) and _recv_header(conn).get("op") == "cancel":
+                cancelled = True
+                break
+    return {
+        "ok": True,
+        "end": True,
+        "finish_reason": "cancelled" if cancelled else (generation.finish_reason or "length"),
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
     }
 
 
@@ -474,6 +578,7 @@ class _Placement:
 
     worker: int
     memory_bytes: int
+    kind: str = "tensor"
 
 
 def _stop(worker: _Worker, grace_s: float) -> None:
@@ -525,6 +630,7 @@ class WorkerPool:
         intra_op_threads: int = 0,
         load_timeout_s: float = 120.0,
         max_response_bytes: int | None = None,
+        max_new_tokens: int = 512,
     ) -> None:
         if workers < 1 or queue_limit < 0 or timeout_s <= 0 or load_timeout_s <= 0:
             raise ValueError("workers >= 1, queue_limit >= 0 and positive timeouts required")
@@ -538,6 +644,7 @@ class WorkerPool:
         self._queue_limit = queue_limit
         self._source = source
         self._intra_op_threads = intra_op_threads
+        self._max_new_tokens = max_new_tokens  # generative models: the most tokens per answer
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._models: dict[str, _Placement] = {}
@@ -556,17 +663,19 @@ class WorkerPool:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def load(self, model_key: str, data: bytes) -> LoadedModel:
+    def load(self, model_key: str, data: bytes, kind: str = "tensor") -> LoadedModel:
         """Places the model on the worker with the least measured memory and loads it there.
 
         No validation beyond ModelSession's (for bytes the caller already validated);
         loading a key that is already loaded replaces it, on the same worker.
         """
-        return self._load(model_key, data, check=False)
+        return self._load(model_key, data, check=False, kind=kind)
 
-    def validate_and_load(self, model_key: str, data: bytes) -> LoadedModel:
-        """An upload: refuses external data, runs onnx.checker (in the worker), then loads."""
-        return self._load(model_key, data, check=True)
+    def validate_and_load(self, model_key: str, data: bytes, kind: str = "tensor") -> LoadedModel:
+        """An upload: refuses external data, runs onnx.checker (in the worker), then loads.
+        A generative model (`kind`): its archive is extracted and loaded by
+        onnxruntime-genai in the worker instead."""
+        return self._load(model_key, data, check=True, kind=kind)
 
     def unload(self, model_key: str) -> None:
         """Forgets the model at once and frees its session; unknown keys are ignored.
@@ -677,6 +786,112 @@ class WorkerPool:
             return results
         finally:
             self._leave(worker)
+
+    def submit_generate(
+        self,
+        model_key: str,
+        request: Mapping[str, Any],
+        emit: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> Future[dict[str, Any]]:
+        """Queues a generation on the model's worker. `request` holds "prompt"
+        ({"messages": [...]} or {"text": ...}) and "params" (SamplingParams.as_dict()).
+        `emit(text)` is called, on the worker's queue thread, with each piece of text; the
+        future ends with {"finish_reason", "prompt_tokens", "completion_tokens"}. Setting
+        `cancel` stops the generation between two tokens (its KV cache is freed at once);
+        the future then ends with finish_reason "cancelled". `timeout_s` bounds the whole
+        generation. Same queue, refusals and errors as `submit`."""
+        with self._lock:
+            worker = self._enter(model_key)
+            executor = self._executor(worker)
+        try:
+            return executor.submit(
+                self._generate_queued, worker, model_key, dict(request), emit, cancel
+            )
+        except RuntimeError:
+            with self._lock:
+                worker.pending -= 1
+            raise RuntimeError("the worker pool is closed") from None
+
+    def _generate_queued(
+        self,
+        worker: _Worker,
+        model_key: str,
+        request: dict[str, Any],
+        emit: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> dict[str, Any]:
+        worker.gate.acquire()
+        try:
+            self._drain(worker)
+            with self._lock:
+                self._check_open()
+                placement = self._models.get(model_key)
+                if placement is None or placement.worker != worker.index:
+                    raise ModelNotPlacedError(model_key)
+            if cancel.is_set():  # the client left while the request waited
+                return {"finish_reason": "cancelled", "prompt_tokens": 0, "completion_tokens": 0}
+            self._ensure_ready(worker)
+            if model_key not in worker.loaded:
+                self._reload(worker, model_key)
+            started = time.monotonic()
+            final = self._stream(
+                worker, {"op": "generate", "key": model_key, **request}, emit, cancel
+            )
+            worker.service_s = 0.8 * worker.service_s + 0.2 * (time.monotonic() - started)
+            return final
+        finally:
+            self._leave(worker)
+
+    def _stream(
+        self,
+        worker: _Worker,
+        header: dict[str, Any],
+        emit: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> dict[str, Any]:
+        """Sends a generate command and relays its frames until the final one."""
+        deadline = time.monotonic() + self._timeout_s
+        cancelled = False
+        try:
+            self._write(worker, lambda conn: _send(conn, header, {}))
+            while True:
+                if cancel.is_set() and not cancelled:
+                    cancelled = True
+                    self._write(worker, lambda conn: _send(conn, {"op": "cancel"}, {}))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _TimedOut
+                try:
+                    # short waits: a cancel is noticed within 50 ms; text arrives at once
+                    frame = self._reply(worker, min(0.05, left))
+                except _TimedOut:
+                    continue
+                if not frame.get("ok"):
+                    raise self._failure(worker, frame)
+                if frame.get("end"):
+                    return _final(frame)
+                text = frame.get("text")
+                if not isinstance(text, str) or len(text) > _MAX_PIECE_CHARS:
+                    raise ValueError("malformed text frame")
+                if not cancelled:
+                    try:
+                        emit(text)
+                    except Exception:  # the consumer is gone: stop, keep the pipe in step
+                        cancel.set()
+        except (_Died, EOFError, OSError) as exc:
+            self._replace(worker)
+            raise WorkerCrashedError(
+                "the worker running this model crashed; it was replaced"
+            ) from exc
+        except _TimedOut as exc:
+            self._replace(worker)
+            raise InferenceTimeoutError(
+                f"the generation ran longer than {self._timeout_s:g} s; its worker was replaced"
+            ) from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            self._replace(worker)
+            raise WorkerCrashedError("the worker sent a malformed reply; it was replaced") from exc
 
     def stats(self) -> list[WorkerStats]:
         """Per worker: pid, liveness, placed and loaded models, measured memory, queue."""
@@ -825,7 +1040,7 @@ class WorkerPool:
                 with contextlib.suppress(WorkerCrashedError, InferenceTimeoutError):
                     self._call(worker, {"op": "unload", "key": key}, {}, self._timeout_s)
 
-    def _place(self, model_key: str, size_hint: int) -> _Worker:
+    def _place(self, model_key: str, size_hint: int, kind: str = "tensor") -> _Worker:
         """An idle worker first (a load must not queue behind another model's runs when
         a worker is free), then the least total measured memory; the new model's bytes
         count until measured."""
@@ -845,24 +1060,24 @@ class WorkerPool:
                     range(len(self._workers)), key=lambda i: (busy[i], totals[i], counts[i], i)
                 )
                 worker = self._workers[index]
-            self._models[model_key] = _Placement(worker.index, size_hint)
+            self._models[model_key] = _Placement(worker.index, size_hint, kind)
             worker.pending += 1
         return worker
 
-    def _load(self, model_key: str, data: bytes, *, check: bool) -> LoadedModel:
-        worker = self._place(model_key, len(data))
+    def _load(self, model_key: str, data: bytes, *, check: bool, kind: str) -> LoadedModel:
+        worker = self._place(model_key, len(data), kind)
         worker.gate.acquire()
         try:
             try:
                 self._drain(worker)  # free what was unloaded before loading more
                 self._ensure_ready(worker)
-                loaded = self._load_on(worker, model_key, data, check=check)
+                loaded = self._load_on(worker, model_key, data, check=check, kind=kind)
             except BaseException:
                 with self._lock:
                     self._models.pop(model_key, None)
                 raise
             with self._lock:
-                self._models[model_key] = _Placement(worker.index, loaded.memory_bytes)
+                self._models[model_key] = _Placement(worker.index, loaded.memory_bytes, kind)
             return loaded
         finally:
             self._leave(worker)
@@ -870,8 +1085,11 @@ class WorkerPool:
     def _reload(self, worker: _Worker, model_key: str) -> None:
         """A replaced worker lost its sessions: the model comes back from the caller's store."""
         data = self._source(model_key)
+        with self._lock:
+            placed = self._models.get(model_key)
+        kind = placed.kind if placed is not None else "tensor"
         try:
-            loaded = self._load_on(worker, model_key, data, check=False)
+            loaded = self._load_on(worker, model_key, data, check=False, kind=kind)
         except ModelLoadCrashedError as exc:
             raise WorkerCrashedError(
                 "the worker crashed while reloading this model; it was replaced"
@@ -881,10 +1099,18 @@ class WorkerPool:
             if placement is not None:
                 placement.memory_bytes = loaded.memory_bytes
 
-    def _load_on(self, worker: _Worker, model_key: str, data: bytes, *, check: bool) -> LoadedModel:
+    def _load_on(
+        self, worker: _Worker, model_key: str, data: bytes, *, check: bool, kind: str = "tensor"
+    ) -> LoadedModel:
         """Loads in the worker whose gate the caller holds; maps failures to upload errors."""
         worker.loaded.discard(model_key)
-        header = {"op": "load", "key": model_key, "check": check}
+        header = {
+            "op": "load",
+            "key": model_key,
+            "check": check,
+            "kind": kind,
+            "max_new_tokens": self._max_new_tokens,
+        }
         try:
             self._write(worker, lambda conn: _send_raw(conn, header, data))
             reply = self._reply(worker, self._load_timeout_s)
@@ -911,6 +1137,11 @@ class WorkerPool:
                 outputs=tuple(_spec(item) for item in reply["outputs"]),
             )
             memory = int(reply["memory_bytes"])
+            if kind == "generative":
+                context, vocab = reply["context_length"], reply["vocab_size"]
+                if not (type(context) is int and type(vocab) is int and context > 0 < vocab):
+                    raise ValueError("malformed generative signature")
+                return LoadedModel(signature, memory, kind, context, vocab)
         except (KeyError, TypeError, ValueError) as exc:
             self._replace(worker)
             raise WorkerCrashedError("the worker sent a malformed reply; it was replaced") from exc
@@ -968,6 +1199,8 @@ class WorkerPool:
             return _too_large(reply, self._max_response_bytes)
         if kind == "InvalidTensorError":
             return InvalidTensorError(code or "inference_failed", message)
+        if kind in ("GenerationRequestError", "ContextLengthError"):
+            return GenerationRequestError(code or "invalid_request", message)
         if kind == "ProtocolError":
             return ProtocolError(code or "invalid_request", message)
         if kind == "InvalidModelError":
@@ -1022,6 +1255,21 @@ def _too_large(reply: Mapping[str, Any], limit: int) -> ResponseTooLargeError:
         size=size,
         limit=limit,
     )
+
+
+_MAX_PIECE_CHARS: Final = 1 << 16
+"""One frame of generated text: a token's text, or text held back for stop strings."""
+
+
+def _final(frame: Mapping[str, Any]) -> dict[str, Any]:
+    """The final frame of a generation, checked like any reply of the worker."""
+    reason = frame["finish_reason"]
+    counts = frame["prompt_tokens"], frame["completion_tokens"]
+    if reason not in ("stop", "length", "cancelled") or not all(
+        type(n) is int and n >= 0 for n in counts
+    ):
+        raise ValueError("malformed final frame")
+    return {"finish_reason": reason, "prompt_tokens": counts[0], "completion_tokens": counts[1]}
 
 
 def _sized(size: int) -> str:

@@ -27,7 +27,7 @@ from blindinfer.server.config import ServerConfig
 from blindinfer.server.content_types import CheckContentType
 from blindinfer.server.errors import AnswerUnexpectedErrors, handle_exception
 from blindinfer.server.quotas import TenantQuotas
-from blindinfer.server.routes import admin, attestation, inference, metrics, repository
+from blindinfer.server.routes import admin, attestation, inference, metrics, openai, repository
 from blindinfer.server.state import FailureThrottle, ServerState
 from blindinfer.server.tls import TlsIdentity
 from blindinfer.store.keys import simulation_sealing_key
@@ -97,6 +97,7 @@ def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity)
         intra_op_threads=config.intra_op_threads,
         source=lambda sha256: registry_box[0].source(sha256),
         max_response_bytes=limits.max_response_bytes,
+        max_new_tokens=limits.max_new_tokens,
     )
     authenticator = _authenticator(config)
     quotas = TenantQuotas(authenticator.config, memory_budget=limits.memory_budget_bytes)
@@ -153,6 +154,7 @@ def create_app(state: ServerState) -> Starlette:
             *repository.routes,
             *admin.routes,
             *metrics.routes,
+            *openai.routes,
         ],
         exception_handlers={
             BlindInferError: handle_exception,

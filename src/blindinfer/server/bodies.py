@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
@@ -116,9 +117,12 @@ async def read_bounded_hashed(
     *,
     setting: str | None = None,
     room: StoredBytesRoom | None = None,
+    observe: Callable[[bytes], object] | None = None,
 ) -> tuple[bytes, str]:
     """Streams an upload while hashing it, so the SHA-256 costs no second pass; refused
-    as soon as it passes `limit` (413) or the tenant's `room` (403 quota_exceeded)."""
+    as soon as it passes `limit` (413) or the tenant's `room` (403 quota_exceeded).
+    `observe(chunk)` sees each chunk as it arrives and may refuse it by raising (a model
+    archive's streaming parser: a bad entry is refused before the rest is read)."""
     check_declared_length(request, limit, what="the model", setting=setting)
     chunks = bytearray()
     digest = hashlib.sha256()
@@ -128,6 +132,8 @@ async def read_bounded_hashed(
                 raise PayloadTooLargeError(too_large_message("the model", limit, setting))
             if room is not None and len(chunks) + len(chunk) > room.room:
                 raise room.error()
+            if observe is not None:
+                observe(chunk)
             chunks += chunk
             digest.update(chunk)
     except ClientDisconnect:

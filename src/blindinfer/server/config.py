@@ -26,6 +26,7 @@ class Limits:
     queue_limit: int = 64  # requests waiting for a worker before 503
     inference_timeout_ms: int = 60_000
     load_timeout_ms: int = 120_000  # building one session; the worker is replaced past it
+    max_new_tokens: int = 512  # generative models: the most tokens one answer may ask for
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -15,11 +15,12 @@ never exceeded by what is loaded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,11 @@ from typing import TypeVar
 
 import numpy as np
 
-from blindinfer.runtime.errors import OverloadedError
+from blindinfer.protocol.generation import SamplingParams, Usage
+from blindinfer.runtime.errors import GenerationRequestError, OverloadedError
 from blindinfer.runtime.response_size import OutputEncoding
 from blindinfer.runtime.signature import ModelSignature
-from blindinfer.runtime.workers import ModelNotPlacedError, WorkerPool
+from blindinfer.runtime.workers import LoadedModel, ModelNotPlacedError, WorkerPool
 from blindinfer.store.errors import (
     MemoryBudgetError,
     ModelConflictError,
@@ -59,6 +61,18 @@ def _everything(record: ModelRecord) -> bool:
 
 
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationEnd:
+    """The end of a generation: "stop", "length" or "cancelled", and its token counts."""
+
+    finish_reason: str
+    usage: Usage
+
+
+GenerationEvent = str | GenerationEnd
+"""What `generate_async` yields: pieces of text, then one GenerationEnd."""
 
 
 async def _wait(future: Future[_T]) -> _T:
@@ -225,6 +239,7 @@ class ModelRegistry:
         owner: str,
         shared_with: Collection[str] = (),
         admit: Admit | None = None,
+        kind: str = "tensor",
     ) -> tuple[ModelRecord, bool]:
         """Validates (in a worker), seals, then publishes; idempotent for identical bytes
         under the same name and owner.
@@ -241,7 +256,9 @@ class ModelRegistry:
             return existing, False
         self._reserve(owner, len(data), admit)
         try:
-            return self._add_reserved(data, sha256, name=name, owner=owner, shared_with=shared_with)
+            return self._add_reserved(
+                data, sha256, name=name, owner=owner, shared_with=shared_with, kind=kind
+            )
         finally:
             self._unreserve(owner, len(data))
 
@@ -253,9 +270,10 @@ class ModelRegistry:
         name: str | None,
         owner: str,
         shared_with: Collection[str],
+        kind: str = "tensor",
     ) -> tuple[ModelRecord, bool]:
         """`add` once the upload's room is reserved: validate, seal, publish."""
-        self._validate(data, sha256, owner)
+        self._validate(data, sha256, owner, kind)
         model_id = new_model_id()
         record = ModelRecord(
             model_id=model_id,
@@ -265,6 +283,7 @@ class ModelRegistry:
             size=len(data),
             created_at=time.time(),
             shared_with=tuple(sorted(set(shared_with))),
+            kind=kind,
         )
         with self._write_lock:  # not `_lock`: sealing writes and fsyncs
             try:
@@ -292,7 +311,12 @@ class ModelRegistry:
                 self._records[model_id] = record
         return record, True
 
-    def _validate(self, data: bytes, sha256: str, owner: str) -> None:
+    def _pool_load(self, key: str, data: bytes, kind: str, *, check: bool) -> LoadedModel:
+        """The pool's load (or validating load); `kind` is passed only where it matters."""
+        load = self._pool.validate_and_load if check else self._pool.load
+        return load(key, data) if kind == "tensor" else load(key, data, kind)
+
+    def _validate(self, data: bytes, sha256: str, owner: str, kind: str = "tensor") -> None:
         """Checks the bytes in a worker unless their owner already holds a validated copy.
 
         Never skipped for bytes that only *another* tenant holds: how long an upload takes
@@ -308,12 +332,12 @@ class ModelRegistry:
         if own:
             return
         if not live:
-            loaded = self._pool.validate_and_load(sha256, data)
+            loaded = self._pool_load(sha256, data, kind, check=True)
             self._account(sha256, loaded.memory_bytes, loaded.signature, owner=owner)
             return
         check_key = f"{sha256}:check:{new_model_id()}"
         try:
-            checked = self._pool.validate_and_load(check_key, data)
+            checked = self._pool_load(check_key, data, kind, check=True)
         finally:
             self._pool.unload(check_key)
         with self._lock:  # the same refusals as a first upload, not knowing the other copy
@@ -486,6 +510,85 @@ class ModelRegistry:
         self._check_stored(record)
         raise self._contended()
 
+    async def generate_async(
+        self,
+        record: ModelRecord,
+        prompt: Mapping[str, object],
+        params: SamplingParams,
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """Generates with a generative model on its worker: yields text pieces, then one
+        `GenerationEnd`. Waiting for the load or the worker holds no thread; a consumer that
+        stops iterating (its client went away) cancels the generation, which the worker
+        notices between two tokens. `prompt`: {"messages": [...]} or {"text": ...}."""
+        if record.kind != "generative":
+            raise GenerationRequestError(
+                "not_generative", "this model is a tensor model: use /v2/models/{name}/infer"
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        cancel = threading.Event()
+        request = {"prompt": dict(prompt), "params": params.as_dict()}
+
+        def emit(text: str | None) -> None:
+            # the consumer's loop may be gone (it stopped iterating and ended): drop it
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, text)
+
+        queued: Future[dict[str, object]] | None = None
+        try:
+            for _ in range(3):
+                pending = self.loading(record)
+                if pending is not None:
+                    await _wait(pending)
+                try:
+                    queued = self._submit_generate(record, request, emit, cancel)
+                except ModelNotPlacedError:
+                    self._check_stored(record)
+                    continue
+                if queued is not None:
+                    break
+            if queued is None:
+                self._check_stored(record)
+                raise self._contended()
+            queued.add_done_callback(lambda _: emit(None))
+            while True:
+                piece = await queue.get()
+                if piece is None:
+                    break
+                yield piece
+            final = await _wait(queued)
+            yield GenerationEnd(
+                finish_reason=str(final["finish_reason"]),
+                usage=Usage(
+                    prompt_tokens=int(final["prompt_tokens"]),  # type: ignore[call-overload]
+                    completion_tokens=int(final["completion_tokens"]),  # type: ignore[call-overload]
+                ),
+            )
+        finally:
+            cancel.set()  # a no-op once the generation has ended
+
+    def _submit_generate(
+        self,
+        record: ModelRecord,
+        request: Mapping[str, object],
+        emit: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> Future[dict[str, object]] | None:
+        """`submit` for a generation: pinned against eviction while it runs."""
+        sha = record.sha256
+        with self._lock:
+            if sha not in self._loaded:
+                return None
+            self._in_use[sha] += 1
+            self._loaded.move_to_end(sha)
+        try:
+            queued = self._pool.submit_generate(sha, request, emit, cancel)
+        except BaseException:
+            self._unpin(sha)
+            raise
+        queued.add_done_callback(lambda _: self._unpin(sha))
+        return queued
+
     def submit(
         self,
         record: ModelRecord,
@@ -598,7 +701,7 @@ class ModelRegistry:
                 "every loaded model is in use and the memory budget is full",
                 retry_after_s=1.0,
             )
-        loaded = self._pool.load(sha, self._sealed.get(record.model_id))
+        loaded = self._pool_load(sha, self._sealed.get(record.model_id), record.kind, check=False)
         self._account(sha, loaded.memory_bytes, loaded.signature, owner=record.owner)
         with self._lock:
             self._loading.pop(sha, None)

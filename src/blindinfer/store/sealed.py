@@ -200,6 +200,9 @@ class ModelRecord:
     size: int
     created_at: float
     shared_with: tuple[str, ...] = ()
+    kind: str = "tensor"
+    """"tensor" (one ONNX file) or "generative" (an onnxruntime-genai folder archive);
+    records written before generative models existed have none and read as "tensor"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,10 +273,20 @@ def _record_from_json(data: bytes) -> tuple[ModelRecord, int]:
             size=_int(body["size"]),
             created_at=float(body["created_at"]),
             shared_with=tuple(_str(s) for s in body["shared_with"]),
+            kind=_kind(body.get("kind", "tensor")),
         )
         return record, _int(body["counter"])
     except (ValueError, KeyError, TypeError) as exc:
         raise SealedDataError(f"a record is malformed: {type(exc).__name__}") from None
+
+
+MODEL_KINDS = ("tensor", "generative")
+
+
+def _kind(value: object) -> str:
+    if value not in MODEL_KINDS:
+        raise ValueError("unknown model kind")
+    return str(value)
 
 
 def _str(value: object) -> str:

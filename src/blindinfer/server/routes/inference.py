@@ -76,7 +76,9 @@ async def model_metadata(request: Request) -> Response:
         {
             "name": record.name,
             "versions": [MODEL_VERSION],
-            "platform": "onnxruntime_onnx",
+            "platform": (
+                "onnxruntime_genai" if record.kind == "generative" else "onnxruntime_onnx"
+            ),
             "inputs": [
                 {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
                 for s in signature.inputs
@@ -89,6 +91,7 @@ async def model_metadata(request: Request) -> Response:
                 "model_id": record.model_id,
                 "sha256": record.sha256,
                 "size": record.size,
+                "kind": record.kind,
                 **({"owner": owner} if owner is not None else {}),
             },
         }

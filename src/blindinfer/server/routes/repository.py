@@ -2,7 +2,10 @@
 
 - `POST /v2/repository/index`: the models visible to the caller, with their state.
 - `PUT|POST /v2/repository/models/{name}/upload`: the raw ONNX bytes as a streamed body
-  (bounded by `max_model_bytes`); answers model_id and SHA-256. `{name}` may be `_` to let
+  (bounded by `max_model_bytes`); answers model_id and SHA-256. With Content-Type
+  `application/x-tar` the body is a generative model folder as `model_archive`'s archive,
+  checked entry by entry while it streams (a bad entry is refused before the rest is read)
+  and stored as one blob of kind "generative". `{name}` may be `_` to let
   the server name the model after its model_id. Optional query `share=tenant,tenant|*`.
 - `POST /v2/repository/models/{name}/load`: Triton's form, the model inline in
   `parameters["file:1/model.onnx"]` (base64), bounded by `max_request_bytes`; without a
@@ -29,6 +32,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from blindinfer.errors import ProtocolError
+from blindinfer.protocol.content_types import TAR, media_type
+from blindinfer.protocol.genai_config import parse_genai_config
+from blindinfer.protocol.model_archive import ArchiveLimits, ArchiveParser, ModelArchive
 from blindinfer.server.auth import (
     EVERY_TENANT,
     Action,
@@ -72,6 +78,7 @@ def describe(model: ModelRecord, viewer: Principal) -> dict[str, object]:
         "model_id": model.model_id,
         "sha256": model.sha256,
         "size": model.size,
+        "kind": model.kind,
     }
     if owner is not None:
         described["owner"] = owner
@@ -120,6 +127,7 @@ async def _store(
     *,
     shared: list[str],
     wants_receipt: bool,
+    kind: str = "tensor",
 ) -> Response:
     state = _state(request)
     name = _requested_name(request)
@@ -128,7 +136,13 @@ async def _store(
     admit = state.quotas.admission(principal.tenant)  # decided and reserved atomically
     record, created = await state.offload.upload(
         lambda: state.registry.add(
-            data, sha256, name=name, owner=principal.tenant, shared_with=shared, admit=admit
+            data,
+            sha256,
+            name=name,
+            owner=principal.tenant,
+            shared_with=shared,
+            admit=admit,
+            kind=kind,
         )
     )
     reply: dict[str, object] = {**describe(record, principal), "created": created}
@@ -170,12 +184,34 @@ async def upload(request: Request) -> Response:
     room = None
     if declared is None:
         room = stored_bytes_room(state.quotas, state.registry, principal.tenant, name)
+    archive = _archive_parser(request, limit)
     data, sha256 = await read_bounded_hashed(
-        request, limit, setting=MAX_MODEL_BYTES_SETTING, room=room
+        request,
+        limit,
+        setting=MAX_MODEL_BYTES_SETTING,
+        room=room,
+        observe=None if archive is None else archive.feed,
     )
+    kind = "tensor"
+    if archive is not None:
+        _check_generative(archive.finish())
+        kind = "generative"
     return await _store(
-        request, principal, data, sha256, shared=shared, wants_receipt=wants_receipt
+        request, principal, data, sha256, shared=shared, wants_receipt=wants_receipt, kind=kind
     )
+
+
+def _archive_parser(request: Request, limit: int) -> ArchiveParser | None:
+    """A streaming parser for a generative model's archive (Content-Type
+    application/x-tar), bounded by the same model size limit; None for an ONNX file."""
+    if media_type(request.headers.get("content-type", "")) != TAR:
+        return None
+    return ArchiveParser(ArchiveLimits(max_total_bytes=limit))
+
+
+def _check_generative(archive: ModelArchive) -> None:
+    """genai_config.json parsed and bounded here, before a worker sees the model."""
+    parse_genai_config(archive.genai_config, entries=archive.names)
 
 
 async def load(request: Request) -> Response:
