@@ -32,7 +32,9 @@ def openai_client(
         import httpx2
         import openai
     except ImportError as exc:
-        raise UsageError("the openai SDK is not installed: pip install openai") from exc
+        raise UsageError(
+            "the openai SDK (3.x, on httpx2) is not installed: pip install 'blindinfer[openai]'"
+        ) from exc
     context = pinned_context(certificate_der)
     options: dict[str, Any] = {
         "api_key": api_key or OPEN_MODE_KEY,
