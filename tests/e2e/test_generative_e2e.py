@@ -270,3 +270,38 @@ def test_cli_uploads_a_folder(
     index = raw.post("/v2/repository/index").json()
     assert [m["kind"] for m in index if m["name"] == "from-cli"] == ["generative"]
     gen_client.delete_model("from-cli")
+
+
+@pytest.mark.slow
+def test_a_converted_real_model_streams_what_onnxruntime_genai_says(
+    gen_client: blindinfer.Client, sdk: Any, smollm2_folder: Path
+) -> None:
+    """The issue's real model: SmolLM2-135M-Instruct from its GGUF, converted to int4 by
+    `blindinfer convert`, uploaded as a folder and streamed through the openai SDK, greedy
+    and token for token what in-process onnxruntime-genai says on the same folder."""
+    messages = [{"role": "user", "content": "What is the capital of France? One sentence."}]
+    session = GenerativeSession(smollm2_folder, RuntimeOptions(intra_op_threads=1))
+    ids = session.chat_prompt_ids(messages)
+    with session.generate(ids, SamplingParams(max_tokens=32, temperature=0.0)) as gen:
+        expected = "".join(token.text for token in gen)
+    tokens = gen.completion_tokens
+    gen_client.upload_model(str(smollm2_folder), name="smollm2")
+    try:
+        stream = sdk.chat.completions.create(
+            model="smollm2",
+            messages=messages,
+            max_tokens=32,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert "Paris" in expected
+        assert streamed == expected
+        assert (chunks[-1].usage.completion_tokens, chunks[-1].usage.prompt_tokens) == (
+            tokens,
+            len(ids),
+        )
+    finally:
+        gen_client.delete_model("smollm2")
