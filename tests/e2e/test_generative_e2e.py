@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
+import sys
 import tarfile
 import time
 import warnings
@@ -21,6 +23,7 @@ import httpx
 import pytest
 
 import blindinfer
+from blindinfer.cli.proxy import READY_PREFIX
 from blindinfer.client.transport import pinned_context
 from blindinfer.protocol.generation import SamplingParams
 from blindinfer.runtime.generative import GenerativeSession, RuntimeOptions
@@ -191,6 +194,51 @@ def test_an_abandoned_stream_frees_the_worker(tiny: str, sdk: Any) -> None:
 def test_no_prompt_or_answer_in_the_log(tiny: str, sdk: Any, log_file: Path) -> None:
     sdk.chat.completions.create(model=tiny, messages=MESSAGES, max_tokens=4)
     assert SECRET not in log_file.read_text()
+
+
+def test_the_openai_sdk_streams_through_the_attesting_proxy(
+    gen_server: ServerProcess, tiny: str, sdk: Any, tmp_path: Path
+) -> None:
+    """The unmodified SDK pointed at `blindinfer proxy` (plain HTTP locally, attested and
+    pinned upstream) gets the same greedy stream as through client.openai()."""
+    import openai
+
+    policy = policy_for(
+        ServerConfig(simulation=True, limits=Limits(workers=1, max_new_tokens=MAX_NEW_TOKENS))
+    )
+    assert policy.sgx is not None
+    toml = tmp_path / "policy.toml"
+    toml.write_text(
+        f'[sgx]\nmrenclave = ["{policy.sgx.mrenclave[0].hex()}"]\n'
+        f'mrsigner = ["{policy.sgx.mrsigner[0].hex()}"]\nisvprodid = [1]\nmin_isvsvn = 1\n'
+    )
+    command = [sys.executable, "-m", "blindinfer.cli.proxy", "--policy", str(toml)]
+    command += ["--upstream", gen_server.url, "--listen", "127.0.0.1:0", "--simulation"]
+    direct = sdk.chat.completions.create(
+        model=tiny, messages=MESSAGES, max_tokens=24, temperature=0
+    ).choices[0]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith(READY_PREFIX) and "(attested)" in line, line
+        local = line[len(READY_PREFIX) :].split(" ")[0]
+        through = openai.OpenAI(base_url=local + "/v1", api_key="unused", max_retries=0)
+        stream = through.chat.completions.create(
+            model=tiny, messages=MESSAGES, max_tokens=24, temperature=0, stream=True
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            direct.message.content
+        )
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == (
+            direct.finish_reason
+        )
+    finally:
+        process.terminate()
+        process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def test_delete(gen_client: blindinfer.Client, sdk: Any, tiny: str) -> None:
