@@ -88,7 +88,7 @@ def tensor_bytes(name: str, dtype: np.dtype[Any], shape: tuple[int, ...], binary
     count = 1
     for dimension in shape:
         count *= dimension
-    described = _TENSOR_OVERHEAD + 6 * len(name) + 21 * len(shape)  # \uXXXX escapes at worst
+    described = _TENSOR_OVERHEAD + 6 * len(name) + 21 * len(shape)  # 6: a \\u escape per char
     if binary:
         return described + count * dtype.itemsize
     per_element = JSON_ELEMENT_BYTES.get(f"{dtype.kind}{dtype.itemsize}")
