@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
 import socket
 import ssl
 import statistics
@@ -49,6 +47,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+
+from timing import machine  # noqa: E402
 
 import blindinfer  # noqa: E402
 from blindinfer.client.transport import pinned_context  # noqa: E402
@@ -295,18 +295,7 @@ def main() -> None:
         help="the windows of attack (3): longer than the server's 30 s body timeout",
     )
     args = parser.parse_args()
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    print(
-        f"blindinfer attack benchmark; {os.cpu_count()} vCPU {cpu}; "
-        f"Python {platform.python_version()}"
-    )
+    print(f"blindinfer attack benchmark; {machine()}")
     print("latencies in ms; RSS = server + workers, MiB, peak and at the window's end")
     print(
         f"  {'window':<8} {'health':>9} {'':>9} {'B infer':>9} {'':>9} {'fails':>6} "

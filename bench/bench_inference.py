@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,40 +25,14 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from timing import percentile, side_by_side, timed  # noqa: E402
+
 import blindinfer  # noqa: E402
 from blindinfer.server.config import ServerConfig  # noqa: E402
 from blindinfer.server.platforms import simulated_mrenclave  # noqa: E402
 from blindinfer.server.process import start_server  # noqa: E402
 from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER  # noqa: E402
 from support import onnx_models  # noqa: E402
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def timed(fn: Callable[[], object], iterations: int, warmup: int = 5) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
-
-
-def side_by_side(
-    first: Callable[[], object], second: Callable[[], object], iterations: int, block: int = 25
-) -> tuple[list[float], list[float]]:
-    """Alternates blocks of the two, so that drift in machine load hits both equally."""
-    a: list[float] = []
-    b: list[float] = []
-    while len(a) < iterations:
-        a += timed(first, block, warmup=2)
-        b += timed(second, block, warmup=2)
-    return a, b
 
 
 def connect(url: str, policy: blindinfer.Policy) -> blindinfer.Client:
@@ -132,7 +105,9 @@ def main() -> None:
     )
     rows = []
     with start_server(["--simulation"]) as server:
-        connect_ms = timed(lambda: connect(server.url, policy).close(), 30 if args.quick else 100)
+        connect_ms = timed(
+            lambda: connect(server.url, policy).close(), 30 if args.quick else 100, warmup=5
+        )
         with connect(server.url, policy) as client:
             for label, model, feed in models(not args.no_minilm):
                 session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])

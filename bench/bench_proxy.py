@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import httpx  # noqa: E402
+from timing import interleaved, percentile  # noqa: E402
 
 import blindinfer  # noqa: E402
 from blindinfer.cli.proxy import READY_PREFIX  # noqa: E402
@@ -45,32 +46,6 @@ from blindinfer.server.platforms import simulated_mrenclave  # noqa: E402
 from blindinfer.server.process import start_server  # noqa: E402
 from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER  # noqa: E402
 from support import onnx_models  # noqa: E402
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def timed(fn: Callable[[], object], iterations: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
-
-
-def interleaved(
-    variants: dict[str, Callable[[], object]], iterations: int, block: int = 25
-) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {name: [] for name in variants}
-    while min(len(v) for v in results.values()) < iterations:
-        for name, fn in variants.items():
-            results[name] += timed(fn, block)
-    return results
 
 
 def start_proxy(upstream: str, policy_path: Path) -> tuple[subprocess.Popen[str], str]:

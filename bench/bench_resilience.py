@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -51,6 +49,8 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from timing import machine, percentile  # noqa: E402
+
 import blindinfer  # noqa: E402
 from blindinfer.client.transport import pinned_context  # noqa: E402
 from blindinfer.server.auth import generate_api_key  # noqa: E402
@@ -61,11 +61,6 @@ from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER  # noqa: E402
 from support import hostile_models, onnx_models, procmem  # noqa: E402
 
 MiB = 1 << 20
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def med_p99(samples: list[float]) -> str:
@@ -405,18 +400,7 @@ def main() -> None:
     parser.add_argument("--no-minilm", action="store_true")
     args = parser.parse_args()
     quick = args.quick
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    print(
-        f"blindinfer resilience benchmark ({'--quick' if quick else 'full'}); "
-        f"{os.cpu_count()} vCPU {cpu}; Python {platform.python_version()}"
-    )
+    print(f"blindinfer resilience benchmark ({'--quick' if quick else 'full'}); {machine()}")
     print(
         "reproduce: .venv/bin/python bench/bench_resilience.py"
         + (" --quick" if quick else "")

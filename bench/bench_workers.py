@@ -16,8 +16,6 @@ import argparse
 import multiprocessing
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from timing import percentile, side_by_side, timed  # noqa: E402
+
 from blindinfer.runtime.session import ModelSession  # noqa: E402
 from blindinfer.runtime.workers import (  # noqa: E402
     WorkerPool,
@@ -35,34 +35,6 @@ from blindinfer.runtime.workers import (  # noqa: E402
     _send,
 )
 from support import hostile_models, onnx_models  # noqa: E402
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def timed(fn: Callable[[], object], iterations: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
-
-
-def side_by_side(
-    first: Callable[[], object], second: Callable[[], object], iterations: int, block: int = 50
-) -> tuple[list[float], list[float]]:
-    """Alternates blocks of the two, so that drift in machine load hits both equally."""
-    a: list[float] = []
-    b: list[float] = []
-    while len(a) < iterations:
-        a += timed(first, block)
-        b += timed(second, block)
-    return a, b
 
 
 def report(name: str, local: list[float], pooled: list[float]) -> None:
@@ -138,6 +110,7 @@ def main() -> None:
                 lambda s=session, f=feed: s.run(f),
                 lambda n=name, f=feed: pool.run(n, f),
                 iterations,
+                block=50,
             )
             report(name, local, pooled)
 
