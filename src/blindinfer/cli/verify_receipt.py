@@ -1,9 +1,14 @@
-"""`blindinfer verify-receipt proof.json --policy P`: offline check of a receipt's proof."""
+"""`blindinfer verify-receipt proof.json --policy P`: offline check of a receipt's proof.
+
+A generation's proof is also its transcript (`messages` or `prompt`, `output`, optionally
+token ids): each one present is recomputed and must match the receipt's digest; what is
+absent is reported as not checked."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ from blindinfer.attestation.policy import load_policy
 from blindinfer.cli.errors import EXIT_REFUSED, refusal_reason
 from blindinfer.client.receipts import load_proof, verify_proof
 from blindinfer.errors import BlindInferError, UsageError
+from blindinfer.protocol.receipts import GENERATION_KIND
 
 __all__ = ["EXIT_REFUSED", "run_verify_receipt"]
 
@@ -33,6 +39,22 @@ def _tensors(path: object, option: str) -> dict[str, np.ndarray] | None:
         return {name: archive[name] for name in archive.files}
 
 
+def _transcript_checks(transcript: Mapping[str, object]) -> list[str]:
+    """What of a generation's transcript was recomputed (and matched), and what was not."""
+    parts = [
+        ("prompt", "messages" in transcript or "prompt" in transcript),
+        ("output", "output" in transcript),
+        ("prompt tokens", "prompt_token_ids" in transcript),
+        ("output tokens", "output_token_ids" in transcript),
+    ]
+    matched = [name for name, present in parts if present]
+    missing = [name for name, present in parts if not present]
+    result = [f"{', '.join(matched)} match the transcript"] if matched else []
+    if missing:
+        result.append(f"not in the transcript, not checked: {', '.join(missing)}")
+    return result
+
+
 def run_verify_receipt(args: argparse.Namespace) -> int:
     """Exit 0 valid, 1 refused (printed on stdout, with the reason); a missing or malformed
     policy or tensor file raises (usage errors, exit 2, via blindinfer.cli.errors)."""
@@ -52,6 +74,8 @@ def run_verify_receipt(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     checked = ["evidence valid at the receipt's time", "signed by the attested TLS key"]
     checked += [f"{n} match" for n, p in (("inputs", args.inputs), ("outputs", args.outputs)) if p]
+    if receipt.payload.get("kind") == GENERATION_KIND:
+        checked += _transcript_checks(receipt.transcript)
     print("VALID: " + "; ".join(checked))
     print(json.dumps(receipt.payload, indent=2, sort_keys=True))
     return 0

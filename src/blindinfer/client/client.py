@@ -46,13 +46,20 @@ from blindinfer.client.common import (
 )
 from blindinfer.client.models import ModelInfo, ModelMetadata
 from blindinfer.client.openai_sdk import openai_client
-from blindinfer.client.receipts import Receipt, ReceiptedOutputs, check_receipt
+from blindinfer.client.receipts import (
+    Receipt,
+    ReceiptedOutputs,
+    check_generation,
+    check_receipt,
+    receipt_and_text,
+    transcript_fields,
+)
 from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
 from blindinfer.client.simulation import SIMULATION_BANNER as SIMULATION_BANNER
 from blindinfer.client.simulation import simulation_flag, warn_simulation
 from blindinfer.client.tensors import to_arrays
 from blindinfer.client.transport import check_url, fetch_evidence
-from blindinfer.errors import ProtocolError
+from blindinfer.errors import ProtocolError, UsageError
 from blindinfer.protocol.evidence import NONCE_SIZE, EvidenceDocument, parse_evidence_document
 from blindinfer.protocol.limits import TensorLimits
 
@@ -300,6 +307,32 @@ class Client:
             timeout=self._timeout,
             asynchronous=True,
         )
+
+    def verify_generation(
+        self,
+        response: Any,
+        *,
+        messages: Sequence[Any] | None = None,
+        prompt: object = None,
+        output: str | None = None,
+    ) -> Receipt:
+        """Verifies the receipt of a completion made with `openai()`: a ChatCompletion or
+        Completion (its text is the output), or a stream's last chunk (pass `output=`, the
+        concatenated text of its chunks). Checks the signature by the attested key, the
+        boot evidence it names, that it is a generation receipt, and the digests of
+        `messages` (chat) or `prompt` (text) and of the output. The returned Receipt's
+        `.save(path)` writes the transcript `blindinfer verify-receipt` checks offline.
+        Raises ProtocolError (code invalid_receipt) if anything does not match."""
+        jws, text = receipt_and_text(response)
+        output = text if output is None else output
+        if output is None:
+            raise UsageError(
+                "a streamed answer's receipt needs output=: the text of all its chunks joined"
+            )
+        checked = self._check_receipt(jws, "generation")
+        check_generation(checked.payload, messages=messages, prompt=prompt, output=output)
+        fields = transcript_fields(messages=messages, prompt=prompt, output=output)
+        return dataclasses.replace(checked, transcript=fields)
 
     def delete_model(self, model: str, *, receipt: bool = False) -> ModelInfo:
         """Deletes `model` and its sealed copies; `receipt`: with a signed delete receipt."""

@@ -60,6 +60,7 @@ from blindinfer.protocol.shown import shown
 
 __all__ = [
     "ERROR_CODE",
+    "KV_DTYPE_BYTES",
     "ConfigLimits",
     "DecoderConfig",
     "GenaiConfig",
@@ -72,6 +73,8 @@ __all__ = [
 
 ERROR_CODE: Final = "invalid_genai_config"
 _INT_MAX: Final = (1 << 31) - 1  # og reads these into C++ int
+KV_DTYPE_BYTES: Final = 4
+"""Bytes of one KV-cache element as `DecoderConfig.kv_bytes_per_token` counts them (fp32)."""
 _KV_NAME_BUFFER: Final = 64  # og's ComposeKeyValueName buffer, NUL included
 _TENSOR_NAME = re.compile(r"[A-Za-z0-9_.:/\-]+\Z")
 _MAP_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
@@ -198,6 +201,18 @@ class DecoderConfig:
     inputs: tuple[tuple[str, str], ...] = ()
     outputs: tuple[tuple[str, str], ...] = ()
     sliding_window: SlidingWindow | None = None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """The KV cache one token of one sequence holds: a key and a value per layer, each
+        `num_key_value_heads * head_size` elements of KV_DTYPE_BYTES. The config does not say
+        the cache's element type (the builder picks fp32 for CPU, fp16 for GPU exports), so
+        this counts fp32, the widest og uses: never less than the cache really takes. A
+        sliding window only makes the real cache smaller. Bounded by `ConfigLimits` (at most
+        1024 * 2 * 1024 * 1024 * 4 bytes), so always a plain, exact int."""
+        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_size * (
+            KV_DTYPE_BYTES
+        )
 
 
 @dataclass(frozen=True, slots=True)

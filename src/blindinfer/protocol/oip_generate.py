@@ -19,7 +19,8 @@ refused rather than half-honoured.
 
 Responses: `{"model_name", "model_version", "text_output"}` as Triton's, plus on the
 final object `finish_reason` ("stop" or "length"), `prompt_tokens` and
-`completion_tokens` (totals for the request). Streamed, each event's `text_output` is
+`completion_tokens` (totals for the request), and the generation's signed `receipt` (a JWS
+object, docs/receipts.md) where the server gives one. Streamed, each event's `text_output` is
 the next piece of text and the last event carries the finish reason and the counts with
 an empty `text_output`. Errors are OIP's `{"error": "<message>"}` with blindinfer's
 `"code"`, as every other OIP route answers; inside a stream that has started, the same
@@ -137,8 +138,9 @@ def _final(
     text_output: str,
     finish_reason: FinishReason,
     usage: Usage,
+    receipt: Mapping[str, str] | None,
 ) -> dict[str, Any]:
-    return {
+    doc: dict[str, Any] = {
         "model_name": model_name,
         "model_version": model_version,
         "text_output": text_output,
@@ -146,6 +148,9 @@ def _final(
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
     }
+    if receipt is not None:
+        doc["receipt"] = dict(receipt)
+    return doc
 
 
 def generate_response(
@@ -155,9 +160,10 @@ def generate_response(
     text_output: str,
     finish_reason: FinishReason,
     usage: Usage,
+    receipt: Mapping[str, str] | None = None,
 ) -> bytes:
-    """The `/generate` response body."""
-    return sse.dumps(_final(model_name, model_version, text_output, finish_reason, usage))
+    """The `/generate` response body (with the generation's `receipt`, if given)."""
+    return sse.dumps(_final(model_name, model_version, text_output, finish_reason, usage, receipt))
 
 
 def stream_text(*, model_name: str, model_version: str, text_output: str) -> bytes:
@@ -168,10 +174,16 @@ def stream_text(*, model_name: str, model_version: str, text_output: str) -> byt
 
 
 def stream_end(
-    *, model_name: str, model_version: str, finish_reason: FinishReason, usage: Usage
+    *,
+    model_name: str,
+    model_version: str,
+    finish_reason: FinishReason,
+    usage: Usage,
+    receipt: Mapping[str, str] | None = None,
 ) -> bytes:
-    """The last `/generate_stream` event: no text, the finish reason and token counts."""
-    return sse.event(_final(model_name, model_version, "", finish_reason, usage))
+    """The last `/generate_stream` event: no text, the finish reason and token counts (and
+    the generation's `receipt`, if given)."""
+    return sse.event(_final(model_name, model_version, "", finish_reason, usage, receipt))
 
 
 def error_event(code: str, message: str) -> bytes:

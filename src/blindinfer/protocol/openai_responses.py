@@ -10,6 +10,11 @@ Shapes follow the official `openai` SDK's types (`ChatCompletion`, `ChatCompleti
   one chunk per piece of text, then a chunk with an empty delta and the finish reason.
   With `stream_options.include_usage` every chunk carries `"usage": null` and a last
   chunk with `"choices": []` carries the usage, as OpenAI does. `data: [DONE]` ends it.
+- Receipts: a generation's signed receipt (a JWS object, docs/receipts.md) rides as a
+  top-level `"receipt"` field: on the whole object, or on the stream's last chunk before
+  `[DONE]` (the finish chunk, or the usage chunk when usage is asked for), never as a chunk
+  of its own (code that reads `chunk.choices[0]` must keep working). The SDK keeps it in
+  `model_extra["receipt"]`.
 - Errors: `{"error": {"message", "type", "param", "code"}}`, `code` being blindinfer's
   machine-readable code; in a stream that has already started, the same object as an
   event followed by `[DONE]` (the SDK raises `APIError` on it).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -67,6 +73,12 @@ def _usage(usage: Usage) -> dict[str, int]:
     }
 
 
+def _receipted(doc: dict[str, Any], receipt: Mapping[str, str] | None) -> dict[str, Any]:
+    if receipt is not None:
+        doc["receipt"] = dict(receipt)
+    return doc
+
+
 def chat_completion(
     *,
     id: str,
@@ -75,25 +87,25 @@ def chat_completion(
     content: str,
     finish_reason: FinishReason,
     usage: Usage,
+    receipt: Mapping[str, str] | None = None,
 ) -> bytes:
-    """A complete `chat.completion` object."""
-    return sse.dumps(
-        {
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "logprobs": None,
-                    "finish_reason": _finish(finish_reason),
-                }
-            ],
-            "usage": _usage(usage),
-        }
-    )
+    """A complete `chat.completion` object (with its `receipt`, if given)."""
+    doc = {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": None,
+                "finish_reason": _finish(finish_reason),
+            }
+        ],
+        "usage": _usage(usage),
+    }
+    return sse.dumps(_receipted(doc, receipt))
 
 
 def text_completion(
@@ -104,25 +116,25 @@ def text_completion(
     text: str,
     finish_reason: FinishReason,
     usage: Usage,
+    receipt: Mapping[str, str] | None = None,
 ) -> bytes:
-    """A complete `text_completion` object."""
-    return sse.dumps(
-        {
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": _finish(finish_reason),
-                }
-            ],
-            "usage": _usage(usage),
-        }
-    )
+    """A complete `text_completion` object (with its `receipt`, if given)."""
+    doc = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": _finish(finish_reason),
+            }
+        ],
+        "usage": _usage(usage),
+    }
+    return sse.dumps(_receipted(doc, receipt))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +146,12 @@ class _Stream:
 
     _object: ClassVar[str] = ""
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
+    def _chunk(
+        self,
+        choices: list[dict[str, Any]],
+        usage: Usage | None = None,
+        receipt: Mapping[str, str] | None = None,
+    ) -> bytes:
         doc: dict[str, Any] = {
             "id": self.id,
             "object": self._object,
@@ -144,12 +161,16 @@ class _Stream:
         }
         if self.include_usage:
             doc["usage"] = None if usage is None else _usage(usage)
-        return sse.event(doc)
+        return sse.event(_receipted(doc, receipt))
 
-    def _end(self, last: bytes, usage: Usage) -> bytes:
-        """The finish chunk, the usage chunk if asked for, and `[DONE]`."""
-        tail = self._chunk([], usage) if self.include_usage else b""
-        return last + tail + sse.DONE
+    def _end(
+        self, finish: dict[str, Any], usage: Usage, receipt: Mapping[str, str] | None
+    ) -> bytes:
+        """The finish chunk, the usage chunk if asked for, and `[DONE]`; the receipt rides
+        on the last chunk of the two."""
+        if not self.include_usage:
+            return self._chunk([finish], receipt=receipt) + sse.DONE
+        return self._chunk([finish]) + self._chunk([], usage, receipt) + sse.DONE
 
 
 class ChatCompletionStream(_Stream):
@@ -174,9 +195,15 @@ class ChatCompletionStream(_Stream):
         """One event carrying the next piece of generated text."""
         return self._chunk([self._choice({"content": piece}, None)])
 
-    def end(self, finish_reason: FinishReason, usage: Usage) -> bytes:
-        """The closing events: finish reason, usage (if asked for), `[DONE]`."""
-        return self._end(self._chunk([self._choice({}, finish_reason)]), usage)
+    def end(
+        self,
+        finish_reason: FinishReason,
+        usage: Usage,
+        receipt: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """The closing events: finish reason, usage (if asked for), `[DONE]`; `receipt`
+        rides on the last chunk before `[DONE]`."""
+        return self._end(self._choice({}, finish_reason), usage, receipt)
 
 
 class CompletionStream(_Stream):
@@ -197,9 +224,15 @@ class CompletionStream(_Stream):
         """One event carrying the next piece of generated text."""
         return self._chunk([self._choice(piece, None)])
 
-    def end(self, finish_reason: FinishReason, usage: Usage) -> bytes:
-        """The closing events: finish reason, usage (if asked for), `[DONE]`."""
-        return self._end(self._chunk([self._choice("", finish_reason)]), usage)
+    def end(
+        self,
+        finish_reason: FinishReason,
+        usage: Usage,
+        receipt: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """The closing events: finish reason, usage (if asked for), `[DONE]`; `receipt`
+        rides on the last chunk before `[DONE]`."""
+        return self._end(self._choice("", finish_reason), usage, receipt)
 
 
 # --------------------------------------------------------------------------- errors

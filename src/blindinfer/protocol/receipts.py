@@ -19,6 +19,17 @@ tensor sorted by name (by Python string order, i.e. by code point):
 - u8 length of the OIP datatype, then the datatype in ASCII (e.g. "FP32");
 - u8 rank, then rank x u64 little-endian dimensions;
 - the raw tensor bytes, little-endian, C (row-major) order (BOOL: one byte 0/1 each).
+
+Generation receipts (kind "generation", `generation_fields`) sign digests that a third
+party recomputes from a saved transcript with hashlib and json alone:
+
+- `prompt_digest`: SHA-256 of `canonical_text_json(prompt_document(...))`, i.e. of
+  `{"messages":[{"content":...,"role":...},...]}` (chat) or `{"prompt":"..."}` (text
+  completion), JSON with sorted keys, no whitespace, non-ASCII as itself, UTF-8;
+- `output_digest`: SHA-256 of the UTF-8 answer text exactly as the client received it;
+- `prompt_tokens_digest`, `output_tokens_digest`: SHA-256 of the token ids as u32
+  little-endian (the prompt as fed to the model, chat template included; every generated
+  token, an end-of-sequence or stop token included), recomputed with the model's tokenizer.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import hmac
 import json
 import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -68,6 +79,113 @@ def tensor_digest(arrays: Mapping[str, npt.ArrayLike]) -> str:
         digest.update(struct.pack(f"<B{array.ndim}Q", array.ndim, *array.shape))
         digest.update(array.data if array.size else b"")
     return digest.hexdigest()
+
+
+GENERATION_KIND: Final = "generation"
+_U32_LIMIT: Final = 1 << 32
+
+
+def canonical_text_json(document: Mapping[str, Any]) -> bytes:
+    """The one byte spelling a transcript's prompt is hashed in: JSON with sorted keys, no
+    whitespace, non-ASCII characters as themselves (not escaped), UTF-8. In Python:
+    `json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()`."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8"
+    )
+
+
+def _content_text(content: object) -> str:
+    """A chat message's content as the server's chat template receives it: a string, or
+    the texts of a list of text parts joined with a newline (as the server joins them)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not (
+                isinstance(part, Mapping)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                raise ValueError("a message's content parts must be {'type': 'text', 'text': ...}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise ValueError("a message's content must be a string or a list of text parts")
+
+
+def prompt_document(
+    *, messages: Sequence[Mapping[str, Any]] | None = None, prompt: object = None
+) -> dict[str, Any]:
+    """What a generation's `prompt_digest` covers, from what the client sent: exactly one of
+    `messages` (chat: each reduced to `{"role", "content"}`, content as a string) or
+    `prompt` (text completion: a string, or a list holding exactly one). ValueError if
+    neither or both, or if they are not of that shape."""
+    if (messages is None) == (prompt is None):
+        raise ValueError("a generation's prompt is either messages or a prompt text")
+    if messages is not None:
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise ValueError("messages must be a list of {'role', 'content'} objects")
+        reduced = []
+        for message in messages:
+            if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+                raise ValueError("messages must be a list of {'role', 'content'} objects")
+            reduced.append(
+                {"role": message["role"], "content": _content_text(message.get("content"))}
+            )
+        return {"messages": reduced}
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ValueError("a completion's prompt must be a string (or a list holding one)")
+    return {"prompt": prompt}
+
+
+def prompt_digest(
+    *, messages: Sequence[Mapping[str, Any]] | None = None, prompt: object = None
+) -> str:
+    """The hex SHA-256 a generation receipt's `prompt_digest` holds (see the docstring)."""
+    document = prompt_document(messages=messages, prompt=prompt)
+    return hashlib.sha256(canonical_text_json(document)).hexdigest()
+
+
+def text_digest(text: str) -> str:
+    """`output_digest`: the hex SHA-256 of the answer's UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def token_ids_digest(ids: Sequence[int]) -> str:
+    """`prompt_tokens_digest` / `output_tokens_digest`: hex SHA-256 of the ids, u32 LE each."""
+    if not all(type(t) is int and 0 <= t < _U32_LIMIT for t in ids):
+        raise ValueError("token ids must be integers from 0 to 2**32 - 1")
+    return hashlib.sha256(struct.pack(f"<{len(ids)}I", *ids)).hexdigest()
+
+
+def generation_fields(
+    *,
+    prompt: Mapping[str, Any],
+    sampling: Mapping[str, Any],
+    output_text: str,
+    finish_reason: str,
+    prompt_token_ids: Sequence[int],
+    output_token_ids: Sequence[int],
+) -> dict[str, Any]:
+    """The fields a generation receipt adds to the common ones (v, kind, request_id, time,
+    model, measurement, evidence_digest). `prompt`: a `prompt_document`; `sampling`: the
+    parameters the generation ran with (`SamplingParams.as_dict()`, seed included)."""
+    if set(prompt) not in ({"messages"}, {"prompt"}):
+        raise ValueError("prompt must be a prompt_document")
+    return {
+        "prompt_digest": hashlib.sha256(canonical_text_json(prompt)).hexdigest(),
+        "prompt_tokens_digest": token_ids_digest(prompt_token_ids),
+        "output_digest": text_digest(output_text),
+        "output_tokens_digest": token_ids_digest(output_token_ids),
+        "sampling": dict(sampling),
+        "finish_reason": finish_reason,
+        "usage": {
+            "prompt_tokens": len(prompt_token_ids),
+            "completion_tokens": len(output_token_ids),
+        },
+    }
 
 
 def key_id(public_key: ec.EllipticCurvePublicKey) -> str:

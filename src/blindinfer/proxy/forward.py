@@ -541,7 +541,7 @@ class AttestingProxy:
         refused = self.guard.check(scope)
         if refused is not None:
             self.upstream.stats.refused_local += 1
-            await _send(send, *_json_response(refused.status, refused.document()))
+            await _send(send, *_json_response(refused.status, refused.document(scope["path"])))
             return
         cors = self.guard.cors_headers(scope)
         if cors:  # an allowed origin: CORS headers on every answer

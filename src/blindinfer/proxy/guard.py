@@ -34,6 +34,7 @@ from blindinfer.protocol.content_types import (
     header_values,
     oip_media_types,
 )
+from blindinfer.protocol.error_shapes import error_document
 
 TOKEN_HEADER = "x-blindinfer-proxy-token"  # noqa: S105 - a header name, not a secret
 """The header that carries the local access token (`--access-token-file`)."""
@@ -53,8 +54,9 @@ class Refusal:
     code: str
     message: str
 
-    def document(self) -> dict[str, object]:
-        return {"error": self.message, "code": self.code}
+    def document(self, path: str = "") -> dict[str, object]:
+        """The answer's body, in the shape of the API `path` belongs to (OpenAI's on /v1)."""
+        return error_document(path, self.status, self.code, self.message)
 
 
 def parse_host(value: str) -> tuple[str, int | None]:

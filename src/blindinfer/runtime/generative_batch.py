@@ -84,7 +84,22 @@ class BatchedGeneration:
         if reason == og.FinishReason.FAILED:
             self._end(None)
             raise ExecutionError("the model failed while generating")
+        eos = self._owner.eos_token_id
+        if reason == og.FinishReason.EOS and eos is not None:
+            # The Engine ends at end of sequence without a token event for it, where
+            # og.Generator yields that token: deliver it, so that counts and token ids
+            # (usage, receipts) are the same through both paths.
+            self._on_token(eos)
+            if self._request is None:
+                return
         self._end("length" if reason == og.FinishReason.MAX_GENERATED_TOKENS else "stop")
+
+    def take(self) -> list[GeneratedToken]:
+        """The tokens ready now, without stepping (for a caller that steps the batch itself,
+        e.g. one that serves several requests in turn)."""
+        ready = list(self._ready)
+        self._ready.clear()
+        return ready
 
     def __iter__(self) -> Iterator[GeneratedToken]:
         return self
@@ -106,6 +121,16 @@ class BatchedGenerator:
         self._engine: Any = self._og.Engine(session._model)
         self._events: Any = self._engine.create_event_buffer(event_capacity)
         self._live: dict[int, tuple[Any, BatchedGeneration]] = {}
+        eos = session.eos_token_ids
+        # the token an end of sequence stands for; None when the model has several (the
+        # Engine does not say which one it met: such models are served by og.Generator)
+        self.eos_token_id: int | None = next(iter(eos)) if len(eos) == 1 else None
+
+    @property
+    def exact(self) -> bool:
+        """Whether answers (token ids and counts) are exactly og.Generator's: yes unless the
+        model has several end-of-sequence tokens."""
+        return self.eos_token_id is not None
 
     @property
     def max_batch_size(self) -> int:

@@ -18,7 +18,14 @@ would take down every tenant. Here each model lives in one of a few worker proce
   see one slower request, not an error.
 - **fairness**: a worker runs one request at a time, in arrival order; a slow model only
   delays the models that share its worker, and at most `queue_limit` requests wait for a
-  worker before new ones are refused with OverloadedError.
+  worker before new ones are refused with OverloadedError. The exception is generation:
+  concurrent generations of one model share the worker's turn and its decoding steps (up
+  to `max_batch`; see `submit_generate` and runtime/generation_mux.py), multiplexed on
+  the pipe by request id. Other requests for that worker wait until the batch drains
+  rather than being served between two steps: their replies (raw tensor frames, a load)
+  would have to be routed through the batch's reader, and their own timeouts entangled
+  with it; a batch takes no newcomer once anyone waits behind it, so it drains within
+  one generation's bound.
 
 Workers are started with the "spawn" start method: the server has threads (uvicorn, anyio,
 onnxruntime pools) and fork would copy locks held by them in an undefined state, plus every
@@ -38,10 +45,12 @@ script that creates a pool must keep its work under `if __name__ == "__main__":`
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import multiprocessing
 import os
+import queue
 import re
 import signal
 import threading
@@ -53,7 +62,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -101,6 +110,8 @@ class LoadedModel:
     context_length: int | None = None
     """Generative models: the most tokens (prompt + answer) one request may hold."""
     vocab_size: int | None = None
+    kv_bytes_per_token: int | None = None
+    """Generative models: the KV cache one token of one request holds (fp32, at most)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +129,11 @@ class WorkerStats:
     pending: int
     """Requests being served or waiting for this worker."""
     restarts: int
+    generating: int = 0
+    """Generations running on this worker now (one batch, sharing its turn)."""
+    peak_batch: int = 0
+    """The most generations that shared one decoding step in this worker (from its final
+    frames; 0 before the first generation)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +288,8 @@ def _error_reply(exc: BaseException) -> dict[str, Any]:
 
 
 def _worker_main(conn: Connection, memory_limit: int, intra_op_threads: int) -> None:
-    """The worker's loop: load / run / unload commands from the server, one at a time."""
+    """The worker's loop: load / run / unload commands from the server, one at a time;
+    generations (several at once, by id) are stepped between two commands."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; it closes us
     _limit_memory(memory_limit)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
@@ -283,16 +300,36 @@ def _worker_main(conn: Connection, memory_limit: int, intra_op_threads: int) -> 
     # happens with the first session: pay it now so that no model's measured cost includes
     # it, and so that a limit too small for onnxruntime itself shows up at start.
     ModelSession(_identity_model(), intra_op_threads=intra_op_threads)
+    from blindinfer.runtime.generation_mux import GenerationMux
+
     sessions: dict[str, ModelSession] = {}
+    mux = GenerationMux(lambda frame: _send(conn, frame, {}))
     conn.send_bytes(json.dumps({"ok": True, "pid": os.getpid()}).encode())
     while True:
+        # While generations run, the pipe is read between two steps: a new request joins
+        # the batch, a cancel stops its generation before the next step.
+        if mux.active and not conn.poll(0):
+            try:
+                mux.step()
+            except BaseException as exc:  # a memory failure: every generation ends with it
+                reply = _error_reply(exc)
+                mux.fail_all(reply)
+                if reply.get("recycle"):
+                    return
+            continue
         try:
             header = _recv_header(conn)
         except EOFError:
             return
         try:
             op = header["op"]
+            if op == "generate":
+                # frames (text, final, errors) carry each request's id; none is sent here
+                if not _start_generations(mux, sessions, header["requests"], conn):
+                    return
+                continue
             if op == "load":
+                mux.forget(header["key"])
                 reply = _load(sessions, header, conn.recv_bytes(), intra_op_threads, ModelSession)
             elif op == "run":
                 # A failure while frames are still unread leaves the pipe out of step:
@@ -310,13 +347,13 @@ def _worker_main(conn: Connection, memory_limit: int, intra_op_threads: int) -> 
                         continue
                     del outputs  # never sent: the server must not receive them at all
                     reply = refusal
-            elif op == "generate":
-                # streams text frames itself; the reply below is the final frame
-                reply = _generate(sessions[header["key"]], header, conn)
             elif op == "cancel":
-                continue  # a cancel that arrived after its generation ended: nothing to do
+                # its final frame follows; one that already ended is ignored
+                mux.cancel(header["id"])
+                continue
             elif op == "unload":
                 sessions.pop(header["key"], None)
+                mux.forget(header["key"])
                 _trim()
                 reply = {"ok": True}
             else:
@@ -326,6 +363,25 @@ def _worker_main(conn: Connection, memory_limit: int, intra_op_threads: int) -> 
         _send(conn, reply, {})
         if reply.get("recycle"):
             return  # the server replaces this worker; exiting keeps it from reading garbage
+
+
+def _start_generations(
+    mux: Any, sessions: Mapping[str, Any], requests: Any, conn: Connection
+) -> bool:
+    """Starts each generation of a `generate` frame (those that arrive together share the
+    next step); a refused one gets its error frame at once. False: a memory failure, the
+    worker must exit (every generation got the error)."""
+    for request in requests:
+        try:
+            mux.start(sessions[request["key"]], request["key"], request)
+        except BaseException as exc:
+            reply = _error_reply(exc)
+            rid = request.get("id") if isinstance(request, dict) else None
+            _send(conn, reply | {"id": rid if type(rid) is int else None}, {})
+            if reply.get("recycle"):
+                mux.fail_all(reply)
+                return False
+    return True
 
 
 def _oversized(outputs: Mapping[str, Array], header: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -409,11 +465,13 @@ def _load_generative(
     the worker trusts nothing) extracted into a private 0700 folder of this worker,
     loaded by onnxruntime-genai with the server's options, then the folder is removed
     (the session holds what it needs). Replies with the cost and a small signature."""
+    import errno
     import shutil
     import tempfile
     from pathlib import Path
 
     from blindinfer.protocol.model_archive import ArchiveLimits, extract_archive
+    from blindinfer.runtime.extraction import extraction_parent
     from blindinfer.runtime.generative import GenerativeSession, RuntimeOptions
 
     options = RuntimeOptions(
@@ -424,21 +482,30 @@ def _load_generative(
     view = memoryview(data)
     _trim()
     before = _rss_bytes()
-    # mode 0700, this worker's own; in memory (tmpfs) where there is one, so that the
-    # decrypted weights never reach a disk, and removed as soon as the session is built
-    shm = "/dev/shm"  # noqa: S108 - mkdtemp makes a fresh 0700 folder there
-    memory_dir = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
-    private = tempfile.mkdtemp(prefix="blindinfer-model-", dir=memory_dir)
-    try:
-        folder = Path(private) / "model"
-        extract_archive(
-            (view[i : i + (1 << 20)] for i in range(0, len(view), 1 << 20)),  # type: ignore[misc]
-            folder,
-            ArchiveLimits(max_total_bytes=max(1, len(data))),
-        )
-        session = GenerativeSession(folder, options, staging_parent=Path(private))
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
+    # mode 0700, this worker's own; in memory (tmpfs) when the model fits there, so that
+    # the decrypted weights never reach a disk, and removed as soon as the session is
+    # built; on disk only when /dev/shm has no room (runtime/extraction.py)
+    session: GenerativeSession | None = None
+    for parent in dict.fromkeys((extraction_parent(len(data)), None)):
+        private = tempfile.mkdtemp(prefix="blindinfer-model-", dir=parent)
+        try:
+            folder = Path(private) / "model"
+            try:
+                extract_archive(
+                    (view[i : i + (1 << 20)] for i in range(0, len(view), 1 << 20)),  # type: ignore[misc]
+                    folder,
+                    ArchiveLimits(max_total_bytes=max(1, len(data))),
+                )
+            except OSError as exc:
+                if parent is None or exc.errno != errno.ENOSPC:
+                    raise
+                continue  # /dev/shm filled up meanwhile (another load): on disk instead
+            session = GenerativeSession(folder, options, staging_parent=Path(private))
+            break
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+    if session is None:  # cannot happen: the last try (on disk) breaks or raises
+        raise RuntimeError("the generative model was not loaded")
     _trim()
     cost = max(0, _rss_bytes() - before)
     sessions[header["key"]] = session
@@ -450,47 +517,8 @@ def _load_generative(
         "kind": "generative",
         "context_length": session.max_total_tokens,
         "vocab_size": session.vocab_size,
-    }
-
-
-def _generate(session: Any, header: Mapping[str, Any], conn: Connection) -> dict[str, Any]:
-    """Generates, sending one frame per piece of text; between tokens a `cancel` from the
-    server (its client went away) stops at once and frees the generator and KV cache.
-    Returns the final frame: finish reason and token counts."""
-    from blindinfer.protocol.generation import SamplingParams
-    from blindinfer.runtime.generative import GenerativeSession
-
-    if not isinstance(session, GenerativeSession):
-        raise ProtocolError("not_generative", "this model does not generate text")
-    raw = header["params"]
-    params = SamplingParams(
-        max_tokens=raw["max_tokens"],
-        temperature=raw["temperature"],
-        top_p=raw["top_p"],
-        top_k=raw["top_k"],
-        seed=raw["seed"],
-        stop=tuple(raw["stop"]),
-    )
-    prompt = header["prompt"]
-    if "messages" in prompt:
-        ids = session.chat_prompt_ids(prompt["messages"])
-    else:
-        ids = session.encode(prompt["text"])
-    cancelled = False
-    generation = session.generate(ids, params)
-    with generation:
-        for token in generation:
-            if token.text:
-                _send(conn, {"ok": True, "text": token.text}, {})
-            if conn.poll(0) and _recv_header(conn).get("op") == "cancel":
-                cancelled = True
-                break
-    return {
-        "ok": True,
-        "end": True,
-        "finish_reason": "cancelled" if cancelled else (generation.finish_reason or "length"),
-        "prompt_tokens": generation.prompt_tokens,
-        "completion_tokens": generation.completion_tokens,
+        # what one token of one request holds in KV cache (the tenant's KV budget counts it)
+        "kv_bytes_per_token": session.config.decoder.kv_bytes_per_token,
     }
 
 
@@ -521,6 +549,30 @@ class _Died(Exception):
 
 class _TimedOut(Exception):
     """The worker did not answer within the deadline."""
+
+
+class _Replaced(Exception):
+    """The worker failed as a whole and was replaced already."""
+
+
+_T = TypeVar("_T")
+
+
+def _crashed(cause: BaseException) -> WorkerCrashedError:
+    error = WorkerCrashedError("the worker running this model crashed; it was replaced")
+    error.__cause__ = cause
+    return error
+
+
+def _cancelled_final() -> dict[str, Any]:
+    """The final frame of a generation cancelled before it reached the worker."""
+    return {
+        "finish_reason": "cancelled",
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "prompt_token_ids": [],
+        "output_token_ids": [],
+    }
 
 
 class _Gate:
@@ -570,6 +622,97 @@ class _Worker:
         self.pending = 0
         self.restarts = 0
         self.service_s = 0.01  # moving average of a request's time on this worker
+        # generations: the batch that new ones of its model may still join (None once any
+        # other request queued behind it), and the one whose relay runs now
+        self.joinable: _Batch | None = None
+        self.active: _Batch | None = None
+        self.peak_batch = 0
+
+
+class _GenRequest:
+    """One generation, from `submit_generate` until its future is resolved. `done`: the
+    future is resolved (a timed-out one may still owe its final frame to the relay)."""
+
+    def __init__(
+        self,
+        rid: int,
+        model_key: str,
+        request: dict[str, Any],
+        emit: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> None:
+        self.id = rid
+        self.model_key = model_key
+        self.request = request
+        self.emit = emit
+        self.cancel = cancel
+        self.future: Future[dict[str, Any]] = Future()
+        self.deadline = math.inf
+        self.cancel_sent = False
+        self.done = False
+
+
+class _Batch:
+    """Generations of one model that share a worker's turn: `waiting` joined and not yet
+    sent (at most `max_batch` are `running` at once), `running` sent, until the worker's
+    final frame for each. A wake-up pipe lets a joiner rouse the relay at once."""
+
+    def __init__(self, model_key: str) -> None:
+        self.model_key = model_key
+        self.waiting: deque[_GenRequest] = deque()
+        self.running: dict[int, _GenRequest] = {}
+        self.open = True
+        self.started = False
+        self.wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def unresolved_running(self) -> int:
+        return sum(not r.done for r in self.running.values())
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            os.write(self._wake_w, b"\0")
+
+    def drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self.wake_r, 4096):
+                pass
+
+    def close(self) -> None:
+        for fd in (self.wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class _Writer:
+    """Writes a batch's commands to the worker from a thread of its own, so that the relay
+    always reads: a large prompt written while the worker sends frames would otherwise fill
+    both directions of the pipe and block both processes."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.failed = False
+        self._thread = threading.Thread(target=self._run, name="blindinfer-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, header: dict[str, Any]) -> None:
+        self._queue.put(header)
+
+    def _run(self) -> None:
+        while (header := self._queue.get()) is not None:
+            try:
+                _send(self._conn, header, {})
+            except (OSError, ValueError):  # the worker is gone: the relay sees it too
+                self.failed = True
+                return
+
+    def close(self, timeout_s: float) -> bool:
+        """Stops after what was queued; False if it is still blocked in a write."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
 
 @dataclass(slots=True)
@@ -616,7 +759,8 @@ class WorkerPool:
 
     `source(model_key)` returns a model's bytes again when a replaced worker needs to
     reload it: the pool never keeps model bytes itself. `queue_limit` counts the requests
-    waiting for one worker (not the one it is serving).
+    waiting for one worker (not the ones it is serving). `max_batch`: the most generations
+    one worker runs at once, sharing its decoding steps.
     """
 
     def __init__(
@@ -631,9 +775,14 @@ class WorkerPool:
         load_timeout_s: float = 120.0,
         max_response_bytes: int | None = None,
         max_new_tokens: int = 512,
+        max_batch: int = 8,
     ) -> None:
         if workers < 1 or queue_limit < 0 or timeout_s <= 0 or load_timeout_s <= 0:
             raise ValueError("workers >= 1, queue_limit >= 0 and positive timeouts required")
+        if not 1 <= max_batch <= 1024:
+            raise ValueError("max_batch must be from 1 to 1024")
+        self._max_batch = max_batch
+        self._ids = itertools.count(1)  # generation ids, unique for the pool's life
         self._memory_limit = memory_limit_bytes
         # Outputs are sized in the worker against this, before they cross the pipe (see
         # _oversized); None: only the worker's memory limit bounds them.
@@ -693,6 +842,7 @@ class WorkerPool:
             worker = self._workers[placement.worker]
             worker.loaded.discard(model_key)  # in the books at once, in the process soon
             worker.drops.add(model_key)
+            worker.joinable = None  # the drop gets the worker when its batch drains
             if self._closed:
                 return
             executor = self._executor(worker)
@@ -746,22 +896,37 @@ class WorkerPool:
         with self._lock:
             worker = self._enter(model_key)
             executor = self._executor(worker)
+        return self._queue(
+            worker, executor, self._run_queued, worker, model_key, arrays, wanted, encoding
+        )
+
+    def _queue(
+        self,
+        worker: _Worker,
+        executor: ThreadPoolExecutor,
+        job: Callable[..., _T],
+        *args: Any,
+    ) -> Future[_T]:
+        """Puts a job on the worker's queue thread (its `pending` slot already taken)."""
         try:
-            return executor.submit(self._run_queued, worker, model_key, arrays, wanted, encoding)
+            return executor.submit(job, *args)
         except RuntimeError:  # shut down by close() meanwhile
             with self._lock:
                 worker.pending -= 1
             raise RuntimeError("the worker pool is closed") from None
 
-    def _run_queued(
+    def _on_turn(
         self,
         worker: _Worker,
         model_key: str,
-        arrays: dict[str, Array],
-        outputs: list[str] | None,
-        encoding: OutputEncoding | None = None,
-    ) -> dict[str, Array]:
-        """A run, on the worker's own queue thread, once it is this request's turn."""
+        work: Callable[[], _T],
+        *,
+        slots: int = 1,
+    ) -> _T:
+        """Runs `work` holding the worker's gate, once it is this job's turn: first the drops
+        of unloaded models, the model still placed here (ModelNotPlacedError if it was
+        unloaded while the job waited), a ready worker, the model reloaded if the worker
+        was replaced. `slots`: the `pending` count the job gives back when it ends."""
         worker.gate.acquire()
         try:
             self._drain(worker)
@@ -774,18 +939,31 @@ class WorkerPool:
             if model_key not in worker.loaded:
                 self._reload(worker, model_key)
             started = time.monotonic()
-            header = {
-                "op": "run",
-                "key": model_key,
-                "outputs": outputs,
-                "encoding": encoding.to_wire() if encoding is not None else None,
-                "max_bytes": self._max_response_bytes,
-            }
-            _, results = self._call(worker, header, arrays, self._timeout_s)
+            result = work()
             worker.service_s = 0.8 * worker.service_s + 0.2 * (time.monotonic() - started)
-            return results
+            return result
         finally:
-            self._leave(worker)
+            self._leave(worker, slots)
+
+    def _run_queued(
+        self,
+        worker: _Worker,
+        model_key: str,
+        arrays: dict[str, Array],
+        outputs: list[str] | None,
+        encoding: OutputEncoding | None = None,
+    ) -> dict[str, Array]:
+        """A run, on the worker's own queue thread, once it is this request's turn."""
+        header = {
+            "op": "run",
+            "key": model_key,
+            "outputs": outputs,
+            "encoding": encoding.to_wire() if encoding is not None else None,
+            "max_bytes": self._max_response_bytes,
+        }
+        return self._on_turn(
+            worker, model_key, lambda: self._call(worker, header, arrays, self._timeout_s)[1]
+        )
 
     def submit_generate(
         self,
@@ -797,101 +975,245 @@ class WorkerPool:
         """Queues a generation on the model's worker. `request` holds "prompt"
         ({"messages": [...]} or {"text": ...}) and "params" (SamplingParams.as_dict()).
         `emit(text)` is called, on the worker's queue thread, with each piece of text; the
-        future ends with {"finish_reason", "prompt_tokens", "completion_tokens"}. Setting
-        `cancel` stops the generation between two tokens (its KV cache is freed at once);
-        the future then ends with finish_reason "cancelled". `timeout_s` bounds the whole
-        generation. Same queue, refusals and errors as `submit`."""
+        future ends with {"finish_reason", "prompt_tokens", "completion_tokens",
+        "prompt_token_ids", "output_token_ids"}. Setting `cancel` stops the generation
+        between two tokens (its KV cache is freed at once); the future then ends with
+        finish_reason "cancelled". `timeout_s` bounds each generation (it then ends with
+        InferenceTimeoutError). Same queue, refusals and errors as `submit`.
+
+        Batching: a generation for a model that is already generating on its worker joins
+        that batch without waiting for the worker's turn, as long as no other request
+        queued for the worker after it (a tensor run, a load, an unload's drop: they get
+        the worker when the batch drains, and a batch that takes no newcomers drains
+        within one generation's bound). At most `max_batch` run at once; more wait in the
+        batch for room. The worker shares each decoding step among them (see
+        runtime/generation_mux.py)."""
+        req = _GenRequest(next(self._ids), model_key, dict(request), emit, cancel)
         with self._lock:
+            self._check_open()
+            worker = self._placed(model_key)
+            batch = worker.joinable
+            if (
+                batch is not None
+                and batch.open
+                and batch.model_key == model_key
+                and not worker.drops
+            ):
+                room = batch.started and len(batch.running) + len(batch.waiting) < self._max_batch
+                if not room:
+                    self._check_queue(worker)
+                worker.pending += 1
+                batch.waiting.append(req)
+                batch.wake()
+                return req.future
             worker = self._enter(model_key)
+            batch = _Batch(model_key)
+            batch.waiting.append(req)
+            worker.joinable = batch
             executor = self._executor(worker)
         try:
-            return executor.submit(
-                self._generate_queued, worker, model_key, dict(request), emit, cancel
-            )
-        except RuntimeError:
+            queued = self._queue(worker, executor, self._generate_queued, worker, batch)
+        except RuntimeError:  # closed meanwhile; `_queue` gave back this request's slot
             with self._lock:
-                worker.pending -= 1
-            raise RuntimeError("the worker pool is closed") from None
+                req.done = True  # its caller gets the error; those that joined meanwhile:
+            self._end_batch(worker, batch, RuntimeError("the worker pool is closed"))
+            batch.close()
+            raise
 
-    def _generate_queued(
-        self,
-        worker: _Worker,
-        model_key: str,
-        request: dict[str, Any],
-        emit: Callable[[str], None],
-        cancel: threading.Event,
-    ) -> dict[str, Any]:
-        worker.gate.acquire()
+        # close() cancels queued jobs: the batch's requests must still end
+        def closed(job: Future[None]) -> None:
+            if job.cancelled():
+                self._end_batch(worker, batch, RuntimeError("the worker pool is closed"))
+                batch.close()
+
+        queued.add_done_callback(closed)
+        return req.future
+
+    def _generate_queued(self, worker: _Worker, batch: _Batch) -> None:
+        """A batch, on the worker's queue thread, once it is its turn: its relay runs until
+        the last of its generations ends (newcomers joining meanwhile)."""
         try:
-            self._drain(worker)
-            with self._lock:
-                self._check_open()
-                placement = self._models.get(model_key)
-                if placement is None or placement.worker != worker.index:
-                    raise ModelNotPlacedError(model_key)
-            if cancel.is_set():  # the client left while the request waited
-                return {"finish_reason": "cancelled", "prompt_tokens": 0, "completion_tokens": 0}
-            self._ensure_ready(worker)
-            if model_key not in worker.loaded:
-                self._reload(worker, model_key)
-            started = time.monotonic()
-            final = self._stream(
-                worker, {"op": "generate", "key": model_key, **request}, emit, cancel
-            )
-            worker.service_s = 0.8 * worker.service_s + 0.2 * (time.monotonic() - started)
-            return final
+            self._on_turn(worker, batch.model_key, lambda: self._relay(worker, batch), slots=0)
+        except BaseException as exc:  # every request still in the batch ends with it
+            self._end_batch(worker, batch, exc)
         finally:
-            self._leave(worker)
+            self._end_batch(worker, batch, RuntimeError("the generation ended unexpectedly"))
+            batch.close()
 
-    def _stream(
+    def _end_batch(self, worker: _Worker, batch: _Batch, error: BaseException) -> None:
+        """Closes the batch to newcomers and fails every request it has not resolved."""
+        with self._lock:
+            batch.open = False
+            if worker.joinable is batch:
+                worker.joinable = None
+            if worker.active is batch:
+                worker.active = None
+            left = [*batch.waiting, *batch.running.values()]
+            batch.waiting.clear()
+            batch.running.clear()
+        for req in left:
+            self._resolve(worker, req, error=error)
+
+    def _resolve(
         self,
         worker: _Worker,
-        header: dict[str, Any],
-        emit: Callable[[str], None],
-        cancel: threading.Event,
-    ) -> dict[str, Any]:
-        """Sends a generate command and relays its frames until the final one."""
-        deadline = time.monotonic() + self._timeout_s
-        cancelled = False
-        try:
-            self._write(worker, lambda conn: _send(conn, header, {}))
-            while True:
-                if cancel.is_set() and not cancelled:
-                    cancelled = True
-                    self._write(worker, lambda conn: _send(conn, {"op": "cancel"}, {}))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise _TimedOut
-                try:
-                    # short waits: a cancel is noticed within 50 ms; text arrives at once
-                    frame = self._reply(worker, min(0.05, left))
-                except _TimedOut:
+        req: _GenRequest,
+        result: dict[str, Any] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Ends a request's future once (outside the pool's lock: its callbacks may take
+        the caller's locks) and gives back its `pending` slot."""
+        with self._lock:
+            if req.done:
+                return
+            req.done = True
+            worker.pending -= 1
+        if error is not None:
+            req.future.set_exception(error)
+        else:
+            req.future.set_result(result if result is not None else _cancelled_final())
+
+    def _admit(self, worker: _Worker, batch: _Batch) -> list[_GenRequest] | None:
+        """Moves waiting requests into the running batch while there is room. None when the
+        batch is over (nothing running or waiting): it is closed to newcomers then."""
+        dropped: list[tuple[_GenRequest, BaseException | None]] = []
+        admitted: list[_GenRequest] = []
+        now = time.monotonic()
+        with self._lock:
+            placement = self._models.get(batch.model_key)
+            placed = placement is not None and placement.worker == worker.index
+            while batch.waiting and len(batch.running) < self._max_batch:
+                req = batch.waiting.popleft()
+                if req.done:
                     continue
-                if not frame.get("ok"):
-                    raise self._failure(worker, frame)
-                if frame.get("end"):
-                    return _final(frame)
-                text = frame.get("text")
-                if not isinstance(text, str) or len(text) > _MAX_PIECE_CHARS:
-                    raise ValueError("malformed text frame")
-                if not cancelled:
-                    try:
-                        emit(text)
-                    except Exception:  # the consumer is gone: stop, keep the pipe in step
-                        cancel.set()
+                if req.cancel.is_set():  # the client left while the request waited
+                    dropped.append((req, None))
+                elif not placed:  # unloaded meanwhile: the caller's registry retries
+                    dropped.append((req, ModelNotPlacedError(batch.model_key)))
+                else:
+                    req.deadline = now + self._timeout_s
+                    batch.running[req.id] = req
+                    admitted.append(req)
+            for req in list(batch.waiting):
+                if req.cancel.is_set():
+                    batch.waiting.remove(req)
+                    dropped.append((req, None))
+            over = not batch.running and not batch.waiting
+            if over:
+                batch.open = False
+                if worker.joinable is batch:
+                    worker.joinable = None
+        for req, error in dropped:
+            self._resolve(worker, req, error=error)
+        return None if over else admitted
+
+    def _relay(self, worker: _Worker, batch: _Batch) -> None:
+        """Sends the batch's generations to the worker and dispatches its frames by id until
+        the last one ends. Each request has its own deadline (it is cancelled in the worker
+        and fails with InferenceTimeoutError); a worker that says nothing for `timeout_s`
+        while generating is stuck and replaced, like one that crashes or talks nonsense:
+        every request still running then fails."""
+        assert worker.conn is not None and worker.process is not None
+        conn, sentinel = worker.conn, worker.process.sentinel
+        with self._lock:
+            worker.active = batch
+            batch.started = True
+        writer = _Writer(conn)
+        heard = time.monotonic()
+        try:
+            while True:
+                was_idle = not batch.running
+                admitted = self._admit(worker, batch)
+                if admitted is None:
+                    return
+                if admitted:
+                    heard = time.monotonic() if was_idle else heard
+                    requests = [{**r.request, "id": r.id, "key": r.model_key} for r in admitted]
+                    writer.put({"op": "generate", "requests": requests})
+                now = time.monotonic()
+                for req in list(batch.running.values()):
+                    late = now >= req.deadline
+                    if req.cancel_sent or not (late or req.cancel.is_set()):
+                        continue
+                    req.cancel_sent = True
+                    writer.put({"op": "cancel", "id": req.id})
+                    if late:
+                        timeout = InferenceTimeoutError(
+                            f"the generation ran longer than {self._timeout_s:g} s"
+                        )
+                        self._resolve(worker, req, error=timeout)
+                if writer.failed and not conn.poll(0):
+                    raise _Died
+                # short waits: a cancel or a deadline is noticed within 50 ms; text and
+                # newcomers (the wake-up pipe) at once
+                ready = wait([conn, sentinel, batch.wake_r], 0.05)
+                batch.drain_wake()
+                if not conn.poll(0):
+                    if sentinel in ready:
+                        raise _Died
+                    # silent (nothing unread) while generating: a step that never ends
+                    if batch.running and time.monotonic() - heard > self._timeout_s:
+                        raise _TimedOut
+                    continue
+                for _ in range(256):  # then look at cancels and newcomers again
+                    self._dispatch(worker, batch, _recv_header(conn))
+                    heard = time.monotonic()  # after `emit`: a slow consumer is not silence
+                    if not conn.poll(0):
+                        break
         except (_Died, EOFError, OSError) as exc:
             self._replace(worker)
-            raise WorkerCrashedError(
-                "the worker running this model crashed; it was replaced"
-            ) from exc
+            self._end_batch(worker, batch, _crashed(exc))
         except _TimedOut as exc:
             self._replace(worker)
-            raise InferenceTimeoutError(
-                f"the generation ran longer than {self._timeout_s:g} s; its worker was replaced"
-            ) from exc
+            error = InferenceTimeoutError(
+                f"the worker generated nothing for {self._timeout_s:g} s; it was replaced"
+            )
+            error.__cause__ = exc
+            self._end_batch(worker, batch, error)
+        except _Replaced as exc:  # the worker failed as a whole (memory): every request ends
+            self._end_batch(worker, batch, _crashed(exc))
         except (ValueError, KeyError, TypeError) as exc:
             self._replace(worker)
-            raise WorkerCrashedError("the worker sent a malformed reply; it was replaced") from exc
+            malformed = WorkerCrashedError("the worker sent a malformed reply; it was replaced")
+            malformed.__cause__ = exc
+            self._end_batch(worker, batch, malformed)
+        finally:
+            if not writer.close(5.0):  # blocked writing to a worker that does not read
+                self._replace(worker)
+
+    def _dispatch(self, worker: _Worker, batch: _Batch, frame: Mapping[str, Any]) -> None:
+        """One frame of the worker, checked, to its request; ValueError if it is malformed
+        (no such request, a bad piece of text or final frame)."""
+        rid = frame.get("id")
+        req = batch.running.get(rid) if type(rid) is int else None
+        if req is None:
+            raise ValueError("a frame for no running generation")
+        if not frame.get("ok"):
+            with self._lock:
+                del batch.running[req.id]
+            whole = frame.get("kind") == "memory" or bool(frame.get("recycle"))
+            self._resolve(worker, req, error=self._failure(worker, frame))
+            if whole:  # _failure replaced the worker: the others are gone with it
+                raise _Replaced
+            return
+        if frame.get("end"):
+            final = _final(frame)
+            peak = frame.get("peak_batch")
+            if type(peak) is not int or not 1 <= peak <= 1 << 16:
+                raise ValueError("malformed final frame")
+            with self._lock:
+                del batch.running[req.id]
+                worker.peak_batch = max(worker.peak_batch, peak)
+            self._resolve(worker, req, result=final)
+            return
+        text = frame.get("text")
+        if not isinstance(text, str) or len(text) > _MAX_PIECE_CHARS:
+            raise ValueError("malformed text frame")
+        if not (req.cancel_sent or req.done):
+            try:
+                req.emit(text)
+            except Exception:  # the consumer is gone: stop it, keep the pipe in step
+                req.cancel.set()
 
     def stats(self) -> list[WorkerStats]:
         """Per worker: pid, liveness, placed and loaded models, measured memory, queue."""
@@ -910,6 +1232,8 @@ class WorkerPool:
                         memory_bytes=sum(self._models[k].memory_bytes for k in placed),
                         pending=worker.pending,
                         restarts=worker.restarts,
+                        generating=len(worker.active.running) if worker.active else 0,
+                        peak_batch=worker.peak_batch,
                     )
                 )
             return result
@@ -992,22 +1316,35 @@ class WorkerPool:
 
     def _enter(self, model_key: str) -> _Worker:
         """Joins the queue of the model's worker, or refuses if the queue is full (call
-        with the pool's lock held)."""
+        with the pool's lock held). No generation joins a batch queued before this."""
         self._check_open()
+        worker = self._placed(model_key)
+        self._check_queue(worker)
+        worker.pending += 1
+        worker.joinable = None
+        return worker
+
+    def _placed(self, model_key: str) -> _Worker:
+        """The model's worker (call with the pool's lock held)."""
         placement = self._models.get(model_key)
         if placement is None:
             raise ModelNotPlacedError(model_key)
-        worker = self._workers[placement.worker]
-        if worker.pending > self._queue_limit:
-            retry = worker.pending * min(worker.service_s, self._timeout_s)
+        return self._workers[placement.worker]
+
+    def _check_queue(self, worker: _Worker) -> None:
+        """OverloadedError when `queue_limit` requests already wait for the worker (those
+        it serves, a whole running batch or one other job, do not count)."""
+        batch = worker.active
+        serving = max(1, batch.unresolved_running() if batch is not None else 0)
+        waiting = worker.pending - serving
+        if waiting >= self._queue_limit:
+            retry = (waiting + 1) * min(worker.service_s, self._timeout_s)
             raise OverloadedError(
-                f"{worker.pending - 1} requests already wait for this model's worker",
+                f"{waiting} requests already wait for this model's worker",
                 retry_after_s=round(max(0.05, retry), 3),
             )
-        worker.pending += 1
-        return worker
 
-    def _leave(self, worker: _Worker) -> None:
+    def _leave(self, worker: _Worker, slots: int = 1) -> None:
         """Frees the worker's gate, first dropping the sessions unloaded meanwhile.
 
         Checking for drops and releasing happen under the pool's lock, so an `unload` that
@@ -1019,7 +1356,7 @@ class WorkerPool:
                 self._drain(worker)
             with self._lock:
                 if not worker.drops:
-                    worker.pending -= 1
+                    worker.pending -= slots
                     worker.gate.release()
                     return
 
@@ -1062,6 +1399,7 @@ class WorkerPool:
                 worker = self._workers[index]
             self._models[model_key] = _Placement(worker.index, size_hint, kind)
             worker.pending += 1
+            worker.joinable = None  # generations that come later wait for the load
         return worker
 
     def _load(self, model_key: str, data: bytes, *, check: bool, kind: str) -> LoadedModel:
@@ -1141,7 +1479,10 @@ class WorkerPool:
                 context, vocab = reply["context_length"], reply["vocab_size"]
                 if not (type(context) is int and type(vocab) is int and context > 0 < vocab):
                     raise ValueError("malformed generative signature")
-                return LoadedModel(signature, memory, kind, context, vocab)
+                kv = reply.get("kv_bytes_per_token")
+                if not (type(kv) is int and 0 < kv <= _MAX_KV_BYTES_PER_TOKEN):
+                    raise ValueError("malformed generative signature")
+                return LoadedModel(signature, memory, kind, context, vocab, kv)
         except (KeyError, TypeError, ValueError) as exc:
             self._replace(worker)
             raise WorkerCrashedError("the worker sent a malformed reply; it was replaced") from exc
@@ -1261,15 +1602,42 @@ _MAX_PIECE_CHARS: Final = 1 << 16
 """One frame of generated text: a token's text, or text held back for stop strings."""
 
 
+_MAX_KV_BYTES_PER_TOKEN: Final = 1 << 33
+"""`genai_config.ConfigLimits` bound it to 1024 layers * 2 * 1024 heads * 1024 * 4 bytes."""
+
+_MAX_TOKEN_IDS: Final = 1 << 24
+"""The most token ids one final frame may list (prompt or output; far above any context)."""
+
+
+def _token_ids(value: object) -> list[int]:
+    """A bounded list of u32 token ids from a worker's final frame, checked."""
+    if not isinstance(value, list) or len(value) > _MAX_TOKEN_IDS:
+        raise ValueError("malformed token ids")
+    if not all(type(t) is int and 0 <= t < 1 << 32 for t in value):
+        raise ValueError("malformed token ids")
+    return value
+
+
 def _final(frame: Mapping[str, Any]) -> dict[str, Any]:
-    """The final frame of a generation, checked like any reply of the worker."""
+    """The final frame of a generation, checked like any reply of the worker. The token ids
+    (for the receipt) must agree with the counts (for usage and quotas)."""
     reason = frame["finish_reason"]
     counts = frame["prompt_tokens"], frame["completion_tokens"]
     if reason not in ("stop", "length", "cancelled") or not all(
         type(n) is int and n >= 0 for n in counts
     ):
         raise ValueError("malformed final frame")
-    return {"finish_reason": reason, "prompt_tokens": counts[0], "completion_tokens": counts[1]}
+    prompt_ids = _token_ids(frame["prompt_token_ids"])
+    output_ids = _token_ids(frame["output_token_ids"])
+    if (len(prompt_ids), len(output_ids)) != counts:
+        raise ValueError("malformed final frame")
+    return {
+        "finish_reason": reason,
+        "prompt_tokens": counts[0],
+        "completion_tokens": counts[1],
+        "prompt_token_ids": prompt_ids,
+        "output_token_ids": output_ids,
+    }
 
 
 def _sized(size: int) -> str:

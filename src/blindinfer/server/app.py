@@ -26,8 +26,17 @@ from blindinfer.server.body_guard import BodyBudget, BodyGuard
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.content_types import CheckContentType
 from blindinfer.server.errors import AnswerUnexpectedErrors, handle_exception
+from blindinfer.server.generation_quota import GenerationDefaults
 from blindinfer.server.quotas import TenantQuotas
-from blindinfer.server.routes import admin, attestation, inference, metrics, openai, repository
+from blindinfer.server.routes import (
+    admin,
+    attestation,
+    inference,
+    metrics,
+    oip_generate,
+    openai,
+    repository,
+)
 from blindinfer.server.state import FailureThrottle, ServerState
 from blindinfer.server.tls import TlsIdentity
 from blindinfer.store.keys import simulation_sealing_key
@@ -98,9 +107,14 @@ def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity)
         source=lambda sha256: registry_box[0].source(sha256),
         max_response_bytes=limits.max_response_bytes,
         max_new_tokens=limits.max_new_tokens,
+        max_batch=limits.max_batch,
     )
     authenticator = _authenticator(config)
-    quotas = TenantQuotas(authenticator.config, memory_budget=limits.memory_budget_bytes)
+    quotas = TenantQuotas(
+        authenticator.config,
+        memory_budget=limits.memory_budget_bytes,
+        generation=GenerationDefaults.from_limits(limits),
+    )
     registry = ModelRegistry(
         sealed=sealed,
         pool=pool,
@@ -151,6 +165,7 @@ def create_app(state: ServerState) -> Starlette:
         routes=[
             *attestation.routes,
             *inference.routes,
+            *oip_generate.routes,
             *repository.routes,
             *admin.routes,
             *metrics.routes,

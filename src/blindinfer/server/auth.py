@@ -226,6 +226,10 @@ class TenantConfig:
     max_models / max_stored_bytes may be 0: a tenant that only runs models shared with it.
     max_loaded_bytes: the most measured session memory charged to the tenant's models;
     None (unset) means an equal share of the server's memory budget (`TenantQuotas`).
+    Generation (`server/generation_quota.py`; None = the server's default):
+    tokens_per_minute (prompt + completion tokens), max_concurrent_generations, and
+    max_kv_cache_bytes (KV cache reserved by its generations in flight; default an equal
+    share of `--kv-cache-budget-bytes`).
     """
 
     name: str
@@ -235,6 +239,9 @@ class TenantConfig:
     burst: int = 20
     max_concurrent_inferences: int = 4
     max_loaded_bytes: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrent_generations: int | None = None
+    max_kv_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         where = f"tenant {self.name!r}"
@@ -245,6 +252,9 @@ class TenantConfig:
         _check_int(where, "max_concurrent_inferences", self.max_concurrent_inferences, 1)
         if self.max_loaded_bytes is not None:
             _check_int(where, "max_loaded_bytes", self.max_loaded_bytes, 0)
+        for name in ("tokens_per_minute", "max_concurrent_generations", "max_kv_cache_bytes"):
+            if getattr(self, name) is not None:
+                _check_int(where, name, getattr(self, name), 1)
         rps = self.requests_per_second
         if isinstance(rps, bool) or not isinstance(rps, int | float):
             raise AuthConfigError(f"{where}: requests_per_second must be a number, got {rps!r}")
@@ -285,6 +295,9 @@ _TENANT_FIELDS = frozenset(
         "burst",
         "max_concurrent_inferences",
         "max_loaded_bytes",
+        "tokens_per_minute",
+        "max_concurrent_generations",
+        "max_kv_cache_bytes",
         "key",
     }
 )

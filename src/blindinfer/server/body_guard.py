@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from blindinfer.errors import BlindInferError
-from blindinfer.protocol.inference import encode_error
+from blindinfer.protocol.error_shapes import error_body
 from blindinfer.runtime.errors import OverloadedError
 from blindinfer.server.auth import Authenticator
 from blindinfer.server.bodies import DRAIN_LIMIT, StoredBytesRoom, parse_content_length
@@ -174,7 +174,7 @@ class BodyGuard:
                     scope[SLOT_SCOPE_KEY] = True
                 self.budget.open()
             except BlindInferError as exc:  # refused before the route runs (429, 503)
-                await _refuse(send, exc)
+                await _refuse(scope, send, exc)
                 return
             await self._guarded(scope, receive, send)
 
@@ -231,9 +231,9 @@ class BodyGuard:
             budget.close(reserved, still_open=not complete)
 
 
-async def _refuse(send: Send, exc: BlindInferError) -> None:
-    """The error answer of `exc`, as the routes would give it, closing the connection
-    (the body is unread)."""
+async def _refuse(scope: Scope, send: Send, exc: BlindInferError) -> None:
+    """The error answer of `exc`, as the routes would give it (in the shape of the API
+    the path belongs to), closing the connection (the body is unread)."""
     status, code, message = status_and_code(exc)
     headers = [
         (b"content-type", b"application/json"),
@@ -243,7 +243,7 @@ async def _refuse(send: Send, exc: BlindInferError) -> None:
             for k, v in response_headers(exc).items()
         ),
     ]
-    body = encode_error(code, message)
+    body = error_body(scope["path"], status, code, message)
     headers.append((b"content-length", str(len(body)).encode("ascii")))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

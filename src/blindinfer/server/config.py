@@ -27,9 +27,18 @@ class Limits:
     inference_timeout_ms: int = 60_000
     load_timeout_ms: int = 120_000  # building one session; the worker is replaced past it
     max_new_tokens: int = 512  # generative models: the most tokens one answer may ask for
+    max_batch: int = 8  # generative models: generations one worker runs at once, sharing steps
+    # per tenant unless its tenant entry sets its own (server/generation_quota.py):
+    max_tokens_per_minute: int = 200_000  # prompt + completion tokens, refilled continuously
+    max_concurrent_generations: int = 16
+    # KV cache reserved by generations in flight, server-wide, shared equally by the
+    # tenants; None = --memory-budget-bytes
+    kv_cache_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
+            if value is None and name == "kv_cache_budget_bytes":
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
 

@@ -5,8 +5,9 @@ Why: a browser sends a cross-origin POST without a CORS preflight only with a
 `text/plain`, form or multipart Content-Type; none is a body any route parses, so no such
 request reaches a route (see `blindinfer.protocol.content_types` for the table and for why
 a request without Content-Type is still accepted). The answer comes from the app's own
-exception handler, so it has the app's error format: JSON on the native API, CBOR with
-`X-Blindinfer-Error-Code` on the BlindAI Core listeners.
+exception handler, so it has the app's error format: JSON on the native API (OIP's shape,
+OpenAI's on `/v1`: `blindinfer.protocol.error_shapes`), CBOR with `X-Blindinfer-Error-Code`
+on the BlindAI Core listeners.
 """
 
 from __future__ import annotations

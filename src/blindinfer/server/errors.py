@@ -1,9 +1,12 @@
 """The one place where exceptions become HTTP responses.
 
 Every response body is `{"error": <human message>, "code": <machine code>}` (OIP clients
-read "error"). Unexpected exceptions become a generic 500 whose body says nothing about
-the failure; only the exception's type name is logged, never its message (it may quote
-user data) and never a traceback to the client.
+read "error"), except on the OpenAI-compatible API (`/v1/...`), which answers in OpenAI's
+shape with the same status and code (`blindinfer.protocol.error_shapes`: one rule by path,
+so middleware refusals such as a 415 reach the `openai` SDK in the shape it reads).
+Unexpected exceptions become a generic 500 whose body says nothing about the failure;
+only the exception's type name is logged, never its message (it may quote user data) and
+never a traceback to the client.
 
 A client that goes away before its request body is complete is no server failure: it is
 answered 499 "client_disconnected" (nginx's "client closed request"; nobody receives it,
@@ -32,7 +35,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from blindinfer.errors import BlindInferError, ProtocolError
-from blindinfer.protocol.inference import encode_error
+from blindinfer.protocol.error_shapes import error_body
 from blindinfer.runtime.errors import (
     InferenceTimeoutError,
     InvalidModelError,
@@ -113,9 +116,12 @@ _TABLE: tuple[tuple[type[BlindInferError], int, str], ...] = (
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
 
-def _json(status: int, code: str, message: str, headers: dict[str, str]) -> Response:
+def _json(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str]
+) -> Response:
+    """The error in the shape of the API `request` went to (OIP, or OpenAI's on /v1)."""
     return Response(
-        encode_error(code, message),
+        error_body(request.scope.get("path", ""), status, code, message),
         status_code=status,
         media_type="application/json",
         headers=headers,
@@ -164,10 +170,10 @@ async def handle_exception(request: Request, exc: Exception) -> Response:
     if status == CLIENT_CLOSED_REQUEST:
         log.info("a client disconnected before its request body was complete (%s)", where(request))
         # Nobody reads this; Connection: close spares the server any further reading.
-        return _json(status, code, message, {"Connection": "close"})
+        return _json(request, status, code, message, {"Connection": "close"})
     if status >= 500:
         log.error("request failed with %s (%s)", type(exc).__name__, where(request))
-    return _json(status, code, message, response_headers(exc))
+    return _json(request, status, code, message, response_headers(exc))
 
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]

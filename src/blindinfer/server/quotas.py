@@ -13,6 +13,8 @@ per tenant on top of the server-wide `--max-models` / `--max-model-bytes`).
 - `memory_limit`: the loaded session bytes charged to a tenant's models before the registry
   evicts the tenant's own models to load another (never another tenant's, when the
   limits add up to no more than the budget; the default is an equal share).
+- `generations`: tokens per minute, generations at once and KV-cache memory of
+  generative models (`server/generation_quota.py`).
 - `check_upload` / `admission`: model count and stored bytes, with the exact numbers in
   the message. `admission` is what uploads use: the registry asks it atomically with
   reserving the upload's room, so that parallel uploads cannot together overshoot.
@@ -32,6 +34,7 @@ from contextlib import asynccontextmanager
 from typing import ClassVar
 
 from blindinfer.server.auth import AccessError, AuthConfig, TenantConfig
+from blindinfer.server.generation_quota import GenerationDefaults, GenerationQuotas
 
 Clock = Callable[[], float]
 
@@ -133,6 +136,7 @@ class TenantQuotas:
         *,
         clock: Clock = time.monotonic,
         memory_budget: int | None = None,
+        generation: GenerationDefaults | None = None,
     ) -> None:
         self._tenants: Mapping[str, TenantConfig] | None = (
             None if config is None else {t.name: t for t in config.tenants}
@@ -142,6 +146,10 @@ class TenantQuotas:
         self._lock = threading.Lock()
         self._buckets: dict[str, TokenBucket] = {}
         self._running: dict[str, int] = {}
+        # tokens per minute, generations at once, KV cache (server/generation_quota.py)
+        self.generations = GenerationQuotas(
+            config, generation or GenerationDefaults(), clock=clock
+        )
 
     @property
     def enabled(self) -> bool:

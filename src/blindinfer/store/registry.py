@@ -24,12 +24,16 @@ from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Seque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 
 from blindinfer.protocol.generation import SamplingParams, Usage
-from blindinfer.runtime.errors import GenerationRequestError, OverloadedError
+from blindinfer.runtime.errors import (
+    GenerationRequestError,
+    InvalidTensorError,
+    OverloadedError,
+)
 from blindinfer.runtime.response_size import OutputEncoding
 from blindinfer.runtime.signature import ModelSignature
 from blindinfer.runtime.workers import LoadedModel, ModelNotPlacedError, WorkerPool
@@ -65,14 +69,46 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True, slots=True)
 class GenerationEnd:
-    """The end of a generation: "stop", "length" or "cancelled", and its token counts."""
+    """The end of a generation: "stop", "length" or "cancelled", its token counts and its
+    token ids (the prompt as fed to the model, every generated token), which a generation's
+    receipt signs (`blindinfer.protocol.receipts.generation_payload`)."""
 
     finish_reason: str
     usage: Usage
+    prompt_token_ids: tuple[int, ...] = ()
+    output_token_ids: tuple[int, ...] = ()
 
 
 GenerationEvent = str | GenerationEnd
 """What `generate_async` yields: pieces of text, then one GenerationEnd."""
+
+GenerationOutcome = Usage | BaseException | None
+"""What `generate_async(on_end=...)` reports: the worker's token counts, the exception the
+generation ended in, or None when it never reached a worker."""
+
+
+def _outcome(done: Future[dict[str, object]]) -> GenerationOutcome:
+    if done.cancelled():
+        return asyncio.CancelledError()
+    failure = done.exception()
+    if failure is not None:
+        return failure
+    final = done.result()
+    return Usage(
+        prompt_tokens=int(final["prompt_tokens"]),  # type: ignore[call-overload]
+        completion_tokens=int(final["completion_tokens"]),  # type: ignore[call-overload]
+    )
+
+
+def _tensor_only(record: ModelRecord) -> None:
+    """Refuses a tensor run of a generative model before anything loads (its worker holds
+    no onnxruntime session to run: that was a 500)."""
+    if record.kind != "tensor":
+        raise InvalidTensorError(
+            "not_tensor_model",
+            "this model is a generative model: use POST /v2/models/{name}/generate or "
+            "/v1/completions",
+        )
 
 
 async def _wait(future: Future[_T]) -> _T:
@@ -120,6 +156,8 @@ class ModelRegistry:
         self._loaded: OrderedDict[str, int] = OrderedDict()  # sha256 -> measured bytes
         self._cost: dict[str, int] = {}  # last measured cost per sha256, kept after eviction
         self._signatures: dict[str, ModelSignature] = {}
+        # generative models: sha256 -> (context length, KV bytes per token), kept after eviction
+        self._shapes: dict[str, tuple[int, int]] = {}
         self._loading: dict[str, Future[None]] = {}  # sha256 -> its load in flight
         # Loads wait for a worker (up to the load timeout): on threads of their own, one
         # per model being loaded, however many requests wait for it.
@@ -314,7 +352,14 @@ class ModelRegistry:
     def _pool_load(self, key: str, data: bytes, kind: str, *, check: bool) -> LoadedModel:
         """The pool's load (or validating load); `kind` is passed only where it matters."""
         load = self._pool.validate_and_load if check else self._pool.load
-        return load(key, data) if kind == "tensor" else load(key, data, kind)
+        loaded = load(key, data) if kind == "tensor" else load(key, data, kind)
+        if loaded.context_length is not None and loaded.kv_bytes_per_token is not None:
+            with self._lock:  # keyed by the hash (a checking load's key starts with it)
+                self._shapes[key.split(":", 1)[0]] = (
+                    loaded.context_length,
+                    loaded.kv_bytes_per_token,
+                )
+        return loaded
 
     def _validate(self, data: bytes, sha256: str, owner: str, kind: str = "tensor") -> None:
         """Checks the bytes in a worker unless their owner already holds a validated copy.
@@ -420,6 +465,7 @@ class ModelRegistry:
         if any(r.sha256 == sha256 for r in self._records.values()):
             return False
         self._signatures.pop(sha256, None)
+        self._shapes.pop(sha256, None)
         self._cost.pop(sha256, None)
         if self._loaded.pop(sha256, None) is not None:
             self._pool.unload(sha256)
@@ -474,6 +520,7 @@ class ModelRegistry:
 
         `encoding`: which outputs the response carries as JSON (for its size limit).
         A model deleted before its run reached the worker ends in UnknownModelError."""
+        _tensor_only(record)
         for _ in range(3):
             pending = self.loading(record)
             if pending is not None:
@@ -497,6 +544,7 @@ class ModelRegistry:
     ) -> dict[str, np.ndarray]:
         """`run` for the event loop: waiting for a load or for the model's worker holds
         no thread, so requests queued on one busy worker cannot starve anything else."""
+        _tensor_only(record)
         for _ in range(3):
             pending = self.loading(record)
             if pending is not None:
@@ -510,16 +558,38 @@ class ModelRegistry:
         self._check_stored(record)
         raise self._contended()
 
+    async def generation_shape(self, record: ModelRecord) -> tuple[int, int]:
+        """(context length, KV-cache bytes per token) of a generative model, as its worker
+        read them at load: what a generation's KV reservation is sized by. Loads the model
+        first where needed (the same shared load `generate_async` waits for)."""
+        for _ in range(3):
+            with self._lock:
+                shape = self._shapes.get(record.sha256)
+            if shape is not None:
+                return shape
+            pending = self.loading(record)
+            if pending is not None:
+                await _wait(pending)
+        self._check_stored(record)
+        raise self._contended()
+
     async def generate_async(
         self,
         record: ModelRecord,
         prompt: Mapping[str, object],
         params: SamplingParams,
+        *,
+        on_end: Callable[[GenerationOutcome], None] | None = None,
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Generates with a generative model on its worker: yields text pieces, then one
         `GenerationEnd`. Waiting for the load or the worker holds no thread; a consumer that
         stops iterating (its client went away) cancels the generation, which the worker
-        notices between two tokens. `prompt`: {"messages": [...]} or {"text": ...}."""
+        notices between two tokens. `prompt`: {"messages": [...]} or {"text": ...}.
+
+        `on_end` (quotas) is called once, from any thread, when the worker is done with
+        the generation: with its `Usage` (a cancelled one's too), with the exception it
+        ended in, or with None if it never reached a worker. The consumer may have stopped
+        iterating long before: a cancel reaches the worker between two tokens."""
         if record.kind != "generative":
             raise GenerationRequestError(
                 "not_generative", "this model is a tensor model: use /v2/models/{name}/infer"
@@ -535,6 +605,7 @@ class ModelRegistry:
                 loop.call_soon_threadsafe(queue.put_nowait, text)
 
         queued: Future[dict[str, object]] | None = None
+        handed = False  # on_end given to the worker's future
         try:
             for _ in range(3):
                 pending = self.loading(record)
@@ -551,6 +622,10 @@ class ModelRegistry:
                 self._check_stored(record)
                 raise self._contended()
             queued.add_done_callback(lambda _: emit(None))
+            if on_end is not None:
+                ended = on_end
+                queued.add_done_callback(lambda done: ended(_outcome(done)))
+                handed = True
             while True:
                 piece = await queue.get()
                 if piece is None:
@@ -563,9 +638,14 @@ class ModelRegistry:
                     prompt_tokens=int(final["prompt_tokens"]),  # type: ignore[call-overload]
                     completion_tokens=int(final["completion_tokens"]),  # type: ignore[call-overload]
                 ),
+                # checked by the pool (`workers._final`): lists of u32 ids
+                prompt_token_ids=tuple(cast("list[int]", final["prompt_token_ids"])),
+                output_token_ids=tuple(cast("list[int]", final["output_token_ids"])),
             )
         finally:
             cancel.set()  # a no-op once the generation has ended
+            if on_end is not None and not handed:
+                on_end(None)
 
     def _submit_generate(
         self,
@@ -600,6 +680,7 @@ class ModelRegistry:
         """Queues a run of a loaded model on its worker, and keeps the model from being
         evicted until the run ends; None if the model is not loaded (see `loading`).
         Never blocks. The future may end in ModelNotPlacedError (unloaded meanwhile)."""
+        _tensor_only(record)
         sha = record.sha256
         with self._lock:
             if sha not in self._loaded:

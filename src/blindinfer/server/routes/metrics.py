@@ -136,6 +136,7 @@ async def metrics(request: Request) -> Response:
         workers,
         state.authenticator.open_mode,
     )
+    text += state.quotas.generations.metrics()  # generations running, KV reserved, tokens
     return Response(text, headers={"Content-Type": CONTENT_TYPE})
 
 

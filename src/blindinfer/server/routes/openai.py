@@ -12,7 +12,14 @@ and concurrency slots as the Open Inference Protocol routes. Every error has Ope
 (`{"error": {"message", "type", "param", "code"}}`) with blindinfer's machine-readable code:
 the status and code come from the server's one mapping (`server.errors.status_and_code`).
 An error after a stream has started is sent as an error event, then `[DONE]`. A client that
-goes away mid-stream cancels its generation (the worker stops between two tokens).
+goes away mid-stream, or before its whole answer (`server.disconnect`), cancels its
+generation (the worker stops between two tokens). Every generation is admitted within its
+tenant's tokens per minute, generations at once and KV-cache budget
+(`server.generation_quota.generate`).
+
+Every finished completion carries its signed receipt (`server.generation_receipt`, always,
+no opt-in) as a top-level `"receipt"`: on the whole object, or on the stream's last chunk
+before `[DONE]`. A failed or cancelled generation has none.
 
 Nothing here logs a prompt, an answer or a model name.
 """
@@ -20,8 +27,9 @@ Nothing here logs a prompt, an answer or a model name.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import cast
 
 from starlette.requests import Request
@@ -29,7 +37,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from blindinfer.protocol import sse
-from blindinfer.protocol.generation import FinishReason, GenerationLimits, ParameterError
+from blindinfer.protocol.generation import (
+    FinishReason,
+    GenerationLimits,
+    ParameterError,
+    SamplingParams,
+)
 from blindinfer.protocol.openai_requests import (
     parse_chat_completion_request,
     parse_completion_request,
@@ -47,7 +60,10 @@ from blindinfer.protocol.openai_responses import (
 from blindinfer.server.auth import Action, Principal, authorize, sharing_view, visible_to
 from blindinfer.server.bodies import read_bounded
 from blindinfer.server.body_guard import tenant_slot
+from blindinfer.server.disconnect import until_disconnect
 from blindinfer.server.errors import response_headers, status_and_code, where
+from blindinfer.server.generation_quota import generate
+from blindinfer.server.generation_receipt import generation_receipt
 from blindinfer.server.respond import json_response as _json
 from blindinfer.server.respond import server_state as _state
 from blindinfer.server.state import ServerState
@@ -137,8 +153,13 @@ async def chat_completions(request: Request) -> Response:
     parsed = parse_chat_completion_request(body, limits)
     record = _generative(state, principal, parsed.model)
     prompt = {"messages": [{"role": m.role, "content": m.content} for m in parsed.messages]}
-    answer = _Answer(chat=True, model=parsed.model, include_usage=parsed.include_usage)
-    events = state.registry.generate_async(record, prompt, parsed.sampling)
+    answer = _Answer(
+        chat=True,
+        model=parsed.model,
+        include_usage=parsed.include_usage,
+        receipt=_Receipt(record, prompt, parsed.sampling),
+    )
+    events = generate(state, principal.tenant, record, prompt, parsed.sampling)
     return await answer.respond(request, state, principal, events, stream=parsed.stream)
 
 
@@ -150,8 +171,14 @@ async def completions(request: Request) -> Response:
     body = await read_bounded(request, limits.max_body_bytes, setting="--max-request-bytes")
     parsed = parse_completion_request(body, limits)
     record = _generative(state, principal, parsed.model)
-    answer = _Answer(chat=False, model=parsed.model, include_usage=parsed.include_usage)
-    events = state.registry.generate_async(record, {"text": parsed.prompt}, parsed.sampling)
+    prompt = {"text": parsed.prompt}
+    answer = _Answer(
+        chat=False,
+        model=parsed.model,
+        include_usage=parsed.include_usage,
+        receipt=_Receipt(record, prompt, parsed.sampling),
+    )
+    events = generate(state, principal.tenant, record, prompt, parsed.sampling)
     return await answer.respond(request, state, principal, events, stream=parsed.stream)
 
 
@@ -159,15 +186,39 @@ def _finish(end: GenerationEnd) -> FinishReason:
     return cast(FinishReason, end.finish_reason if end.finish_reason == "stop" else "length")
 
 
+@dataclass(frozen=True, slots=True)
+class _Receipt:
+    """What a completion's receipt signs besides the answer: the model and the request."""
+
+    record: ModelRecord
+    prompt: Mapping[str, object]
+    sampling: SamplingParams
+
+
 class _Answer:
     """One chat or text completion, whole or streamed."""
 
-    def __init__(self, *, chat: bool, model: str, include_usage: bool) -> None:
+    def __init__(self, *, chat: bool, model: str, include_usage: bool, receipt: _Receipt) -> None:
         self.chat = chat
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = now()
         self.model = model
         self.include_usage = include_usage
+        self.receipt = receipt
+
+    async def _sign(
+        self, state: ServerState, text: str, end: GenerationEnd
+    ) -> dict[str, str] | None:
+        signed = self.receipt
+        return await generation_receipt(
+            state,
+            signed.record,
+            request_id=self.id,
+            prompt=signed.prompt,
+            sampling=signed.sampling,
+            text=text,
+            end=end,
+        )
 
     async def respond(
         self,
@@ -190,9 +241,9 @@ class _Answer:
             raise
         if not stream:
             async with stack:
-                return await self._whole(first, events)
+                return await self._whole(state, first, events, request)
         return StreamingResponse(
-            self._events(request, first, events, stack), headers=dict(sse.HEADERS)
+            self._events(request, state, first, events, stack), headers=dict(sse.HEADERS)
         )
 
     async def _collect(
@@ -206,9 +257,15 @@ class _Answer:
         return "".join(pieces), event
 
     async def _whole(
-        self, first: GenerationEvent, events: AsyncGenerator[GenerationEvent, None]
+        self,
+        state: ServerState,
+        first: GenerationEvent,
+        events: AsyncGenerator[GenerationEvent, None],
+        request: Request,
     ) -> Response:
-        text, end = await self._collect(first, events)
+        # a client that leaves before its whole answer stops the generation too
+        text, end = await until_disconnect(request, self._collect(first, events))
+        receipt = await self._sign(state, text, end)
         if self.chat:
             body = chat_completion(
                 id=self.id,
@@ -217,6 +274,7 @@ class _Answer:
                 content=text,
                 finish_reason=_finish(end),
                 usage=end.usage,
+                receipt=receipt,
             )
         else:
             body = text_completion(
@@ -226,12 +284,14 @@ class _Answer:
                 text=text,
                 finish_reason=_finish(end),
                 usage=end.usage,
+                receipt=receipt,
             )
         return Response(body, media_type="application/json")
 
     async def _events(
         self,
         request: Request,
+        state: ServerState,
         first: GenerationEvent,
         events: AsyncGenerator[GenerationEvent, None],
         stack: AsyncExitStack,
@@ -246,17 +306,20 @@ class _Answer:
             else:
                 renderer = CompletionStream(self.id, self.created, self.model, self.include_usage)
             event = first
+            pieces: list[str] = []  # the answer as sent: its receipt signs it
             try:
                 while not isinstance(event, GenerationEnd):
+                    pieces.append(event)
                     yield renderer.text(event)
                     event = await anext(events)
+                receipt = await self._sign(state, "".join(pieces), event)
             except Exception as exc:
                 status, code, message = status_and_code(exc)
                 if status >= 500:
                     log.error("a stream failed with %s (%s)", type(exc).__name__, where(request))
                 yield error_event(status, code, message)
                 return
-            yield renderer.end(_finish(event), event.usage)
+            yield renderer.end(_finish(event), event.usage, receipt)
 
 
 routes = [
