@@ -9,12 +9,14 @@ request bytes, alternating blocks of 25 so that load drift hits every variant:
 and upload throughput of a ~32 MB model, direct and through the proxy.
 Prints median and p99 and the per-request overhead (b - a); target < 1 ms on loopback.
 Run: `.venv/bin/python bench/bench_proxy.py` (`--quick` for fewer iterations). Nothing
-here asserts a time.
+here asserts a time. `--baseline-src DIR` also runs (b0): a proxy from another checkout (a
+`git worktree` of HEAD) in the same interleaved run, for before/after ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -48,7 +50,11 @@ from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER  # noqa: E402
 from support import onnx_models  # noqa: E402
 
 
-def start_proxy(upstream: str, policy_path: Path) -> tuple[subprocess.Popen[str], str]:
+def start_proxy(
+    upstream: str, policy_path: Path, source: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """A proxy process from this tree, or from `source` (another checkout's root)."""
+    env = None if source is None else {**os.environ, "PYTHONPATH": str(source / "src")}
     command = [
         sys.executable,
         "-m",
@@ -62,7 +68,7 @@ def start_proxy(upstream: str, policy_path: Path) -> tuple[subprocess.Popen[str]
         "--simulation",
     ]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -70,6 +76,23 @@ def start_proxy(upstream: str, policy_path: Path) -> tuple[subprocess.Popen[str]
         process.kill()
         raise RuntimeError(f"the proxy did not start: {line!r}")
     return process, line[len(READY_PREFIX) :].split(" ")[0]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _counting(fn: Callable[[], object]) -> tuple[Callable[[], object], list[int]]:
+    """`fn` and a counter of its calls (warm-up included)."""
+    count = [0]
+
+    def counted() -> object:
+        count[0] += 1
+        return fn()
+
+    return counted, count
 
 
 def big_model(megabytes: int) -> bytes:
@@ -80,6 +103,14 @@ def big_model(megabytes: int) -> bytes:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        metavar="DIR",
+        help="also run a proxy from this checkout (e.g. `git worktree add --detach /tmp/head "
+        "HEAD`), interleaved with this tree's: before/after in one run (same server)",
+    )
+    parser.add_argument("--no-upload", action="store_true", help="skip the upload throughput")
     args = parser.parse_args()
     n = 100 if args.quick else 1000
     mrenclave = simulated_mrenclave(ServerConfig(simulation=True))
@@ -97,6 +128,12 @@ def main() -> None:
             f'mrsigner = ["{SIMULATION_MRSIGNER.hex()}"]\n'
         )
         proxy, proxy_url = start_proxy(server.url, policy_path)
+        baseline = None
+        if args.baseline_src is not None:
+            baseline, baseline_url = start_proxy(server.url, policy_path, args.baseline_src)
+            baseline_local = httpx.Client(
+                base_url=baseline_url, transport=httpx.HTTPTransport(socket_options=NO_DELAY)
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", blindinfer.SimulationWarning)
             direct = blindinfer.connect(server.url, policy=policy, simulation=True)
@@ -122,6 +159,8 @@ def main() -> None:
                 "(a) direct attested client": run(direct._http),
                 "(b) through the proxy": run(local),
             }
+            if baseline is not None:
+                variants["(b0) through the baseline proxy"] = run(baseline_local)
             triton = None
             try:
                 import tritonclient.http as triton_http  # type: ignore[import-untyped]
@@ -135,18 +174,42 @@ def main() -> None:
                 )
             except ImportError:
                 print("tritonclient not installed: skipping (c)")
-            results = interleaved(variants, n)
+            # each proxy process and the variants it serves
+            processes = {"proxy": (proxy, [v for v in variants if "via proxy" in v])}
+            processes["proxy"][1].append("(b) through the proxy")
+            if baseline is not None:
+                processes["baseline proxy"] = (baseline, ["(b0) through the baseline proxy"])
+            counted = {name: _counting(fn) for name, fn in variants.items()}
+            cpu_before = {name: _cpu_seconds(p.pid) for name, (p, _) in processes.items()}
+            results = interleaved({name: fn for name, (fn, _) in counted.items()}, n)
             print(f"MLP 64-256-10 batch 1, {n} requests each, interleaved blocks of 25")
             for name, samples in results.items():
                 print(
                     f"  {name:30s} median {statistics.median(samples):6.3f} ms   "
                     f"p99 {percentile(samples, 99):6.3f} ms"
                 )
+            for name, (process, served) in processes.items():
+                cpu = _cpu_seconds(process.pid) - cpu_before[name]
+                calls = sum(counted[v][1][0] for v in served)
+                print(
+                    f"  {name:15s} process CPU {cpu / calls * 1000:6.3f} ms per request "
+                    f"({calls} requests; less sensitive to load than latency)"
+                )
             a = results["(a) direct attested client"]
             b = results["(b) through the proxy"]
             overhead = statistics.median(b) - statistics.median(a)
             verdict = "meets" if overhead < 1.0 else "MISSES"
             print(f"  proxy overhead (b - a), median: {overhead:+.3f} ms ({verdict} < 1 ms)")
+            if baseline is not None:
+                b0 = results["(b0) through the baseline proxy"]
+                before = statistics.median(b0) - statistics.median(a)
+                ratio = f"{overhead / before:.2f}" if before > 0 else "n/a"
+                print(
+                    f"  baseline proxy overhead (b0 - a), median: {before:+.3f} ms; "
+                    f"this tree's / baseline's: {ratio}"
+                )
+            if args.no_upload:
+                return
 
             upload = big_model(8 if args.quick else 32)
             rounds = 2 if args.quick else 5
@@ -174,6 +237,10 @@ def main() -> None:
         finally:
             local.close()
             direct.close()
+            if baseline is not None:
+                baseline_local.close()
+                baseline.terminate()
+                baseline.wait(10)
             if triton is not None:
                 triton.close()
             proxy.terminate()

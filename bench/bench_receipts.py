@@ -4,17 +4,24 @@ For each model (a small MLP; MiniLM b1 x 128 tokens if available) runs the same 
 with and without `receipt=True` in alternating blocks on one attested connection, and
 prints the median latency of each and the difference (absolute and relative). Also prints
 the server-side cost alone (tensor digests + ES256 signature). Not a test: asserts nothing.
-Run: `.venv/bin/python bench/bench_receipts.py [--quick] [--no-minilm]`.
+`--baseline-src DIR` also starts a server from another checkout (a `git worktree` of
+HEAD) and interleaves it with this tree's, so before/after come from one run (the client
+is this tree's in both).
+Run: `.venv/bin/python bench/bench_receipts.py [--quick] [--no-minilm] [--baseline-src DIR]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_inference import models  # noqa: E402
+from timing import interleaved, machine  # noqa: E402
 
 import blindinfer  # noqa: E402
 from blindinfer.protocol.receipts import es256_sign, key_id, sign_receipt, tensor_digest  # noqa: E402
@@ -37,62 +45,108 @@ def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
+def _policy(mrenclave: bytes) -> blindinfer.Policy:
+    return blindinfer.Policy(
+        sgx=blindinfer.SgxPolicy(mrenclave=(mrenclave,), mrsigner=(SIMULATION_MRSIGNER,))
+    )
+
+
+@contextlib.contextmanager
+def _server(source: Path | None) -> Iterator[tuple[str, bytes]]:
+    """A simulation server from this tree, or from `source` (another checkout's root, e.g.
+    a `git worktree` of HEAD): its URL and simulated MRENCLAVE."""
+    if source is None:
+        with start_server(["--simulation"]) as server:
+            yield server.url, simulated_mrenclave(ServerConfig(simulation=True))
+        return
+    env = {**os.environ, "PYTHONPATH": str(source / "src")}
+    mrenclave = subprocess.run(
+        [sys.executable, "-c", _MRENCLAVE], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # start_server passes os.environ on
+    try:
+        server = start_server(["--simulation"])
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+    with server:
+        yield server.url, bytes.fromhex(mrenclave)
+
+
+_MRENCLAVE = (
+    "from blindinfer.server.config import ServerConfig\n"
+    "from blindinfer.server.platforms import simulated_mrenclave\n"
+    "print(simulated_mrenclave(ServerConfig(simulation=True)).hex())"
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-minilm", action="store_true")
-    args = parser.parse_args()
-    blocks, per_block = (5, 10) if args.quick else (20, 25)
-    policy = blindinfer.Policy(
-        sgx=blindinfer.SgxPolicy(
-            mrenclave=(simulated_mrenclave(ServerConfig(simulation=True)),),
-            mrsigner=(SIMULATION_MRSIGNER,),
-        )
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        metavar="DIR",
+        help="also run a server from this checkout (e.g. `git worktree add --detach "
+        "/tmp/head HEAD`), interleaved with this tree's: before/after in one run",
     )
+    args = parser.parse_args()
+    iterations, block = (50, 10) if args.quick else (500, 25)
+    print(machine())
     try:
         chosen = models(not args.no_minilm)
     except Exception as exc:
         print(f"MiniLM unavailable ({exc}); MLP only")
         chosen = models(False)
-    with start_server(["--simulation"]) as server:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", blindinfer.SimulationWarning)
-            client = blindinfer.connect(server.url, policy=policy, simulation=True)
-        with client:
-            for label, data, feed in chosen:
+    sources: dict[str, Path | None] = {"this tree": None}
+    if args.baseline_src is not None:
+        sources = {"baseline": args.baseline_src, **sources}
+    with contextlib.ExitStack() as stack:
+        clients: dict[str, blindinfer.Client] = {}
+        for name, source in sources.items():
+            url, mrenclave = stack.enter_context(_server(source))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", blindinfer.SimulationWarning)
+                client = blindinfer.connect(url, policy=_policy(mrenclave), simulation=True)
+            clients[name] = stack.enter_context(client)
+        for label, data, feed in chosen:
+            variants: dict[str, Callable[[], object]] = {}
+            for name, client in clients.items():
                 sha = client.upload_model(data).sha256
                 for receipt in (False, True):
-                    client.run_model(sha, feed, receipt=receipt)  # warm up
-                plain: list[float] = []
-                receipted: list[float] = []
-                for _ in range(blocks):
-                    for receipt, samples in ((False, plain), (True, receipted)):
-                        for _ in range(per_block):
-                            start = time.perf_counter()
-                            client.run_model(sha, feed, receipt=receipt)
-                            samples.append(time.perf_counter() - start)
-                base, with_receipt = _median_ms(plain), _median_ms(receipted)
+                    variants[f"{name}, receipt={receipt}"] = functools.partial(
+                        client.run_model, sha, feed, receipt=receipt
+                    )
+            results = interleaved(variants, iterations, block)
+            print(f"{label}: {iterations} requests per variant, interleaved blocks of {block}")
+            for name in clients:
+                base = statistics.median(results[f"{name}, receipt=False"])
+                with_receipt = statistics.median(results[f"{name}, receipt=True"])
                 delta = with_receipt - base
                 print(
-                    f"{label:<20} without {base:8.3f} ms  with receipt {with_receipt:8.3f} ms  "
+                    f"  {name:<10} without {base:8.3f} ms  with receipt {with_receipt:8.3f} ms  "
                     f"cost {delta:+.3f} ms ({delta / base * 100:+.1f}%)"
                 )
-                outputs = client.run_model(sha, feed)
-                key = ec.generate_private_key(ec.SECP256R1())
-                kid = key_id(key.public_key())
-                n = 200
-                start = time.perf_counter()
-                for _ in range(n):
-                    sign_receipt(
-                        {
-                            "inputs_digest": tensor_digest(feed),
-                            "outputs_digest": tensor_digest(outputs),
-                        },
-                        functools.partial(es256_sign, key),
-                        kid,
-                    )
-                server_side = (time.perf_counter() - start) / n * 1000
-                print(f"{'':<20} server-side digests + ES256 signature alone: {server_side:.3f} ms")
+            outputs = next(iter(clients.values())).run_model(sha, feed)
+            key = ec.generate_private_key(ec.SECP256R1())
+            kid = key_id(key.public_key())
+            n = 200
+            start = time.perf_counter()
+            for _ in range(n):
+                sign_receipt(
+                    {
+                        "inputs_digest": tensor_digest(feed),
+                        "outputs_digest": tensor_digest(outputs),
+                    },
+                    functools.partial(es256_sign, key),
+                    kid,
+                )
+            server_side = (time.perf_counter() - start) / n * 1000
+            print(f"  server-side digests + ES256 signature alone: {server_side:.3f} ms")
 
 
 if __name__ == "__main__":

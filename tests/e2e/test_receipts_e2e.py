@@ -137,3 +137,28 @@ def test_a_proof_with_another_servers_evidence_is_refused(tmp_path: Path) -> Non
     time_forged["boot_evidence"] = proofs[1]["boot_evidence"]
     with pytest.raises(blindinfer.BlindInferError):
         verify_proof(time_forged, policy=policy, simulation=True)
+
+
+def test_receipts_on_both_sides_of_the_thread_threshold() -> None:
+    """Small tensors are receipted on the event loop, large ones on a thread (with the
+    encoding, server/respond.py OFF_LOOP_BYTES): both verify, digests recomputed by the
+    client, the first receipt of a fresh server (boot evidence made off the loop) included."""
+    from blindinfer.server.respond import OFF_LOOP_BYTES
+    from support.onnx_models import dtype_identity_feed, dtype_identity_model
+
+    policy = policy_for(ServerConfig(simulation=True))
+    small = dtype_identity_feed(rows=3, cols=5)
+    large = dtype_identity_feed(rows=512, cols=128)
+    assert sum(a.nbytes for a in small.values()) * 3 < OFF_LOOP_BYTES
+    assert sum(a.nbytes for a in large.values()) > OFF_LOOP_BYTES
+    with start_server(["--simulation"]) as server:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", blindinfer.SimulationWarning)
+            client = blindinfer.connect(server.url, policy=policy, simulation=True)
+        with client:
+            sha = client.upload_model(model_bytes(dtype_identity_model())).sha256
+            for feed in (small, large, small):
+                outputs = client.run_model(sha, feed, receipt=True)  # verified on return
+                assert isinstance(outputs, ReceiptedOutputs)
+                for name, array in feed.items():
+                    np.testing.assert_array_equal(outputs[name.replace("in_", "out_")], array)

@@ -157,6 +157,13 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         help="onnxruntime threads per worker (0: all cores; cores/workers isolates tenants)",
     )
     parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where models run: cpu, or cuda (one NVIDIA GPU; needs blindinfer[gpu] and a "
+        "device, else serve refuses to start; --simulation only until GPU evidence exists)",
+    )
+    parser.add_argument(
         "--inference-timeout-ms", type=int, default=60_000, help="time limit of one inference"
     )
     parser.add_argument(
@@ -709,6 +716,7 @@ def _config(args: argparse.Namespace) -> object:
         store_dir=args.store_dir,
         auth_file=str(args.auth_file) if args.auth_file else None,
         intra_op_threads=args.intra_op_threads,
+        device=getattr(args, "device", "cpu"),
         metrics_model_names=args.metrics_model_names,
         connections=_connection_limits(args),  # type: ignore[arg-type]
     )

@@ -40,6 +40,7 @@ import numpy as np
 
 from blindinfer.attestation.policy import Policy, load_policy
 from blindinfer.attestation.report import VerifiedAttestation
+from blindinfer.client.coalesce import coalescing_transport
 from blindinfer.client.model_folder import ModelFolder
 from blindinfer.client.models import ModelInfo
 from blindinfer.client.retry import RetryPolicy
@@ -449,7 +450,7 @@ def http_options(
     if asynchronous:
         transport = httpx.AsyncHTTPTransport(verify=context, socket_options=NO_DELAY, **pool)
     else:
-        transport = httpx.HTTPTransport(verify=context, socket_options=NO_DELAY, **pool)
+        transport = coalescing_transport(context, NO_DELAY, **pool)  # client/coalesce.py
     return {
         "base_url": url,
         "transport": transport,

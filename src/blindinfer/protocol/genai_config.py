@@ -515,21 +515,35 @@ def parse_genai_config(
 
 
 def session_options(
-    *, intra_op_threads: int = 1, provider: Literal["cpu", "cuda"] = "cpu"
+    *,
+    intra_op_threads: int = 1,
+    provider: Literal["cpu", "cuda"] = "cpu",
+    gpu_mem_limit: int | None = None,
 ) -> dict[str, Any]:
     """The server's session options in genai_config form: its threads, no spinning (a
-    spinning thread starves the other workers on a shared CPU), its provider, no paths."""
+    spinning thread starves the other workers on a shared CPU), its provider, no paths.
+
+    `gpu_mem_limit` (cuda only): the cap, in bytes, of onnxruntime's CUDA memory arena for
+    this model, as onnxruntime's CUDA provider option of that name (a string in og's
+    config, like all provider options)."""
     if type(intra_op_threads) is not int or not 1 <= intra_op_threads <= 1024:
         raise ValueError(f"intra_op_threads must be 1 to 1024, got {intra_op_threads!r}")
     if provider not in ("cpu", "cuda"):
         raise ValueError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+    if gpu_mem_limit is not None and (
+        provider != "cuda" or type(gpu_mem_limit) is not int or gpu_mem_limit <= 0
+    ):
+        raise ValueError(f"gpu_mem_limit is a positive int for cuda, got {gpu_mem_limit!r}")
+    cuda: dict[str, str] = {}
+    if gpu_mem_limit is not None:
+        cuda["gpu_mem_limit"] = str(gpu_mem_limit)
     return {
         "log_id": "blindinfer",
         "intra_op_num_threads": intra_op_threads,
         "inter_op_num_threads": 1,
         "session.intra_op.allow_spinning": "0",
         "session.inter_op.allow_spinning": "0",
-        "provider_options": [] if provider == "cpu" else [{"cuda": {}}],
+        "provider_options": [] if provider == "cpu" else [{"cuda": cuda}],
     }
 
 
@@ -555,6 +569,7 @@ def render(
     *,
     intra_op_threads: int = 1,
     provider: Literal["cpu", "cuda"] = "cpu",
+    gpu_mem_limit: int | None = None,
     max_length: int | None = None,
     neutral_search: bool = False,
 ) -> bytes:
@@ -573,7 +588,9 @@ def render(
         "num_key_value_heads": decoder.num_key_value_heads,
         "inputs": dict(decoder.inputs),
         "outputs": dict(decoder.outputs),
-        "session_options": session_options(intra_op_threads=intra_op_threads, provider=provider),
+        "session_options": session_options(
+            intra_op_threads=intra_op_threads, provider=provider, gpu_mem_limit=gpu_mem_limit
+        ),
     }
     if decoder.hidden_size is not None:
         dec["hidden_size"] = decoder.hidden_size

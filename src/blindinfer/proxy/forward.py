@@ -809,8 +809,11 @@ def unix_listening_socket(path: str) -> socket.socket:
 def _uvicorn_server(app: AttestingProxy) -> Any:
     import uvicorn
 
+    from blindinfer.proxy.coalesce import coalescing_protocol
+
     config = uvicorn.Config(
         app,
+        http=coalescing_protocol(),  # a response's head and body in one write (coalesce.py)
         log_level="warning",
         access_log=False,  # paths carry model names
         server_header=False,

@@ -65,6 +65,7 @@ from blindinfer.protocol.genai_config import (
 )
 from blindinfer.protocol.generation import FinishReason, SamplingParams
 from blindinfer.protocol.model_archive import CONFIG_NAME, MAX_CONFIG_BYTES
+from blindinfer.runtime.device import DEVICES, Device
 from blindinfer.runtime.errors import (
     ContextLengthError,
     GenerationRequestError,
@@ -90,11 +91,15 @@ class RuntimeOptions:
     intra_op_threads: int = 1
     max_context_tokens: int = 4096  # prompt + generated tokens, per request
     max_new_tokens: int = 1024  # the largest max_tokens a request may ask for
+    provider: Device = "cpu"  # `serve --device` (runtime/device.py), never the model's
+    gpu_mem_limit: int | None = None  # cuda: the worker's device memory arena cap, bytes
 
     def __post_init__(self) -> None:
         for name in ("intra_op_threads", "max_context_tokens", "max_new_tokens"):
             if not _is_int(getattr(self, name), 1, _MAX_OPTION):
                 raise ValueError(f"{name} must be a positive integer")
+        if self.provider not in DEVICES:
+            raise ValueError(f"provider must be one of {DEVICES}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +182,8 @@ class GenerativeSession:
         rendered = render(
             self.config,
             intra_op_threads=options.intra_op_threads,
-            provider="cpu",
+            provider=options.provider,
+            gpu_mem_limit=options.gpu_mem_limit,
             max_length=self.max_total_tokens,
             neutral_search=True,
         )

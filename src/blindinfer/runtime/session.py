@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from blindinfer.protocol.datatypes import dtype_to_datatype, onnx_to_datatype
+from blindinfer.runtime.device import Device, check_active, ort_providers, prepare_session
 from blindinfer.runtime.errors import InvalidModelError, InvalidTensorError
 from blindinfer.runtime.external_data import refuse_external_data
 from blindinfer.runtime.signature import ModelSignature, TensorSpec
@@ -31,9 +32,24 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
 class ModelSession:
     """An onnxruntime session that only ever runs on inputs matching its signature."""
 
-    def __init__(self, model_bytes: bytes, *, intra_op_threads: int = 0) -> None:
-        refuse_external_data(model_bytes)
+    def __init__(
+        self,
+        model_bytes: bytes,
+        *,
+        intra_op_threads: int = 0,
+        device: Device = "cpu",
+        gpu_mem_limit: int | None = None,
+        external_data_refused: bool = False,
+    ) -> None:
+        """`device` and `gpu_mem_limit`: runtime/device.py (the server's choice, never the
+        model's); a session meant for CUDA that comes up without it raises.
+        `external_data_refused`: the caller has just run `refuse_external_data` on these
+        same (immutable) bytes, so parsing all of them once more is skipped (~60 ms for
+        128 MiB: docs/performance.md)."""
+        if not external_data_refused:
+            refuse_external_data(model_bytes)
         options = ort.SessionOptions()
+        prepare_session(options, device, gpu_mem_limit)
         options.intra_op_num_threads = intra_op_threads
         # No arena: tensors are freed after each run instead of kept at their peak, so a
         # loaded model costs what was measured when it loaded, not its largest request.
@@ -41,7 +57,9 @@ class ModelSession:
         options.log_severity_level = 4  # fatal only: onnxruntime errors quote node names
         try:
             self._session = ort.InferenceSession(
-                model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+                model_bytes,
+                sess_options=options,
+                providers=ort_providers(device, gpu_mem_limit),
             )
         except Exception as exc:
             raise InvalidModelError(
@@ -50,7 +68,9 @@ class ModelSession:
         # onnxruntime's Python wrapper keeps the serialized model (`_model_bytes`) for the
         # session's lifetime, only to rebuild it when an accelerator provider fails: with
         # the CPU provider alone that never happens, and it doubles every model's memory.
+        # On CUDA the rebuild would be the silent CPU fallback: refused as well.
         self._session.disable_fallback()
+        check_active(self._session, device)
         if getattr(self._session, "_model_bytes", None) is not None:
             self._session._model_bytes = None
         self.signature = ModelSignature(

@@ -44,7 +44,10 @@ script that creates a pool must keep its work under `if __name__ == "__main__":`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import io
 import itertools
 import json
 import math
@@ -53,6 +56,8 @@ import os
 import queue
 import re
 import signal
+import socket
+import struct
 import threading
 import time
 import weakref
@@ -69,6 +74,8 @@ import numpy.typing as npt
 
 from blindinfer.errors import ProtocolError
 from blindinfer.protocol.datatypes import DATATYPES, dtype_to_datatype
+from blindinfer.runtime import worker_io
+from blindinfer.runtime.device import Device
 from blindinfer.runtime.errors import (
     GenerationRequestError,
     InferenceTimeoutError,
@@ -90,6 +97,11 @@ Array = npt.NDArray[Any]
 
 _MAX_HEADER_BYTES: Final = 16 << 20
 """A header frame larger than this is a broken (or compromised) peer, never a real reply."""
+
+_LOOP_COMMAND_BYTES: Final = 1 << 20
+"""Inputs up to this size are sent from the event loop when the worker is idle
+(`run_async`); larger ones are written by the worker's thread, where copying them into
+one buffer first would not pay."""
 
 _STARTUP_TIMEOUT_S: Final = 60.0
 """How long a freshly spawned worker may take to import numpy and onnxruntime."""
@@ -159,6 +171,39 @@ def _send_raw(conn: Connection, header: dict[str, Any], payload: bytes) -> None:
     conn.send_bytes(payload)
 
 
+def _recv_payload(conn: Connection) -> bytes:
+    """One `send_bytes` frame (a model's bytes), received straight into its final `bytes`.
+
+    `Connection.recv_bytes` reads a large frame piece by piece, allocating a buffer of
+    the remaining size for each piece and copying it into a BytesIO: for a 64 MiB model
+    that is twice the time of one `recv(n, MSG_WAITALL)` on the socket (docs/
+    performance.md). Same framing as `send_bytes` (4-byte big-endian length, or -1 then
+    an 8-byte length); Connection buffers nothing, so the next frame is read as before.
+    """
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+
+        def exactly(n: int) -> bytes:
+            data = sock.recv(n, socket.MSG_WAITALL) if n else b""
+            if len(data) == n:
+                return data
+            if not data:
+                raise EOFError
+            parts = io.BytesIO(data)  # interrupted by a signal: the rest, piece by piece
+            while parts.tell() < n:
+                more = sock.recv(n - parts.tell(), socket.MSG_WAITALL)
+                if not more:
+                    raise EOFError
+                parts.write(more)
+            return parts.getvalue()
+
+        (size,) = struct.unpack("!i", exactly(4))
+        if size == -1:
+            (size,) = struct.unpack("!Q", exactly(8))
+        if size < 0:
+            raise ValueError("malformed frame length")
+        return exactly(size)
+
+
 def _recv_header(conn: Connection) -> dict[str, Any]:
     header = json.loads(conn.recv_bytes(_MAX_HEADER_BYTES))
     if not isinstance(header, dict):
@@ -175,11 +220,30 @@ def _recv_tensors(
     sender is a worker that may run a hostile model, and an object dtype or a huge shape
     would hand it the server's memory.
     """
+    arrays: dict[str, Array] = {}
+    for name, dtype, shape, nbytes in _tensor_specs(header, max_bytes):
+        array = np.empty(shape, dtype=dtype)
+        if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError
+        received = conn.recv_bytes_into(array.reshape(-1).view(np.uint8).data)
+        if received != nbytes:
+            raise ValueError("tensor frame of the wrong size")
+        arrays[name] = array
+    return arrays
+
+
+def _tensor_specs(
+    header: Mapping[str, Any], max_bytes: int
+) -> list[tuple[str, np.dtype[Any], tuple[int, ...], int]]:
+    """The tensors `header` announces (name, dtype, shape, bytes), all checked before any
+    is allocated: dtypes from the allowlist, sizes within `max_bytes` together. The one
+    check of a peer's tensor list, for the thread path and the event loop's
+    (runtime/worker_io.py) alike."""
     described = header.get("tensors", [])
     if not isinstance(described, list):
         raise ValueError("malformed tensor list")
     total = 0
-    arrays: dict[str, Array] = {}
+    specs = []
     for item in described:
         if not (isinstance(item, list) and len(item) == 3):
             raise ValueError("malformed tensor description")
@@ -193,25 +257,30 @@ def _recv_tensors(
         total += nbytes
         if total > max_bytes:
             raise ValueError("tensors larger than a worker's memory limit")
-        array = np.empty(tuple(shape), dtype=dtype)
-        if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
-            raise TimeoutError
-        received = conn.recv_bytes_into(array.reshape(-1).view(np.uint8).data)
-        if received != nbytes:
-            raise ValueError("tensor frame of the wrong size")
-        arrays[name] = array
-    return arrays
+        specs.append((name, dtype, tuple(shape), nbytes))
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------
 # the worker process
 
+_device: Device = "cpu"
+"""This worker's device (`serve --device`), set once at its start; runtime/device.py."""
+_gpu_mem_limit: int | None = None
+"""On CUDA: the cap of this worker's device memory arena (its memory limit)."""
 
-def _limit_memory(limit: int) -> None:
-    """Caps the worker's address space and data segment; no core dumps of tenant data."""
+
+def _limit_memory(limit: int, device: Device = "cpu") -> None:
+    """Caps the worker's address space and data segment; no core dumps of tenant data.
+
+    On CUDA the address space is left alone: the driver reserves terabytes of it (PROT_NONE,
+    never backed) at start. RLIMIT_DATA still bounds what is writable and private (heap,
+    numpy, onnxruntime's CPU buffers); device memory is bounded by the CUDA arena's
+    `gpu_mem_limit` (runtime/device.py)."""
     import resource
 
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if device != "cuda":
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     # A crashing model must not leave its weights and inputs in a core file on the host.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -255,6 +324,13 @@ def _watch_parent(parent: int) -> None:
             os._exit(0)
 
 
+_CUDA_OOM: Final = "CUDA failure 2:"
+"""onnxruntime's words for cudaErrorMemoryAllocation outside its arena (cuDNN, cuBLAS)."""
+_ARENA_CAP: Final = "is smaller than requested bytes of"
+"""onnxruntime's BFC arena at its cap (the CUDA arena's, runtime/device.py): "Available
+memory of N is smaller than requested bytes of M", not "Failed to allocate memory"."""
+
+
 def _memory_failure(exc: BaseException) -> tuple[bool, int | None]:
     """Whether `exc` (or a cause) is an allocation failure, and the size asked for.
 
@@ -267,9 +343,12 @@ def _memory_failure(exc: BaseException) -> tuple[bool, int | None]:
         seen = seen.__cause__
     texts = [str(e) for e in chain]
     memory = any(isinstance(e, MemoryError) for e in chain) or any(
-        "Failed to allocate memory" in t or "bad_alloc" in t for t in texts
+        "Failed to allocate memory" in t or "bad_alloc" in t or _CUDA_OOM in t or _ARENA_CAP in t
+        for t in texts
     )
-    sizes = [m for t in texts if (m := re.search(r"buffer of size (\d+)", t))]
+    sizes = [
+        m for t in texts if (m := re.search(r"(?:buffer of size|requested bytes of) (\d+)", t))
+    ]
     return memory, int(sizes[0].group(1)) if memory and sizes else None
 
 
@@ -287,15 +366,24 @@ def _error_reply(exc: BaseException) -> dict[str, Any]:
     return {"ok": False, "kind": kind, "code": getattr(exc, "code", ""), "message": message[:500]}
 
 
-def _worker_main(conn: Connection, memory_limit: int, intra_op_threads: int) -> None:
+def _worker_main(
+    conn: Connection, memory_limit: int, intra_op_threads: int, device: Device = "cpu"
+) -> None:
     """The worker's loop: load / run / unload commands from the server, one at a time;
     generations (several at once, by id) are stepped between two commands."""
+    global _device, _gpu_mem_limit
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; it closes us
-    _limit_memory(memory_limit)
+    _device = device
+    _gpu_mem_limit = memory_limit if device != "cpu" else None
+    _limit_memory(memory_limit, device)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     # Imported only now, under the limits: onnxruntime's global state is created here.
     from blindinfer.runtime.session import ModelSession
 
+    if device != "cpu":  # every session of this worker on it, its arena capped at the limit
+        ModelSession = functools.partial(  # type: ignore[assignment,misc]
+            ModelSession, device=device, gpu_mem_limit=memory_limit
+        )
     # onnxruntime's one-time global set-up (thread pools, allocators, kernel registries)
     # happens with the first session: pay it now so that no model's measured cost includes
     # it, and so that a limit too small for onnxruntime itself shows up at start.
@@ -330,7 +418,7 @@ def _worker_main(conn: Connection, memory_limit: int, intra_op_threads: int) -> 
                 continue
             if op == "load":
                 mux.forget(header["key"])
-                reply = _load(sessions, header, conn.recv_bytes(), intra_op_threads, ModelSession)
+                reply = _load(sessions, header, _recv_payload(conn), intra_op_threads, ModelSession)
             elif op == "run":
                 # A failure while frames are still unread leaves the pipe out of step:
                 # the server replaces this worker then.
@@ -441,11 +529,12 @@ def _load(
     sessions.pop(key, None)
     if header.get("kind") == "generative":
         return _load_generative(sessions, header, data, intra_op_threads)
-    if header.get("check"):
-        _check_model(data)
+    checked = bool(header.get("check"))
+    if checked:
+        _check_model(data)  # refuses external data first
     _trim()
     before = _rss_bytes()
-    session = session_type(data, intra_op_threads=intra_op_threads)
+    session = session_type(data, intra_op_threads=intra_op_threads, external_data_refused=checked)
     _trim()
     cost = max(0, _rss_bytes() - before)
     sessions[key] = session
@@ -475,6 +564,8 @@ def _load_generative(
     from blindinfer.runtime.generative import GenerativeSession, RuntimeOptions
 
     options = RuntimeOptions(
+        provider=_device,  # the server's device, never the model's
+        gpu_mem_limit=_gpu_mem_limit,
         intra_op_threads=max(1, intra_op_threads),
         max_new_tokens=int(header.get("max_new_tokens", 512)),
         max_context_tokens=int(header.get("max_context_tokens", 4096)),
@@ -592,6 +683,15 @@ class _Gate:
             waiter.acquire()
             self._waiters.append(waiter)
         waiter.acquire()  # released by release(): ownership is handed over, busy stays True
+
+    def try_acquire(self) -> bool:
+        """Takes the gate only if it is free and nobody waits: never blocks (the loop's
+        fast path, WorkerPool.run_async)."""
+        with self._lock:
+            if self._busy or self._waiters:
+                return False
+            self._busy = True
+            return True
 
     def release(self) -> None:
         with self._lock:
@@ -776,6 +876,7 @@ class WorkerPool:
         max_response_bytes: int | None = None,
         max_new_tokens: int = 512,
         max_batch: int = 8,
+        device: Device = "cpu",
     ) -> None:
         if workers < 1 or queue_limit < 0 or timeout_s <= 0 or load_timeout_s <= 0:
             raise ValueError("workers >= 1, queue_limit >= 0 and positive timeouts required")
@@ -793,6 +894,7 @@ class WorkerPool:
         self._queue_limit = queue_limit
         self._source = source
         self._intra_op_threads = intra_op_threads
+        self._device = device  # every worker's sessions run there (runtime/device.py)
         self._max_new_tokens = max_new_tokens  # generative models: the most tokens per answer
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
@@ -954,16 +1056,132 @@ class WorkerPool:
         encoding: OutputEncoding | None = None,
     ) -> dict[str, Array]:
         """A run, on the worker's own queue thread, once it is this request's turn."""
-        header = {
+        header = self._run_header(model_key, outputs, encoding)
+        return self._on_turn(
+            worker, model_key, lambda: self._call(worker, header, arrays, self._timeout_s)[1]
+        )
+
+    async def run_async(
+        self,
+        model_key: str,
+        inputs: Mapping[str, Array],
+        outputs: Sequence[str] | None = None,
+        *,
+        encoding: OutputEncoding | None = None,
+    ) -> dict[str, Array]:
+        """`submit` for the event loop, with the same checks, errors and queue: when the
+        model's worker is idle (and the command small), the exchange runs on the loop
+        itself (runtime/worker_io.py), else the request queues on the worker's thread
+        and is awaited without holding a thread. Cancelling the caller stops its wait,
+        never the exchange: the worker's reply is read either way."""
+        arrays = {name: np.asarray(array) for name, array in inputs.items()}
+        for array in arrays.values():
+            dtype_to_datatype(array.dtype)  # object/string arrays cannot cross as raw bytes
+        wanted = list(outputs) if outputs else None
+        header = self._run_header(model_key, wanted, encoding)
+        small = sum(int(a.nbytes) for a in arrays.values()) <= _LOOP_COMMAND_BYTES
+        with self._lock:
+            worker = self._enter(model_key)
+            fast = small and self._idle(worker, model_key) and worker.gate.try_acquire()
+            executor = None if fast else self._executor(worker)
+        if executor is not None:
+            queued = self._queue(
+                worker, executor, self._run_queued, worker, model_key, arrays, wanted, encoding
+            )
+            return await _awaited(asyncio.wrap_future(queued))
+        command = worker_io.frames(header, arrays)
+        return await _awaited(asyncio.ensure_future(self._run_on_loop(worker, command)))
+
+    def _idle(self, worker: _Worker, model_key: str) -> bool:
+        """Whether a run of `model_key` needs nothing but the exchange itself: no unload,
+        reload, start or generation first (call with the pool's lock held)."""
+        return (
+            not worker.drops
+            and worker.active is None
+            and worker.ready
+            and worker.conn is not None
+            and worker.process is not None
+            and model_key in worker.loaded
+            and worker.process.is_alive()
+        )
+
+    async def _run_on_loop(self, worker: _Worker, command: bytes) -> dict[str, Array]:
+        """The exchange of `_call`, on the loop, holding the gate `run_async` took; the
+        same replacements and errors. Whatever blocks (killing and starting a worker,
+        unloads) is done on a thread, the gate still held."""
+        started = time.monotonic()
+        try:
+            try:
+                reply, results = await self._exchange(worker, command, started)
+            except TimeoutError as exc:
+                await asyncio.to_thread(self._replace, worker)
+                raise InferenceTimeoutError(
+                    f"the model ran longer than {self._timeout_s:g} s; its worker was replaced"
+                ) from exc
+            except (worker_io.WorkerGone, OSError) as exc:
+                await asyncio.to_thread(self._replace, worker)
+                raise WorkerCrashedError(
+                    "the worker running this model crashed; it was replaced"
+                ) from exc
+            except ValueError as exc:
+                await asyncio.to_thread(self._replace, worker)
+                raise WorkerCrashedError(
+                    "the worker sent a malformed reply; it was replaced"
+                ) from exc
+            if not reply.get("ok"):
+                raise await asyncio.to_thread(self._failure, worker, reply)
+            worker.service_s = 0.8 * worker.service_s + 0.2 * (time.monotonic() - started)
+            return results
+        finally:
+            await self._leave_from_loop(worker)
+
+    async def _exchange(
+        self, worker: _Worker, command: bytes, started: float
+    ) -> tuple[dict[str, Any], dict[str, Array]]:
+        """Writes the command, reads the reply and its tensors (checked as on the thread
+        path, by `_tensor_specs`), within `timeout_s`."""
+        assert worker.conn is not None
+        exchange = worker_io.Exchange(worker.conn.fileno(), started + self._timeout_s)
+        try:
+            try:
+                await exchange.send(command)
+            except TimeoutError:
+                raise
+            except OSError:
+                pass  # it exited while we wrote: a reply it left first is still read
+            reply = await exchange.header(_MAX_HEADER_BYTES)
+            results: dict[str, Array] = {}
+            for name, dtype, shape, _ in _tensor_specs(reply, self._max_reply_bytes):
+                array = np.empty(shape, dtype=dtype)
+                view = memoryview(array.reshape(-1).view(np.uint8).data)
+                if await exchange.frame_length(self._max_reply_bytes) != len(view):
+                    raise ValueError("tensor frame of the wrong size")
+                await exchange.read_into(view)
+                results[name] = array
+            return reply, results
+        finally:
+            exchange.close()
+
+    async def _leave_from_loop(self, worker: _Worker) -> None:
+        """`_leave` without blocking the loop: the gate is freed here when no unload waits,
+        else the unloads (commands to the worker) are done on a thread first."""
+        with self._lock:
+            if not worker.drops:
+                worker.pending -= 1
+                worker.gate.release()
+                return
+        await asyncio.to_thread(self._leave, worker)
+
+    def _run_header(
+        self, model_key: str, outputs: list[str] | None, encoding: OutputEncoding | None
+    ) -> dict[str, Any]:
+        return {
             "op": "run",
             "key": model_key,
             "outputs": outputs,
             "encoding": encoding.to_wire() if encoding is not None else None,
             "max_bytes": self._max_response_bytes,
         }
-        return self._on_turn(
-            worker, model_key, lambda: self._call(worker, header, arrays, self._timeout_s)[1]
-        )
 
     def submit_generate(
         self,
@@ -1260,7 +1478,7 @@ class WorkerPool:
         parent_end, child_end = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_worker_main,
-            args=(child_end, self._memory_limit, self._intra_op_threads),
+            args=(child_end, self._memory_limit, self._intra_op_threads, self._device),
             name=f"blindinfer-worker-{worker.index}",
             daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
         )
@@ -1577,6 +1795,13 @@ class WorkerPool:
             raise _TimedOut
         if worker.conn not in ready and not worker.conn.poll(0):
             raise _Died
+
+
+async def _awaited(future: asyncio.Future[_T]) -> _T:
+    """Awaits work that others may share without letting a cancelled caller stop it;
+    whatever it ends in is then collected, so no 'exception never retrieved' is logged."""
+    future.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+    return await asyncio.shield(future)
 
 
 def _too_large(reply: Mapping[str, Any], limit: int) -> ResponseTooLargeError:

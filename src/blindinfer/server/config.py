@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from blindinfer.runtime.device import Device
+
 DEFAULT_PORT = 9924
 MiB = 1 << 20
 
@@ -91,8 +93,12 @@ class ServerConfig:
     blindai_compat: bool = False  # also listen the way BlindAI Core 0.6.3 did
     blindai_ports: tuple[int, int, int] = (9923, 9924, 9925)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # where models run: cpu | cuda (onnxruntime-gpu; runtime/device.py, docs/cli.md)
+    device: Device = "cpu"
 
     def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.blindai_compat and self.port != 0 and self.port in self.blindai_ports:
             # Two sockets on one port would not fail: the kernel would hand every
             # connection to one of them, and the other API would be silently unreachable.
@@ -115,4 +121,7 @@ class ServerConfig:
             "debug": self.simulate_debug_enclave,
             # whether model names can leave through /metrics is pinned with the code
             "metrics_model_names": self.metrics_model_names,
+            # a GPU sees every tensor: pinned too (absent on the CPU, whose measurement
+            # stays what it was)
+            **({"device": self.device} if self.device != "cpu" else {}),
         }

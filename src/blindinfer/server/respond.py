@@ -32,11 +32,19 @@ def server_state(request: Request) -> ServerState:
     return state
 
 
-async def encode_outputs(outputs: Mapping[str, npt.NDArray[Any]], encode: Callable[[], T]) -> T:
+def tensor_bytes(arrays: Mapping[str, object]) -> int:
+    """The bytes of data in `arrays` (what a digest or an encoder reads)."""
+    return sum(int(np.asarray(array).nbytes) for array in arrays.values())
+
+
+async def encode_outputs(
+    outputs: Mapping[str, npt.NDArray[Any]], encode: Callable[[], T], extra_bytes: int = 0
+) -> T:
     """`encode()`, on a thread when `outputs` are large: encoding millions of numbers as
     JSON takes seconds, and on the event loop it would stall every connection, health
     checks and attestation included. Their size is bounded before they reach the server
-    (--max-response-bytes, checked in the worker)."""
-    if sum(int(np.asarray(array).nbytes) for array in outputs.values()) < OFF_LOOP_BYTES:
+    (--max-response-bytes, checked in the worker). `extra_bytes`: other tensor bytes that
+    `encode()` reads (a receipt's digest of the inputs), counted in the same budget."""
+    if tensor_bytes(outputs) + extra_bytes < OFF_LOOP_BYTES:
         return encode()
     return await run_in_threadpool(encode)

@@ -11,8 +11,10 @@ from collections.abc import Callable
 
 import uvicorn
 
+from blindinfer.runtime.device import require_attestable, require_device
 from blindinfer.server.app import build_state, create_app
 from blindinfer.server.body_guard import BodyBudget
+from blindinfer.server.coalesce import coalesce_writes
 from blindinfer.server.config import ConnectionLimits, ServerConfig
 from blindinfer.server.connection import abort_unread_bodies
 from blindinfer.server.connection_guard import ConnectionGuard, guard_connections
@@ -32,7 +34,14 @@ def build_server(config: ServerConfig, platform: Platform | None = None) -> uvic
 def build_server_and_state(
     config: ServerConfig, platform: Platform | None = None
 ) -> tuple[uvicorn.Server, ServerState]:
+    # --device cuda runs on CUDA or not at all (one line, exit 2), before anything starts
+    require_device(
+        config.device,
+        workers=config.limits.workers,
+        worker_memory_bytes=config.limits.worker_memory_bytes,
+    )
     platform = platform if platform is not None else select_platform(config)
+    require_attestable(config.device, platform.kind)
     identity = make_tls_identity()
     state = build_state(config, platform, identity)
     app = create_app(state)
@@ -54,7 +63,9 @@ def build_server_and_state(
     # TLS context lives in memory and is used there, so uvicorn itself gets no `ssl`.
     guard = ConnectionGuard(config.connections, connection_cap(config))
     uv_config.http_protocol_class = guard_connections(
-        abort_unread_bodies(uv_config.http_protocol_class), guard, identity.ssl_context
+        abort_unread_bodies(coalesce_writes(uv_config.http_protocol_class)),
+        guard,
+        identity.ssl_context,
     )
     return uvicorn.Server(uv_config), state
 

@@ -51,6 +51,11 @@ class ServerState:
                 self._boot.append(self.evidence_for(bytes(NONCE_SIZE)))
             return self._boot[0]
 
+    @property
+    def has_boot_evidence(self) -> bool:
+        """Whether `boot_evidence()` returns at once (it makes a TEE quote the first time)."""
+        return bool(self._boot)
+
     def receipt(self, kind: str, record: ModelRecord, **fields: Any) -> dict[str, str]:
         """A JWS receipt signed with the TLS key (see blindinfer.protocol.receipts)."""
         boot = self.boot_evidence()

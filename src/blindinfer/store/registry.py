@@ -45,7 +45,7 @@ from blindinfer.store.errors import (
     UnknownModelError,
 )
 from blindinfer.store.names import check_name, is_model_id, is_sha256, new_model_id
-from blindinfer.store.sealed import ModelRecord, SealedStore
+from blindinfer.store.sealed import ModelRecord, SealedStore, StagedBlob
 
 AuditHook = Callable[..., object]
 
@@ -111,6 +111,16 @@ def _tensor_only(record: ModelRecord) -> None:
         )
 
 
+def _discard_staged(sealed: SealedStore, staging: Future[StagedBlob]) -> None:
+    """Waits for a cancelled sealing to stop and removes what it staged, if anything:
+    an upload refused by validation leaves no file behind when the refusal is sent."""
+    try:
+        staged = staging.result()
+    except BaseException:  # cancelled, or failed: it removed its own file
+        return
+    sealed.discard(staged)
+
+
 async def _wait(future: Future[_T]) -> _T:
     """Awaits a thread's future without holding a thread. A cancelled request (its client
     went away) stops waiting, never the work others may share; whatever that work ends
@@ -162,6 +172,8 @@ class ModelRegistry:
         # Loads wait for a worker (up to the load timeout): on threads of their own, one
         # per model being loaded, however many requests wait for it.
         self._loader = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blindinfer-load")
+        # uploads seal on these while their worker validates (`_add_reserved`)
+        self._stager = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blindinfer-seal")
         self._evicted: list[tuple[str, int]] = []  # audited once the lock is released
         self._in_use: Counter[str] = Counter()  # sha256 -> requests running on it
         self._reserved: Counter[str] = Counter()  # owner -> uploads in flight (see add)
@@ -183,6 +195,7 @@ class ModelRegistry:
     def close(self) -> None:
         self._pool.close()
         self._loader.shutdown(wait=False, cancel_futures=True)
+        self._stager.shutdown(wait=False, cancel_futures=True)
 
     def pool_stats(self) -> list[dict[str, object]]:
         return [dataclasses.asdict(s) for s in self._pool.stats()]
@@ -310,8 +323,59 @@ class ModelRegistry:
         shared_with: Collection[str],
         kind: str = "tensor",
     ) -> tuple[ModelRecord, bool]:
-        """`add` once the upload's room is reserved: validate, seal, publish."""
-        self._validate(data, sha256, owner, kind)
+        """`add` once the upload's room is reserved: validate and seal at once, publish.
+
+        The bytes are sealed to a staged file on a thread of their own while a worker
+        validates them (the two took one after the other: docs/performance.md); the
+        staged blob is committed only once validation passed, and removed otherwise.
+        Staged unless the owner already holds these bytes: for bytes only another tenant
+        holds, the upload takes the same time as a first one."""
+        cancel = threading.Event()
+        staging = (
+            None
+            if self._owner_holds(sha256, owner)
+            else self._stager.submit(self._sealed.stage_blob, sha256, data, cancel=cancel)
+        )
+        try:
+            self._validate(data, sha256, owner, kind)
+        except BaseException:
+            if staging is not None:  # stops within a chunk; nothing is left behind
+                cancel.set()
+                _discard_staged(self._sealed, staging)
+            raise
+        try:
+            staged = None if staging is None else staging.result()
+        except BaseException:  # as a failed `put` would: drop the validated session
+            with self._lock:
+                self._forget_if_orphan(sha256)
+            raise
+        try:
+            return self._publish(
+                data, sha256, staged, name=name, owner=owner, shared_with=shared_with, kind=kind
+            )
+        finally:
+            if staged is not None:
+                self._sealed.discard(staged)  # unless it was renamed into place
+
+    def _owner_holds(self, sha256: str, owner: str) -> bool:
+        """Whether `owner` already has a validated model with these bytes (`_validate`)."""
+        with self._lock:
+            return sha256 in self._signatures and any(
+                r.owner == owner and r.sha256 == sha256 for r in self._records.values()
+            )
+
+    def _publish(
+        self,
+        data: bytes,
+        sha256: str,
+        staged: StagedBlob | None,
+        *,
+        name: str | None,
+        owner: str,
+        shared_with: Collection[str],
+        kind: str,
+    ) -> tuple[ModelRecord, bool]:
+        """Seals (or commits the staged blob), durably and audited, then publishes."""
         model_id = new_model_id()
         record = ModelRecord(
             model_id=model_id,
@@ -328,19 +392,22 @@ class ModelRegistry:
                 existing = self._existing(name, owner, sha256)
                 if existing is not None:
                     return existing, False
+
                 # durable before it is acknowledged, and audited before it is committed:
                 # an upload whose audit entry cannot be written leaves nothing stored
-                self._sealed.put(
-                    record,
-                    data,
-                    before_commit=lambda: self._audit(
+                def audit() -> None:
+                    self._audit(
                         "upload",
                         tenant=owner,
                         model_id=model_id,
                         sha256=sha256,
                         detail={"size": len(data)},
-                    ),
-                )
+                    )
+
+                if staged is not None:
+                    self._sealed.put_staged(record, staged, before_commit=audit)
+                else:
+                    self._sealed.put(record, data, before_commit=audit)
             except BaseException:
                 with self._lock:
                     self._forget_if_orphan(sha256)
@@ -550,13 +617,46 @@ class ModelRegistry:
             if pending is not None:
                 await _wait(pending)
             try:
-                queued = self.submit(record, inputs, outputs, encoding=encoding)
+                queued = self._run_loaded(record, inputs, outputs, encoding)
                 if queued is not None:
-                    return await _wait(queued)
+                    return await asyncio.shield(queued)  # cancelled: the pin lasts the run
             except ModelNotPlacedError:
                 self._check_stored(record)
         self._check_stored(record)
         raise self._contended()
+
+    def _run_loaded(
+        self,
+        record: ModelRecord,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        encoding: OutputEncoding | None,
+    ) -> asyncio.Future[dict[str, np.ndarray]] | None:
+        """`submit` for the loop: the run (WorkerPool.run_async: on the loop itself when
+        the worker is idle) as a task that keeps the model from eviction until it ends,
+        even if its caller stops waiting; None if the model is not loaded."""
+        sha = record.sha256
+        with self._lock:
+            if sha not in self._loaded:
+                return None
+            self._in_use[sha] += 1
+            self._loaded.move_to_end(sha)
+        try:
+            wanted = list(outputs) if outputs else None
+            task = asyncio.ensure_future(
+                self._pool.run_async(sha, dict(inputs), wanted, encoding=encoding)
+            )
+        except BaseException:
+            self._unpin(sha)
+            raise
+
+        def ended(done: asyncio.Future[dict[str, np.ndarray]]) -> None:
+            self._unpin(sha)
+            if not done.cancelled():
+                done.exception()  # retrieved: a caller that went away logs nothing
+
+        task.add_done_callback(ended)
+        return task
 
     async def generation_shape(self, record: ModelRecord) -> tuple[int, int]:
         """(context length, KV-cache bytes per token) of a generative model, as its worker

@@ -169,6 +169,11 @@ class SealedDataError(SealedStoreError):
     """A sealed file is missing, altered, swapped, rolled back or sealed under another key."""
 
 
+class StagingCancelledError(SealedStoreError):
+    """`stage_blob` stopped because its upload was refused meanwhile (never reaches a
+    client: the refusal that cancelled it does)."""
+
+
 class StorageFullError(SealedStoreError):
     """Storing the model would exceed the store's byte budget."""
 
@@ -222,6 +227,17 @@ class _Listed:
     owner: str
     name: str
     counter: int
+
+
+@dataclass(frozen=True, slots=True)
+class StagedBlob:
+    """A model's bytes already sealed to a temporary file of blobs/ and fsynced, their
+    SHA-256 checked while sealing (`SealedStore.stage_blob`): `put_staged` only renames
+    it into place. Nothing references it until then; open removes it after a crash."""
+
+    sha256: str
+    size: int
+    path: Path
 
 
 def _derive(sealing_key: bytes, purpose: str) -> bytes:
@@ -413,6 +429,58 @@ class SealedStore:
             self._check_usable()
             self._put_locked(record, data, before_commit)
 
+    def stage_blob(
+        self, sha256: str, data: bytes, *, cancel: threading.Event | None = None
+    ) -> StagedBlob:
+        """Seals `data` to a temporary file (fsynced), hashing each chunk as it is
+        encrypted: the SHA-256 check costs no separate pass over the model. Takes no
+        lock, so an upload seals while its model is validated in a worker (docs/
+        performance.md); `put_staged` commits it, `discard` drops it. Raises ValueError
+        (nothing left behind) if `sha256` is not the SHA-256 of `data`, and
+        `StagingCancelledError` (nothing left behind) once `cancel` is set: a refused
+        upload stops sealing within a chunk."""
+        if _SHA256.fullmatch(sha256) is None:
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        if len(data) > MAX_BLOB_BYTES:
+            raise ValueError(f"a model is at most {MAX_BLOB_BYTES} bytes")
+        self._check_usable()
+        tmp = _tmp_path(self._blobs_dir)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                digest = self._seal_blob(f, sha256, data, cancel)
+                f.flush()
+                os.fsync(f.fileno())
+            if digest != sha256:
+                raise ValueError("record.sha256 is not the SHA-256 of the data")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+        return StagedBlob(sha256=sha256, size=len(data), path=tmp)
+
+    def put_staged(
+        self,
+        record: ModelRecord,
+        staged: StagedBlob,
+        *,
+        before_commit: Callable[[], object] | None = None,
+    ) -> None:
+        """`put` for bytes `stage_blob` sealed: the blob file is renamed into place (when
+        no stored model has these bytes yet), then record and manifest as in `put`.
+        Durable when this returns; the staged file is used or left for `discard`."""
+        _check_record(record)
+        if (staged.sha256, staged.size) != (record.sha256, record.size):
+            raise ValueError("the staged blob does not hold the bytes the record describes")
+        with self._lock:
+            self._check_usable()
+            self._put_locked(record, None, before_commit, staged=staged)
+
+    def discard(self, staged: StagedBlob) -> None:
+        """Removes a staged blob `put_staged` did not use (or that was never committed)."""
+        with contextlib.suppress(OSError):
+            staged.path.unlink(missing_ok=True)
+
     def update_record(
         self, record: ModelRecord, *, before_commit: Callable[[], object] | None = None
     ) -> None:
@@ -432,9 +500,15 @@ class SealedStore:
             self._put_locked(record, None, before_commit)
 
     def _put_locked(
-        self, record: ModelRecord, data: bytes | None, before_commit: Callable[[], object] | None
+        self,
+        record: ModelRecord,
+        data: bytes | None,
+        before_commit: Callable[[], object] | None,
+        *,
+        staged: StagedBlob | None = None,
     ) -> None:
-        """Write blob (if new), record version, then the manifest: the commit point."""
+        """Write blob (if new; renamed into place if `staged`), record version, then the
+        manifest: the commit point."""
         sha = record.sha256
         old = self._entries.get(record.model_id)
         refs = dict(self._refs)
@@ -445,22 +519,26 @@ class SealedStore:
             refs[sha] = refs.get(sha, 0) + 1
         new_blob = sha not in sizes
         if new_blob:
-            assert data is not None  # update_record keeps the bytes, which exist
+            # update_record keeps the bytes, which exist
+            size = staged.size if staged is not None else len(data or b"")
+            assert data is not None or staged is not None
             used = sum(sizes.values())
-            if used + len(data) > self._max_bytes:
+            if used + size > self._max_bytes:
                 raise StorageFullError(
-                    f"storing {len(data)} bytes would exceed the store's limit: "
+                    f"storing {size} bytes would exceed the store's limit: "
                     f"{used} of {self._max_bytes} bytes are used, "
                     f"{self._max_bytes - used} are free; delete a model first"
                 )
-            sizes[sha] = len(data)
+            sizes[sha] = size
         counter, now = self._counter + 1, self._clock()
         blob_path = self._blob_path(sha)
         record_path = self._record_path(record.model_id, counter)
         entries = dict(self._entries)
         entries[record.model_id] = _Entry(record, counter)
         try:
-            if new_blob:
+            if new_blob and staged is not None:
+                self._place_staged(staged, blob_path)
+            elif new_blob:
                 assert data is not None
                 self._write_atomic(blob_path, lambda f: self._seal_blob(f, sha, data))
             sealed_record = self._seal_record(record, counter)
@@ -599,17 +677,36 @@ class SealedStore:
     def _record_path(self, model_id: str, counter: int) -> Path:
         return self._records_dir / f"{model_id}.{counter}{SUFFIX}"
 
-    def _seal_blob(self, f: BinaryIO, sha256: str, data: bytes) -> None:
-        """Stream-encrypt `data` into `f` (no second full copy in memory)."""
+    def _seal_blob(
+        self, f: BinaryIO, sha256: str, data: bytes, cancel: threading.Event | None = None
+    ) -> str:
+        """Stream-encrypt `data` into `f` (no second full copy in memory); returns the
+        SHA-256 of `data`, computed chunk by chunk while each is still in cache."""
         nonce = os.urandom(NONCE_SIZE)
         enc = Cipher(algorithms.AES(self._blob_key), modes.GCM(nonce)).encryptor()
         enc.authenticate_additional_data(_AAD_BLOB + bytes.fromhex(sha256))
+        digest = hashlib.sha256()
         f.write(bytes([FORMAT_VERSION]) + nonce)
         view = memoryview(data)
         for start in range(0, len(view), _CHUNK):
-            f.write(enc.update(view[start : start + _CHUNK]))
+            if cancel is not None and cancel.is_set():
+                raise StagingCancelledError("sealing was cancelled: the upload was refused")
+            chunk = view[start : start + _CHUNK]
+            digest.update(chunk)
+            f.write(enc.update(chunk))
         f.write(enc.finalize())
         f.write(enc.tag)
+        return digest.hexdigest()
+
+    def _place_staged(self, staged: StagedBlob, blob_path: Path) -> None:
+        """Renames a staged (sealed, fsynced) blob into place and makes that durable, with
+        `_write_atomic`'s guarantees: a failure before the rename changes nothing."""
+        os.replace(staged.path, blob_path)
+        try:
+            _fsync_dir(blob_path.parent)
+        except BaseException as exc:
+            self._broken = f"fsync of {blob_path.parent} failed: {exc}"
+            raise
 
     def _blob_header(self, f: io.BufferedReader, sha256: str, size: int) -> bytes:
         """Check the blob file's length and version; return its nonce."""
