@@ -75,6 +75,8 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import timing  # noqa: E402  (bench/timing.py: this script's folder is on sys.path)
+
 import blindinfer  # noqa: E402
 from blindinfer.client.transport import pinned_context  # noqa: E402
 from blindinfer.protocol.generation import SamplingParams  # noqa: E402
@@ -594,14 +596,6 @@ def version(package: str) -> str:
         return "not installed"
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def met(ok: bool) -> str:
     return "**yes**" if ok else "**no**"
 
@@ -844,9 +838,9 @@ def report(
         f"thread(s) per engine, {rounds} interleaved rounds, medians (min-max)."
     )
     print(
-        f"Machine: {cpu_model()}, {cores} cores ({os.cpu_count()} CPUs), Linux "
-        f"{platform.release()}, load average {load_before[0]:.2f} before, {load[0]:.2f} "
-        f"after. Python {platform.python_version()}, blindinfer {version('blindinfer')}, "
+        f"Machine: {timing.machine()}, {cores} usable, Linux {platform.release()}, load "
+        f"average {load_before[0]:.2f} before, {load[0]:.2f} after. blindinfer "
+        f"{version('blindinfer')}, "
         f"onnxruntime {version('onnxruntime')}, onnxruntime-genai "
         f"{version('onnxruntime-genai')}, openai {version('openai')}, httpx2 "
         f"{version('httpx2')}, uvicorn {version('uvicorn')}, llama-cpp-python "

@@ -163,6 +163,8 @@ def main() -> None:
                 variants["(b0) through the baseline proxy"] = run(baseline_local)
             triton = None
             try:
+                if baseline is not None:  # each proxy's CPU per request: the same client
+                    raise ImportError
                 import tritonclient.http as triton_http  # type: ignore[import-untyped]
 
                 triton = triton_http.InferenceServerClient(proxy_url.split("://", 1)[1])
@@ -173,7 +175,7 @@ def main() -> None:
                     "mlp", [x], outputs=wanted
                 )
             except ImportError:
-                print("tritonclient not installed: skipping (c)")
+                print("tritonclient not installed or --baseline-src given: skipping (c)")
             # each proxy process and the variants it serves
             processes = {"proxy": (proxy, [v for v in variants if "via proxy" in v])}
             processes["proxy"][1].append("(b) through the proxy")

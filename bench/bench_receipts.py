@@ -1,6 +1,7 @@
 """Cost of a receipt per inference, end to end (server signs, client verifies).
 
-For each model (a small MLP; MiniLM b1 x 128 tokens if available) runs the same inference
+For each model (a small MLP; MiniLM b1 x 128 tokens if available; a model with MiniLM's
+output shape and no compute) runs the same inference
 with and without `receipt=True` in alternating blocks on one attested connection, and
 prints the median latency of each and the difference (absolute and relative). Also prints
 the server-side cost alone (tensor digests + ES256 signature). Not a test: asserts nothing.
@@ -24,6 +25,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +78,33 @@ def _server(source: Path | None) -> Iterator[tuple[str, bytes]]:
         yield server.url, bytes.fromhex(mrenclave)
 
 
+def minilm_shaped() -> tuple[str, bytes, dict[str, np.ndarray]]:
+    """A model with MiniLM's output (1 x 128 x 384 float32, 197 KB) and no compute: the
+    receipt's cost for MiniLM-sized tensors without onnxruntime's run, whose noise on a
+    shared machine (several ms) hides a fraction of a millisecond."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Unsqueeze", ["input_ids", "axes"], ["column"]),
+        helper.make_node("Cast", ["column"], ["values"], to=TensorProto.FLOAT),
+        helper.make_node("Expand", ["values", "shape"], ["last_hidden_state"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "minilm_shaped",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 128])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [1, 128, 384])],
+        [
+            numpy_helper.from_array(np.array([1, 128, 384], dtype=np.int64), "shape"),
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "axes"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feed = {"input_ids": np.arange(128, dtype=np.int64).reshape(1, 128)}
+    return "minilm-shaped, no compute", model.SerializeToString(), feed
+
+
 _MRENCLAVE = (
     "from blindinfer.server.config import ServerConfig\n"
     "from blindinfer.server.platforms import simulated_mrenclave\n"
@@ -102,6 +131,7 @@ def main() -> None:
     except Exception as exc:
         print(f"MiniLM unavailable ({exc}); MLP only")
         chosen = models(False)
+    chosen.append(minilm_shaped())
     sources: dict[str, Path | None] = {"this tree": None}
     if args.baseline_src is not None:
         sources = {"baseline": args.baseline_src, **sources}

@@ -63,8 +63,13 @@ def mlserver(python: Path, models: Mapping[str, bytes], timeout: float = 120.0) 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
     log = (root / "mlserver.log").open("w")
     # the `mlserver` console script beside the interpreter (the package has no __main__)
+    # cwd: MLServer writes its Prometheus files into ./.metrics; keep them in the temp folder
     process = subprocess.Popen(
-        [str(python.parent / "mlserver"), "start", str(root)], stdout=log, stderr=log, env=env
+        [str(python.parent / "mlserver"), "start", str(root)],
+        stdout=log,
+        stderr=log,
+        env=env,
+        cwd=root,
     )
     url = f"http://127.0.0.1:{http}"
     try:

@@ -157,6 +157,13 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         help="onnxruntime threads per worker (0: all cores; cores/workers isolates tenants)",
     )
     parser.add_argument(
+        "--intra-op-spin-us",
+        type=int,
+        default=50,
+        help="microseconds onnxruntime's threads busy-wait for the next operator before "
+        "they sleep (0: never; longer only where workers have cores of their own)",
+    )
+    parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
@@ -673,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> object:
-    from blindinfer.server.config import Limits, ServerConfig
+    from blindinfer.server.config import MAX_SPIN_US, Limits, ServerConfig
 
     try:
         limits = Limits(
@@ -699,6 +706,9 @@ def _config(args: argparse.Namespace) -> object:
         for field in dataclasses.fields(Limits):
             text = text.replace(f"limit {field.name} ", f"--{field.name.replace('_', '-')} ")
         raise UsageError(text) from exc
+    spin_us = getattr(args, "intra_op_spin_us", 50)
+    if not 0 <= spin_us <= MAX_SPIN_US:
+        raise UsageError(f"--intra-op-spin-us must be from 0 to {MAX_SPIN_US}, got {spin_us}")
     return ServerConfig(
         host=getattr(args, "host", "127.0.0.1"),
         port=getattr(args, "port", 9924),
@@ -716,6 +726,7 @@ def _config(args: argparse.Namespace) -> object:
         store_dir=args.store_dir,
         auth_file=str(args.auth_file) if args.auth_file else None,
         intra_op_threads=args.intra_op_threads,
+        intra_op_spin_us=spin_us,
         device=getattr(args, "device", "cpu"),
         metrics_model_names=args.metrics_model_names,
         connections=_connection_limits(args),  # type: ignore[arg-type]

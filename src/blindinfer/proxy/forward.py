@@ -808,12 +808,13 @@ def unix_listening_socket(path: str) -> socket.socket:
 
 def _uvicorn_server(app: AttestingProxy) -> Any:
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    from blindinfer.proxy.coalesce import coalescing_protocol
+    from blindinfer.asgi.coalesce import coalesce_writes
 
     config = uvicorn.Config(
         app,
-        http=coalescing_protocol(),  # a response's head and body in one write (coalesce.py)
+        http=coalesce_writes(AutoHTTPProtocol),  # head and body in one write (asgi/coalesce.py)
         log_level="warning",
         access_log=False,  # paths carry model names
         server_header=False,

@@ -40,17 +40,27 @@ class ModelSession:
         device: Device = "cpu",
         gpu_mem_limit: int | None = None,
         external_data_refused: bool = False,
+        spin_us: int | None = None,
     ) -> None:
         """`device` and `gpu_mem_limit`: runtime/device.py (the server's choice, never the
         model's); a session meant for CUDA that comes up without it raises.
         `external_data_refused`: the caller has just run `refuse_external_data` on these
         same (immutable) bytes, so parsing all of them once more is skipped (~60 ms for
-        128 MiB: docs/performance.md)."""
+        128 MiB: docs/performance.md).
+        `spin_us`: how long onnxruntime's pool threads busy-wait for the next operator
+        before they sleep (None: onnxruntime's default; 0: never); the server's workers
+        cap it (WorkerPool, --intra-op-spin-us)."""
         if not external_data_refused:
             refuse_external_data(model_bytes)
         options = ort.SessionOptions()
         prepare_session(options, device, gpu_mem_limit)
         options.intra_op_num_threads = intra_op_threads
+        if spin_us is not None and spin_us < 0:
+            raise ValueError(f"spin_us must not be negative, got {spin_us}")
+        if spin_us == 0:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif spin_us is not None:
+            options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
         # No arena: tensors are freed after each run instead of kept at their peak, so a
         # loaded model costs what was measured when it loaded, not its largest request.
         options.enable_cpu_mem_arena = False

@@ -367,7 +367,11 @@ def _error_reply(exc: BaseException) -> dict[str, Any]:
 
 
 def _worker_main(
-    conn: Connection, memory_limit: int, intra_op_threads: int, device: Device = "cpu"
+    conn: Connection,
+    memory_limit: int,
+    intra_op_threads: int,
+    device: Device = "cpu",
+    spin_us: int | None = None,
 ) -> None:
     """The worker's loop: load / run / unload commands from the server, one at a time;
     generations (several at once, by id) are stepped between two commands."""
@@ -384,6 +388,12 @@ def _worker_main(
         ModelSession = functools.partial(  # type: ignore[assignment,misc]
             ModelSession, device=device, gpu_mem_limit=memory_limit
         )
+    # onnxruntime's pool threads busy-wait between operators, by default for long: with
+    # several workers (and the server, and its clients) on a few cores they take the CPU
+    # the others need (docs/performance.md, "Inference fixed cost: what was changed").
+    ModelSession = functools.partial(  # type: ignore[assignment,misc]
+        ModelSession, spin_us=spin_us
+    )
     # onnxruntime's one-time global set-up (thread pools, allocators, kernel registries)
     # happens with the first session: pay it now so that no model's measured cost includes
     # it, and so that a limit too small for onnxruntime itself shows up at start.
@@ -877,6 +887,7 @@ class WorkerPool:
         max_new_tokens: int = 512,
         max_batch: int = 8,
         device: Device = "cpu",
+        spin_us: int | None = 50,
     ) -> None:
         if workers < 1 or queue_limit < 0 or timeout_s <= 0 or load_timeout_s <= 0:
             raise ValueError("workers >= 1, queue_limit >= 0 and positive timeouts required")
@@ -895,6 +906,8 @@ class WorkerPool:
         self._source = source
         self._intra_op_threads = intra_op_threads
         self._device = device  # every worker's sessions run there (runtime/device.py)
+        # how long onnxruntime's threads busy-wait (ModelSession): short on shared cores
+        self._spin_us = spin_us
         self._max_new_tokens = max_new_tokens  # generative models: the most tokens per answer
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
@@ -1478,7 +1491,13 @@ class WorkerPool:
         parent_end, child_end = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_worker_main,
-            args=(child_end, self._memory_limit, self._intra_op_threads, self._device),
+            args=(
+                child_end,
+                self._memory_limit,
+                self._intra_op_threads,
+                self._device,
+                self._spin_us,
+            ),
             name=f"blindinfer-worker-{worker.index}",
             daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
         )

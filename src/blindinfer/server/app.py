@@ -104,6 +104,7 @@ def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity)
         load_timeout_s=limits.load_timeout_ms / 1000,
         queue_limit=limits.queue_limit,
         intra_op_threads=config.intra_op_threads,
+        spin_us=config.intra_op_spin_us,
         device=config.device,
         source=lambda sha256: registry_box[0].source(sha256),
         max_response_bytes=limits.max_response_bytes,

@@ -15,6 +15,10 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
+MAX_SPIN_US = 1_000_000
+"""The longest `--intra-op-spin-us` (a second: far beyond any use)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_model_bytes: int = 512 * MiB
@@ -89,6 +93,7 @@ class ServerConfig:
     store_dir: str | None = None  # persistence (sealed); None = a private temporary store
     auth_file: str | None = None  # tenants and API key hashes; None = open mode
     intra_op_threads: int = 0  # per worker; 0 = onnxruntime decides (all cores)
+    intra_op_spin_us: int = 50  # onnxruntime threads' busy-wait per pause (0: never)
     metrics_model_names: bool = False  # label per-model inference counts in /metrics by name
     blindai_compat: bool = False  # also listen the way BlindAI Core 0.6.3 did
     blindai_ports: tuple[int, int, int] = (9923, 9924, 9925)

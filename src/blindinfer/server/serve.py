@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import uvicorn
 
+from blindinfer.asgi.coalesce import coalesce_writes
 from blindinfer.runtime.device import require_attestable, require_device
 from blindinfer.server.app import build_state, create_app
 from blindinfer.server.body_guard import BodyBudget
-from blindinfer.server.coalesce import coalesce_writes
 from blindinfer.server.config import ConnectionLimits, ServerConfig
 from blindinfer.server.connection import abort_unread_bodies
 from blindinfer.server.connection_guard import ConnectionGuard, guard_connections

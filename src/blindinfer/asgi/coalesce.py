@@ -1,18 +1,17 @@
-"""One system call per small response on the proxy's local side.
+"""One TLS record and one send per small response, instead of one for the head and one for
+the body: shared by the inference server and the attesting proxy.
 
 uvicorn writes a response's head (`http.response.start`) and its body in two `write`
-calls, and an event loop's transport sends each at once. On loopback each send wakes the
-client: it reads the head, parses it, sleeps again until the body arrives, and wakes a
-second time. Profiled (py-spy --native on the proxy, MLP batch 1), the head's write was
-~10% of the proxy's busy time, most of it waking the client (docs/performance.md,
-"attesting proxy per request").
+calls, and an event loop's transport sends each at once (over TLS: a record each). The
+client, blocked in its read, wakes for the head, parses it, sleeps and wakes again for the
+body; on a busy 2-core machine each wake-up costs a scheduling slot (docs/performance.md,
+"Inference fixed cost: what was changed" and "attesting proxy per request").
 
-`CoalescedWrites` wraps the connection's transport: writes made in one step of the event
+`CoalescedWrites` wraps a connection's transport: writes made in one step of the event
 loop are joined and sent in one call at the end of that step (`call_soon`), or at once from
 `FLUSH_BYTES` on, so large and streamed bodies keep the transport's flow control (it pauses
 the protocol as before). Nothing is reordered or held past the current step; `close`
-sends what is pending first. (server/coalesce.py does the same for the server; the proxy,
-client-side code, imports nothing from the server.)
+sends what is pending first, `abort` drops it, as the transport itself would.
 """
 
 from __future__ import annotations
@@ -81,18 +80,19 @@ class CoalescedWrites:
         return getattr(self._transport, name)
 
 
-def coalescing_protocol() -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol (httptools when installed, else h11) on `CoalescedWrites`."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+def coalesce_writes(protocol_class: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """`protocol_class` (uvicorn's HTTP/1.1 protocol) on `CoalescedWrites`."""
 
-    def connection_made(self: Any, transport: asyncio.Transport) -> None:
-        wrapped: Any = CoalescedWrites(transport)  # duck-typed: what uvicorn calls on one
-        AutoHTTPProtocol.connection_made(self, wrapped)
+    def connection_made(self: Any, transport: asyncio.BaseTransport) -> None:
+        # duck-typed: uvloop's transports are not asyncio.Transport subclasses either
+        wrapped: Any = CoalescedWrites(transport)  # type: ignore[arg-type]
+        protocol_class.connection_made(self, wrapped)
 
+    name = f"CoalesceWrites{protocol_class.__name__}"
     protocol: type[asyncio.Protocol] = type(
-        "CoalescedHTTPProtocol", (AutoHTTPProtocol,), {"connection_made": connection_made}
+        name, (protocol_class,), {"connection_made": connection_made}
     )
     return protocol
 
 
-__all__ = ["FLUSH_BYTES", "CoalescedWrites", "coalescing_protocol"]
+__all__ = ["FLUSH_BYTES", "CoalescedWrites", "coalesce_writes"]

@@ -1,12 +1,12 @@
 """The proxy's local side sends a response's head and body in one write, in order, and
-never holds bytes past the current event-loop step (proxy/coalesce.py)."""
+never holds bytes past the current event-loop step (asgi/coalesce.py, shared with the server)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 
-from blindinfer.proxy.coalesce import FLUSH_BYTES, CoalescedWrites
+from blindinfer.asgi.coalesce import FLUSH_BYTES, CoalescedWrites
 
 
 class _Recorder(asyncio.Protocol):
