@@ -210,8 +210,12 @@ class DecoderConfig:
         this counts fp32, the widest og uses: never less than the cache really takes. A
         sliding window only makes the real cache smaller. Bounded by `ConfigLimits` (at most
         1024 * 2 * 1024 * 1024 * 4 bytes), so always a plain, exact int."""
-        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_size * (
-            KV_DTYPE_BYTES
+        return (
+            self.num_hidden_layers
+            * 2
+            * self.num_key_value_heads
+            * self.head_size
+            * (KV_DTYPE_BYTES)
         )
 
 

@@ -147,9 +147,7 @@ class TenantQuotas:
         self._buckets: dict[str, TokenBucket] = {}
         self._running: dict[str, int] = {}
         # tokens per minute, generations at once, KV cache (server/generation_quota.py)
-        self.generations = GenerationQuotas(
-            config, generation or GenerationDefaults(), clock=clock
-        )
+        self.generations = GenerationQuotas(config, generation or GenerationDefaults(), clock=clock)
 
     @property
     def enabled(self) -> bool:

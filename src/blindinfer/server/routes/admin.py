@@ -27,9 +27,7 @@ async def stats(request: Request) -> Response:
             "memory_used_bytes_by_tenant": state.registry.loaded_by_tenant(),
             # generative models: generations running in their workers, their KV reservations
             "generations_running_by_tenant": state.quotas.generations.running_by_tenant(),
-            "kv_cache_reserved_bytes_by_tenant": (
-                state.quotas.generations.kv_reserved_by_tenant()
-            ),
+            "kv_cache_reserved_bytes_by_tenant": (state.quotas.generations.kv_reserved_by_tenant()),
             "stored_bytes": registry.stored_bytes,
             "workers": [
                 {k: w[k] for k in ("index", "pid", "alive", "loaded", "memory_bytes", "restarts")}
