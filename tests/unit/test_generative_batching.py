@@ -368,3 +368,57 @@ def test_closing_the_pool_ends_every_generation(archive: bytes) -> None:
     holder.release()
     for future in (holder.stream.future, joined.future, queued.future, run):
         assert future.cancelled() or future.exception(WAIT_S) is not None
+
+
+def test_a_lone_request_runs_on_its_own_generator_and_a_frame_of_four_batches(
+    session: GenerativeSession,
+) -> None:
+    """A request alone at its first step takes og.Generator (no Engine scheduling before its
+    first token); four in one frame still share each Engine step, as do two that arrive in
+    separate frames before a step; one arriving while others run joins an Engine. Driven
+    through the worker's own frame handler (`_start_generations`), in process."""
+    from blindinfer.runtime.workers import _start_generations
+
+    expected = _reference(session, MESSAGES, GREEDY)
+    frames: list[dict[str, Any]] = []
+    mux = GenerationMux(frames.append)
+    sessions = {"m": session}
+
+    def frame(*rids: int) -> None:
+        requests = [
+            {"id": rid, "key": "m", "prompt": {"messages": MESSAGES}, **_wire(GREEDY)}
+            for rid in rids
+        ]
+        conn: Any = None  # only used to report a refused request; none is refused here
+        assert _start_generations(mux, sessions, requests, conn)
+
+    def drain() -> None:
+        while mux.active:
+            mux.step()
+
+    frame(0)
+    assert mux.live == 1 and mux.active and mux.solo_started == 0  # decided at its step
+    mux.step()
+    assert mux.solo_started == 1 and 0 in mux._solo and not mux._groups
+    frame(1)  # joins while 0 runs: an Engine
+    assert mux.solo_started == 1 and 1 in mux._groups["m"][0].members
+    drain()
+    frame(2, 3, 4, 5)
+    assert mux.solo_started == 1 and len(mux._groups["m"][0].members) == 4  # a warm Engine
+    drain()
+    frame(6)
+    frame(7)  # read before 6's first step: they share the Engine
+    assert mux.solo_started == 1 and set(mux._groups["m"][0].members) == {6, 7}
+    drain()
+    frame(8)
+    mux.cancel(8)  # cancelled before its first step: a final frame, nothing generated
+    assert not mux.active and mux.live == 0 and mux.solo_started == 1
+    finals = {f["id"]: f for f in frames if f.get("end")}
+    assert sorted(finals) == list(range(9))
+    assert finals[8]["finish_reason"] == "cancelled" and finals[8]["output_token_ids"] == []
+    for rid in range(8):
+        final = finals[rid]
+        assert final["output_token_ids"] == expected and final["finish_reason"] == "length"
+    assert finals[0]["peak_batch"] == finals[1]["peak_batch"] == 1
+    assert {finals[rid]["peak_batch"] for rid in range(2, 6)} == {4}
+    assert finals[6]["peak_batch"] == finals[7]["peak_batch"] == 2

@@ -12,11 +12,12 @@ How requests share the model (onnxruntime-genai 0.18 on the builder's CPU export
   the same model, stepped in turn with the first; the requests that arrive together (one
   `generate` frame, or frames read between the same two steps) share each step. Greedy
   answers are token-identical to a lone `og.Generator` either way (tested).
-- Alone (the only request of its `generate` frame while no other generation runs on this
-  worker): its own `og.Generator`, as a seeded request. A lone request pays neither the
-  Engine's scheduling before its first token (measured 4.5-10 ms warm, ~88 ms for a new
-  Engine) nor its extra CPU per token; requests that arrive while it runs join an Engine
-  and are stepped in turn with it, so concurrent streams still share steps.
+- Alone (no other generation running on this worker, and none arriving with it, in its
+  frame or before the next step): its own `og.Generator`, as a seeded request. A lone
+  request pays neither the Engine's scheduling before its first token (measured 4.5-10 ms
+  warm, ~88 ms for a new Engine) nor its extra CPU per token. Its generator is made at the
+  next step, so that a request read before then shares an Engine with it; requests that
+  arrive later join an Engine stepped in turn with it.
 - With a seed: its own `og.Generator` (the Engine refuses per-request seeds without a paged
   KV cache), stepped once per round with the batch, so a seeded answer is exactly the answer
   it gets alone. So is every request to a model with several end-of-sequence tokens: the
@@ -62,6 +63,18 @@ class _Live:
 
 
 @dataclass(slots=True)
+class _Lone:
+    """A request alone so far: it gets its own og.Generator at the next step, unless another
+    request comes first (both then share an Engine)."""
+
+    rid: int
+    key: str
+    session: GenerativeSession
+    ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True)
 class _Group:
     """One Engine and the requests of its current static batch."""
 
@@ -89,28 +102,30 @@ class GenerationMux:
         self._send = send
         self._groups: dict[str, list[_Group]] = {}
         self._solo: dict[int, _Live] = {}
+        self._lone: _Lone | None = None
         self.solo_started = 0
         """Generations started on their own og.Generator (alone, seeded or multi-EOS)."""
 
     @property
     def active(self) -> bool:
         """Whether `step()` has work: live generations, or an Engine to release rows in."""
-        return bool(self._solo) or any(
-            g.members or g.batcher.pending() for gs in self._groups.values() for g in gs
+        return (
+            self._lone is not None
+            or bool(self._solo)
+            or any(g.members or g.batcher.pending() for gs in self._groups.values() for g in gs)
         )
 
     @property
     def live(self) -> int:
         """Generations running now."""
-        return len(self._solo) + sum(len(g.members) for gs in self._groups.values() for g in gs)
+        engines = sum(len(g.members) for gs in self._groups.values() for g in gs)
+        return (self._lone is not None) + len(self._solo) + engines
 
-    def start(
-        self, session: object, key: str, request: Mapping[str, Any], *, alone: bool = False
-    ) -> None:
-        """Starts one generation (`request`: id, prompt, params); it runs from the next step.
-        `alone`: it is the only request of its frame; with no other generation running it
-        then gets its own og.Generator (a lone request's fastest path). Raises for a request
-        the model refuses (nothing is kept then)."""
+    def start(self, session: object, key: str, request: Mapping[str, Any]) -> None:
+        """Starts one generation (`request`: id, prompt, params); it runs from the next step:
+        on its own og.Generator if it is still the only one then (a lone request's fastest
+        path), else in an Engine batch. Raises for a request the model refuses (nothing is
+        kept then)."""
         rid = request["id"]
         if type(rid) is not int:
             raise ProtocolError("invalid_request", "a generation needs an integer id")
@@ -122,20 +137,26 @@ class GenerationMux:
             ids = session.chat_prompt_ids(prompt["messages"])
         else:
             ids = session.encode(prompt["text"])
-        if (
-            (alone and self.live == 0)
-            or params.seed is not None
-            or len(session.eos_token_ids) != 1
-        ):
+        if params.seed is not None or len(session.eos_token_ids) != 1:
             self._solo[rid] = _Live(rid, session.generate(ids, params), ids)
             self.solo_started += 1
             return
+        if self.live == 0:
+            session.check(ids, params)  # a refusal now, as from the other paths
+            self._lone = _Lone(rid, key, session, ids, params)
+            return
+        self._batch_lone()  # it is not alone any more: it shares the Engine with this one
         group = self._forming(key, session)
         group.members[rid] = _Live(rid, group.batcher.submit(ids, params), ids)
 
     def cancel(self, rid: object) -> None:
         """Stops that generation now and sends its final frame; an id that already ended
         (its final frame is on its way) is ignored."""
+        lone = self._lone
+        if lone is not None and lone.rid == rid:
+            self._lone = None
+            self._final(lone, "cancelled")
+            return
         live = self._solo.pop(rid, None) if type(rid) is int else None
         if live is None:
             for groups in self._groups.values():
@@ -162,17 +183,21 @@ class GenerationMux:
         """Ends every generation with `error` (a frame without id): the worker is failing."""
         lives = list(self._solo.values())
         lives += [v for gs in self._groups.values() for g in gs for v in g.members.values()]
+        lone, self._lone = self._lone, None
         self._solo.clear()
         self._groups.clear()
         for live in lives:
             live.generation.close()
             self._send(dict(error, id=live.rid))
+        if lone is not None:
+            self._send(dict(error, id=lone.rid))
 
     def step(self) -> None:
         """One round: one step of every Engine with requests, one token of every seeded
         generation; frames for what they produced. A failure of one Engine or generation
         ends its requests with an error frame; a memory failure is raised (the worker then
         fails everything and is replaced)."""
+        self._start_lone()
         for groups in list(self._groups.values()):
             for group in groups:
                 self._step_group(group)
@@ -188,7 +213,7 @@ class GenerationMux:
                     raise
                 self._solo.pop(rid, None)
                 generation.close()
-                self._error(live, exc)
+                self._error(live.rid, exc)
                 continue
             if token is not None:
                 self._deliver(live, token)
@@ -197,6 +222,40 @@ class GenerationMux:
                 self._final(live, generation.finish_reason or "length")
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _start_lone(self) -> None:
+        """The lone request is still alone at its first step: its own og.Generator."""
+        lone = self._lone
+        if lone is None:
+            return
+        try:
+            generation = lone.session.generate(lone.ids, lone.params)
+        except Exception as exc:
+            if _is_memory_failure(exc):
+                raise  # fail_all ends it with the others
+            self._lone = None
+            self._error(lone.rid, exc)
+            return
+        self._lone = None
+        self._solo[lone.rid] = _Live(lone.rid, generation, lone.ids)
+        self.solo_started += 1
+
+    def _batch_lone(self) -> None:
+        """Another request came before the lone one's first step: it goes to an Engine too."""
+        lone = self._lone
+        if lone is None:
+            return
+        group = self._forming(lone.key, lone.session)
+        try:
+            generation = group.batcher.submit(lone.ids, lone.params)
+        except Exception as exc:
+            if _is_memory_failure(exc):
+                raise  # fail_all ends it with the others
+            self._lone = None
+            self._error(lone.rid, exc)  # its own error, not the newcomer's
+            return
+        self._lone = None
+        group.members[lone.rid] = _Live(lone.rid, generation, lone.ids)
 
     def _forming(self, key: str, session: GenerativeSession) -> _Group:
         """An Engine of this model whose batch has not run yet and has room, else a new one."""
@@ -229,7 +288,7 @@ class GenerationMux:
             group.members.clear()
             for live in lives:
                 live.generation.close()
-                self._error(live, exc)
+                self._error(live.rid, exc)
             return
         for rid, live in list(group.members.items()):
             live.peak_batch = max(live.peak_batch, size)
@@ -248,25 +307,29 @@ class GenerationMux:
         if token.text:
             self._send({"ok": True, "id": live.rid, "text": token.text})
 
-    def _final(self, live: _Live, reason: str) -> None:
+    def _final(self, live: _Live | _Lone, reason: str) -> None:
+        if isinstance(live, _Lone):  # cancelled before its first step: nothing generated
+            prompt, output, peak = live.ids, [], 1
+        else:
+            prompt, output, peak = live.prompt_ids, live.output_ids, live.peak_batch
         self._send(
             {
                 "ok": True,
                 "end": True,
                 "id": live.rid,
                 "finish_reason": reason,
-                "prompt_tokens": len(live.prompt_ids),
-                "completion_tokens": len(live.output_ids),
-                "prompt_token_ids": [int(t) for t in live.prompt_ids],
-                "output_token_ids": live.output_ids,
-                "peak_batch": live.peak_batch,
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(output),
+                "prompt_token_ids": [int(t) for t in prompt],
+                "output_token_ids": output,
+                "peak_batch": peak,
             }
         )
 
-    def _error(self, live: _Live, exc: Exception) -> None:
+    def _error(self, rid: int, exc: Exception) -> None:
         from blindinfer.runtime.workers import _error_reply
 
-        self._send(_error_reply(exc) | {"id": live.rid})
+        self._send(_error_reply(exc) | {"id": rid})
 
 
 def _is_memory_failure(exc: BaseException) -> bool:

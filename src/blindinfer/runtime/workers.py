@@ -469,10 +469,9 @@ def _start_generations(
     """Starts each generation of a `generate` frame (those that arrive together share the
     next step); a refused one gets its error frame at once. False: a memory failure, the
     worker must exit (every generation got the error)."""
-    alone = len(requests) == 1  # with nothing else running: its own og.Generator
     for request in requests:
         try:
-            mux.start(sessions[request["key"]], request["key"], request, alone=alone)
+            mux.start(sessions[request["key"]], request["key"], request)
         except BaseException as exc:
             reply = _error_reply(exc)
             rid = request.get("id") if isinstance(request, dict) else None
