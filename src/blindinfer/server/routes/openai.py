@@ -27,23 +27,17 @@ Nothing here logs a prompt, an answer or a model name.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import Awaitable, Callable, Mapping
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from blindinfer.protocol import sse
-from blindinfer.protocol.generation import (
-    FinishReason,
-    GenerationLimits,
-    ParameterError,
-    SamplingParams,
-)
+from blindinfer.protocol.generation import ParameterError
 from blindinfer.protocol.openai_requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
     parse_chat_completion_request,
     parse_completion_request,
 )
@@ -57,23 +51,17 @@ from blindinfer.protocol.openai_responses import (
     now,
     text_completion,
 )
+from blindinfer.server import generation_answer as answer
 from blindinfer.server.auth import Action, Principal, authorize, sharing_view, visible_to
 from blindinfer.server.bodies import read_bounded
-from blindinfer.server.body_guard import tenant_slot
-from blindinfer.server.disconnect import until_disconnect
 from blindinfer.server.errors import response_headers, status_and_code, where
 from blindinfer.server.generation_quota import generate
-from blindinfer.server.generation_receipt import generation_receipt
 from blindinfer.server.respond import json_response as _json
 from blindinfer.server.respond import server_state as _state
 from blindinfer.server.state import ServerState
-from blindinfer.store.registry import GenerationEnd, GenerationEvent
 from blindinfer.store.sealed import ModelRecord
 
 log = logging.getLogger("blindinfer.server")
-
-MAX_BODY_BYTES = 4 << 20
-"""A generative request is JSON text: never more than this, whatever --max-request-bytes."""
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -103,23 +91,8 @@ def _error_response(request: Request, exc: BaseException) -> Response:
     )
 
 
-def _limits(state: ServerState) -> GenerationLimits:
-    limits = state.config.limits
-    return GenerationLimits(
-        max_body_bytes=min(limits.max_request_bytes, MAX_BODY_BYTES),
-        max_new_tokens=limits.max_new_tokens,
-    )
-
-
 def _generative(state: ServerState, principal: Principal, name: str) -> ModelRecord:
-    record = state.model_for(principal, name, Action.RUN)
-    if record.kind != "generative":
-        raise ParameterError(
-            "not_generative",
-            "this model is a tensor model: run it with POST /v2/models/{name}/infer",
-            "model",
-        )
-    return record
+    return answer.require_generative(state.model_for(principal, name, Action.RUN), "model")
 
 
 @_openai_errors
@@ -146,180 +119,80 @@ async def list_models(request: Request) -> Response:
 
 @_openai_errors
 async def chat_completions(request: Request) -> Response:
-    state = _state(request)
-    principal = state.principal(request)
-    limits = _limits(state)
-    body = await read_bounded(request, limits.max_body_bytes, setting="--max-request-bytes")
-    parsed = parse_chat_completion_request(body, limits)
-    record = _generative(state, principal, parsed.model)
-    prompt = {"messages": [{"role": m.role, "content": m.content} for m in parsed.messages]}
-    answer = _Answer(
-        chat=True,
-        model=parsed.model,
-        include_usage=parsed.include_usage,
-        receipt=_Receipt(record, prompt, parsed.sampling),
-    )
-    events = generate(state, principal.tenant, record, prompt, parsed.sampling)
-    return await answer.respond(request, state, principal, events, stream=parsed.stream)
+    return await _complete(request, chat=True)
 
 
 @_openai_errors
 async def completions(request: Request) -> Response:
+    return await _complete(request, chat=False)
+
+
+async def _complete(request: Request, *, chat: bool) -> Response:
+    """A chat or text completion, whole or streamed (`generation_answer` does the rest)."""
     state = _state(request)
     principal = state.principal(request)
-    limits = _limits(state)
+    limits = answer.generation_limits(state)
     body = await read_bounded(request, limits.max_body_bytes, setting="--max-request-bytes")
-    parsed = parse_completion_request(body, limits)
-    record = _generative(state, principal, parsed.model)
-    prompt = {"text": parsed.prompt}
-    answer = _Answer(
-        chat=False,
-        model=parsed.model,
-        include_usage=parsed.include_usage,
-        receipt=_Receipt(record, prompt, parsed.sampling),
-    )
-    events = generate(state, principal.tenant, record, prompt, parsed.sampling)
-    return await answer.respond(request, state, principal, events, stream=parsed.stream)
-
-
-def _finish(end: GenerationEnd) -> FinishReason:
-    return cast(FinishReason, end.finish_reason if end.finish_reason == "stop" else "length")
-
-
-@dataclass(frozen=True, slots=True)
-class _Receipt:
-    """What a completion's receipt signs besides the answer: the model and the request."""
-
-    record: ModelRecord
+    parsed: ChatCompletionRequest | CompletionRequest
     prompt: Mapping[str, object]
-    sampling: SamplingParams
-
-
-class _Answer:
-    """One chat or text completion, whole or streamed."""
-
-    def __init__(self, *, chat: bool, model: str, include_usage: bool, receipt: _Receipt) -> None:
-        self.chat = chat
-        self.id = new_id("chatcmpl" if chat else "cmpl")
-        self.created = now()
-        self.model = model
-        self.include_usage = include_usage
-        self.receipt = receipt
-
-    async def _sign(
-        self, state: ServerState, text: str, end: GenerationEnd
-    ) -> dict[str, str] | None:
-        signed = self.receipt
-        return await generation_receipt(
-            state,
-            signed.record,
-            request_id=self.id,
-            prompt=signed.prompt,
-            sampling=signed.sampling,
-            text=text,
-            end=end,
-        )
-
-    async def respond(
-        self,
-        request: Request,
-        state: ServerState,
-        principal: Principal,
-        events: AsyncGenerator[GenerationEvent, None],
-        *,
-        stream: bool,
-    ) -> Response:
-        stack = AsyncExitStack()
-        try:
-            await stack.enter_async_context(tenant_slot(request, state.quotas, principal.tenant))
-            stack.push_async_callback(events.aclose)
-            # the first event before answering 200: a refusal (context too long, model
-            # gone, worker busy) is still an HTTP error, not an event in a stream
-            first = await anext(events)
-        except BaseException:
-            await stack.aclose()
-            raise
-        if not stream:
-            async with stack:
-                return await self._whole(state, first, events, request)
-        return StreamingResponse(
-            self._events(request, state, first, events, stack), headers=dict(sse.HEADERS)
-        )
-
-    async def _collect(
-        self, first: GenerationEvent, events: AsyncGenerator[GenerationEvent, None]
-    ) -> tuple[str, GenerationEnd]:
-        pieces: list[str] = []
-        event = first
-        while not isinstance(event, GenerationEnd):
-            pieces.append(event)
-            event = await anext(events)
-        return "".join(pieces), event
-
-    async def _whole(
-        self,
-        state: ServerState,
-        first: GenerationEvent,
-        events: AsyncGenerator[GenerationEvent, None],
-        request: Request,
-    ) -> Response:
-        # a client that leaves before its whole answer stops the generation too
-        text, end = await until_disconnect(request, self._collect(first, events))
-        receipt = await self._sign(state, text, end)
-        if self.chat:
+    if chat:
+        parsed = parse_chat_completion_request(body, limits)
+        prompt = {"messages": [{"role": m.role, "content": m.content} for m in parsed.messages]}
+    else:
+        parsed = parse_completion_request(body, limits)
+        prompt = {"text": parsed.prompt}
+    model, sampling = parsed.model, parsed.sampling
+    record = _generative(state, principal, model)
+    completion_id, created = new_id("chatcmpl" if chat else "cmpl"), now()
+    signed = answer.Signed(state, record, completion_id, prompt, sampling)
+    # within the tenant's tokens per minute, generations at once and KV-cache budget
+    events = generate(state, principal.tenant, record, prompt, sampling)
+    first, stack = await answer.start(request, state, principal.tenant, events)
+    if not parsed.stream:
+        text, end, receipt = await answer.whole(request, first, events, stack, signed)
+        finish = answer.finish_reason(end)
+        if chat:
             body = chat_completion(
-                id=self.id,
-                created=self.created,
-                model=self.model,
+                id=completion_id,
+                created=created,
+                model=model,
                 content=text,
-                finish_reason=_finish(end),
+                finish_reason=finish,
                 usage=end.usage,
                 receipt=receipt,
             )
         else:
             body = text_completion(
-                id=self.id,
-                created=self.created,
-                model=self.model,
+                id=completion_id,
+                created=created,
+                model=model,
                 text=text,
-                finish_reason=_finish(end),
+                finish_reason=finish,
                 usage=end.usage,
                 receipt=receipt,
             )
         return Response(body, media_type="application/json")
-
-    async def _events(
-        self,
-        request: Request,
-        state: ServerState,
-        first: GenerationEvent,
-        events: AsyncGenerator[GenerationEvent, None],
-        stack: AsyncExitStack,
-    ) -> AsyncIterator[bytes]:
-        """The stream's events; leaving early (the client went away: Starlette cancels
-        this generator) closes `events`, which cancels the generation in the worker."""
-        async with stack:
-            if self.chat:
-                chat = ChatCompletionStream(self.id, self.created, self.model, self.include_usage)
-                renderer: ChatCompletionStream | CompletionStream = chat
-                yield chat.start()
-            else:
-                renderer = CompletionStream(self.id, self.created, self.model, self.include_usage)
-            event = first
-            pieces: list[str] = []  # the answer as sent: its receipt signs it
-            try:
-                while not isinstance(event, GenerationEnd):
-                    pieces.append(event)
-                    yield renderer.text(event)
-                    event = await anext(events)
-                receipt = await self._sign(state, "".join(pieces), event)
-            except Exception as exc:
-                status, code, message = status_and_code(exc)
-                if status >= 500:
-                    log.error("a stream failed with %s (%s)", type(exc).__name__, where(request))
-                yield error_event(status, code, message)
-                return
-            yield renderer.end(_finish(event), event.usage, receipt)
+    renderer: ChatCompletionStream | CompletionStream
+    if chat:
+        renderer = ChatCompletionStream(completion_id, created, model, parsed.include_usage)
+        opening = renderer.start()
+    else:
+        renderer = CompletionStream(completion_id, created, model, parsed.include_usage)
+        opening = b""
+    return StreamingResponse(
+        answer.relay(
+            request,
+            first,
+            events,
+            stack,
+            signed,
+            text=renderer.text,
+            end=renderer.end,
+            error=error_event,
+            opening=opening,
+        ),
+        headers=dict(sse.HEADERS),
+    )
 
 
 routes = [
