@@ -6,10 +6,12 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 import blindinfer
-from blindinfer.server.config import ServerConfig
+from blindinfer.client.transport import pinned_context
+from blindinfer.server.config import Limits, ServerConfig
 from blindinfer.server.platforms import simulated_mrenclave
 from blindinfer.server.process import ServerProcess, start_server
 from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER
@@ -58,3 +60,43 @@ def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-int4"
     smollm2.convert_cli(gguf, out)
     return out
+
+
+# The generative modules' fixtures: one simulation server per module (one worker, its
+# stderr in `log_file` so that tests can check that no prompt or answer reached it), an
+# attested client, and plain HTTP pinned to the attested certificate.
+
+GENERATIVE_MAX_NEW_TOKENS = 64
+"""The generative modules' server: `--max-new-tokens` (fixtures `gen_server` and on)."""
+
+
+@pytest.fixture(scope="module")
+def log_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("generative") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def gen_server(log_file: Path) -> Iterator[ServerProcess]:
+    args = ["--simulation", "--workers=1", f"--max-new-tokens={GENERATIVE_MAX_NEW_TOKENS}"]
+    with log_file.open("w") as stderr, start_server(args, stderr=stderr) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def gen_client(gen_server: ServerProcess) -> Iterator[blindinfer.Client]:
+    config = ServerConfig(
+        simulation=True, limits=Limits(workers=1, max_new_tokens=GENERATIVE_MAX_NEW_TOKENS)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", blindinfer.SimulationWarning)
+        connected = blindinfer.connect(gen_server.url, policy=policy_for(config), simulation=True)
+    with connected:
+        yield connected
+
+
+@pytest.fixture(scope="module")
+def raw(gen_client: blindinfer.Client) -> Iterator[httpx.Client]:
+    """Plain HTTP on a connection pinned to the attested certificate."""
+    context = pinned_context(gen_client.attestation.certificate_der)
+    with httpx.Client(base_url=gen_client.url, verify=context, timeout=60) as http:
+        yield http

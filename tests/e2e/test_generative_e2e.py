@@ -15,7 +15,6 @@ import sys
 import tarfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,50 +23,20 @@ import pytest
 
 import blindinfer
 from blindinfer.cli.proxy import READY_PREFIX
-from blindinfer.client.transport import pinned_context
 from blindinfer.protocol.generation import SamplingParams
 from blindinfer.runtime.generative import GenerativeSession, RuntimeOptions
 from blindinfer.server.config import Limits, ServerConfig
 from blindinfer.server.process import ServerProcess, start_server
 
+from .conftest import GENERATIVE_MAX_NEW_TOKENS as MAX_NEW_TOKENS
 from .conftest import policy_for
 
 openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.e2e
 
-MAX_NEW_TOKENS = 64
 MESSAGES = [{"role": "user", "content": "tell me about the quiet river"}]
 SECRET = "tell me about the quiet river"
-
-
-@pytest.fixture(scope="module")
-def log_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("generative") / "server.log"
-
-
-@pytest.fixture(scope="module")
-def gen_server(log_file: Path) -> Iterator[ServerProcess]:
-    args = ["--simulation", "--workers=1", f"--max-new-tokens={MAX_NEW_TOKENS}"]
-    with log_file.open("w") as stderr, start_server(args, stderr=stderr) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def gen_client(gen_server: ServerProcess) -> Iterator[blindinfer.Client]:
-    config = ServerConfig(simulation=True, limits=Limits(workers=1, max_new_tokens=MAX_NEW_TOKENS))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", blindinfer.SimulationWarning)
-        connected = blindinfer.connect(gen_server.url, policy=policy_for(config), simulation=True)
-    with connected:
-        yield connected
-
-
-@pytest.fixture(scope="module")
-def raw(gen_client: blindinfer.Client) -> Iterator[httpx.Client]:
-    context = pinned_context(gen_client.attestation.certificate_der)
-    with httpx.Client(base_url=gen_client.url, verify=context, timeout=60) as http:
-        yield http
 
 
 @pytest.fixture(scope="module")

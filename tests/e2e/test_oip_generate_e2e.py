@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,49 +23,19 @@ import pytest
 import blindinfer
 from blindinfer.client.receipts import verify_generation_receipt
 from blindinfer.client.transport import pinned_context
-from blindinfer.server.config import Limits, ServerConfig
-from blindinfer.server.process import ServerProcess, start_server
+from blindinfer.server.config import ServerConfig
+from blindinfer.server.process import start_server
 from support import onnx_models as zoo
 
+from .conftest import GENERATIVE_MAX_NEW_TOKENS as MAX_NEW_TOKENS
 from .conftest import policy_for
 
 pytestmark = pytest.mark.e2e
 
-MAX_NEW_TOKENS = 64
 PROMPT = "the quiet river runs"
 SECRET_PROMPT = "a secret prompt about the quiet river"
 PARAMS: dict[str, Any] = {"max_tokens": 20, "temperature": 0}
 SIMPLE_REQUEST_TYPES = ("text/plain", "application/x-www-form-urlencoded")
-
-
-@pytest.fixture(scope="module")
-def log_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("oip-generate") / "server.log"
-
-
-@pytest.fixture(scope="module")
-def gen_server(log_file: Path) -> Iterator[ServerProcess]:
-    args = ["--simulation", "--workers=1", f"--max-new-tokens={MAX_NEW_TOKENS}"]
-    with log_file.open("w") as stderr, start_server(args, stderr=stderr) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def gen_client(gen_server: ServerProcess) -> Iterator[blindinfer.Client]:
-    config = ServerConfig(simulation=True, limits=Limits(workers=1, max_new_tokens=MAX_NEW_TOKENS))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", blindinfer.SimulationWarning)
-        connected = blindinfer.connect(gen_server.url, policy=policy_for(config), simulation=True)
-    with connected:
-        yield connected
-
-
-@pytest.fixture(scope="module")
-def raw(gen_client: blindinfer.Client) -> Iterator[httpx.Client]:
-    """Plain HTTP on a connection pinned to the attested certificate."""
-    context = pinned_context(gen_client.attestation.certificate_der)
-    with httpx.Client(base_url=gen_client.url, verify=context, timeout=60) as http:
-        yield http
 
 
 @pytest.fixture(scope="module")
