@@ -26,6 +26,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import cast
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from blindinfer.protocol.generation import (
@@ -38,7 +39,7 @@ from blindinfer.protocol.generation import (
 from blindinfer.server.body_guard import tenant_slot
 from blindinfer.server.disconnect import until_disconnect
 from blindinfer.server.errors import status_and_code, where
-from blindinfer.server.generation_receipt import generation_receipt
+from blindinfer.server.generation_receipt import sign_generation_receipt
 from blindinfer.server.state import ServerState
 from blindinfer.store.registry import GenerationEnd, GenerationEvent
 from blindinfer.store.sealed import ModelRecord
@@ -85,15 +86,18 @@ class Signed:
     sampling: SamplingParams
 
     async def sign(self, text: str, end: GenerationEnd) -> Receipt | None:
-        """The receipt of a finished generation whose answer, as sent, was `text`."""
-        return await generation_receipt(
-            self.state,
-            self.record,
-            request_id=self.request_id,
-            prompt=self.prompt,
-            sampling=self.sampling,
-            text=text,
-            end=end,
+        """The receipt of a finished generation whose answer, as sent, was `text`; signed on
+        a worker thread (a prompt may be megabytes; the first receipt makes the quote)."""
+        return await run_in_threadpool(
+            lambda: sign_generation_receipt(
+                self.state,
+                self.record,
+                request_id=self.request_id,
+                prompt=self.prompt,
+                sampling=self.sampling,
+                text=text,
+                end=end,
+            )
         )
 
 

@@ -8,15 +8,13 @@ the finish reason and the token counts (`blindinfer.protocol.receipts.generation
 format in docs/receipts.md). A cancelled generation (its client went away) gets none: no
 one is there to receive it, and its answer was never complete.
 
-The hashing and signing run on a worker thread: a prompt may be megabytes, and the first
-receipt after start-up makes the boot evidence (a TEE quote).
+Callers sign on a worker thread (`generation_answer.Signed`): a prompt may be megabytes,
+and the first receipt after start-up makes the boot evidence (a TEE quote).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-from starlette.concurrency import run_in_threadpool
 
 from blindinfer.protocol.generation import SamplingParams
 from blindinfer.protocol.receipts import GENERATION_KIND, generation_fields, prompt_document
@@ -24,7 +22,7 @@ from blindinfer.server.state import ServerState
 from blindinfer.store.registry import GenerationEnd
 from blindinfer.store.sealed import ModelRecord
 
-__all__ = ["generation_receipt", "sign_generation_receipt"]
+__all__ = ["sign_generation_receipt"]
 
 
 def sign_generation_receipt(
@@ -58,27 +56,3 @@ def sign_generation_receipt(
         output_token_ids=end.output_token_ids,
     )
     return state.receipt(GENERATION_KIND, record, request_id=request_id, **fields)
-
-
-async def generation_receipt(
-    state: ServerState,
-    record: ModelRecord,
-    *,
-    request_id: str,
-    prompt: Mapping[str, object],
-    sampling: SamplingParams,
-    text: str,
-    end: GenerationEnd,
-) -> dict[str, str] | None:
-    """`sign_generation_receipt` on a worker thread (see the module docstring)."""
-    return await run_in_threadpool(
-        lambda: sign_generation_receipt(
-            state,
-            record,
-            request_id=request_id,
-            prompt=prompt,
-            sampling=sampling,
-            text=text,
-            end=end,
-        )
-    )

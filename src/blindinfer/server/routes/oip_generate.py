@@ -21,7 +21,7 @@ worker stops between two tokens). Every generation is admitted within its tenant
 per minute, generations at once and KV-cache budget (`server.generation_quota.generate`),
 as on /v1.
 
-Every finished generation carries its signed receipt (`server.generation_receipt`, no
+Every finished generation carries its signed receipt (`server.generation_answer`, no
 opt-in) as a top-level `"receipt"`: on the `/generate` object, or on the stream's last
 event. The receipt's `request_id` is a fresh `generate-...` id; its prompt document is
 `{"prompt": text_input}`, as for `/v1/completions`. A cancelled generation has none.

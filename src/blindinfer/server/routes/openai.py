@@ -17,7 +17,7 @@ generation (the worker stops between two tokens). Every generation is admitted w
 tenant's tokens per minute, generations at once and KV-cache budget
 (`server.generation_quota.generate`).
 
-Every finished completion carries its signed receipt (`server.generation_receipt`, always,
+Every finished completion carries its signed receipt (`server.generation_answer`, always,
 no opt-in) as a top-level `"receipt"`: on the whole object, or on the stream's last chunk
 before `[DONE]`. A failed or cancelled generation has none.
 
