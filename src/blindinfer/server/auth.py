@@ -95,6 +95,25 @@ class AccessError(BlindInferError):
         return {}
 
 
+class TryLaterError(AccessError):
+    """A refusal that passes with time: HTTP 429 with Retry-After.
+
+    `retry_after_s` is the exact wait when it is known (a token bucket), else 1. Retry-After
+    is whole seconds: rounded up (earlier would be refused again) and never 0, which invites
+    a client to hammer the server in a loop.
+    """
+
+    http_status: ClassVar[int] = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
 class UnauthorizedError(AccessError):
     """No usable API key: missing, not a Bearer token, malformed, or unknown. HTTP 401.
 

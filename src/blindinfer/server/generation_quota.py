@@ -45,7 +45,6 @@ prompt or an answer beyond their lengths; metrics are server-wide counts.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -55,7 +54,7 @@ from typing import TYPE_CHECKING, ClassVar, Final
 from blindinfer.errors import ProtocolError
 from blindinfer.protocol.generation import SamplingParams, Usage
 from blindinfer.runtime.errors import GenerationRequestError, InvalidTensorError, OverloadedError
-from blindinfer.server.auth import AccessError, AuthConfig, TenantConfig
+from blindinfer.server.auth import AccessError, AuthConfig, TenantConfig, TryLaterError
 from blindinfer.server.metrics import render_family
 
 if TYPE_CHECKING:
@@ -72,26 +71,16 @@ CHAT_TEMPLATE_TOKENS: Final = 128
 """The chat template's own text: the generation prompt and a default system prompt."""
 
 
-class TooManyGenerationsError(AccessError):
+class TooManyGenerationsError(TryLaterError):
     """The tenant already runs its maximum of generations. 429, Retry-After: 1."""
 
-    http_status: ClassVar[int] = 429
     code: ClassVar[str] = "too_many_generations"
 
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
 
-
-class KvCacheBusyError(AccessError):
+class KvCacheBusyError(TryLaterError):
     """The tenant's generations in flight hold its KV budget. 429, Retry-After: 1."""
 
-    http_status: ClassVar[int] = 429
     code: ClassVar[str] = "kv_cache_busy"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
 
 
 class KvCacheTooLargeError(AccessError):
@@ -101,20 +90,11 @@ class KvCacheTooLargeError(AccessError):
     code: ClassVar[str] = "kv_cache_too_large"
 
 
-class TokenRateLimitedError(AccessError):
+class TokenRateLimitedError(TryLaterError):
     """The tenant's tokens per minute cannot pay for this generation now. 429 with the
     exact Retry-After (whole seconds, rounded up, at least 1)."""
 
-    http_status: ClassVar[int] = 429
     code: ClassVar[str] = "token_rate_limited"
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        self.retry_after_s = retry_after_s
-        super().__init__(message)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class TooManyTokensError(AccessError):

@@ -33,39 +33,23 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import ClassVar
 
-from blindinfer.server.auth import AccessError, AuthConfig, TenantConfig
+from blindinfer.server.auth import AccessError, AuthConfig, TenantConfig, TryLaterError
 from blindinfer.server.generation_quota import GenerationDefaults, GenerationQuotas
 
 Clock = Callable[[], float]
 
 
-class RateLimitedError(AccessError):
+class RateLimitedError(TryLaterError):
     """The tenant's token bucket is empty. HTTP 429 "rate_limited" with Retry-After."""
 
-    http_status: ClassVar[int] = 429
     code: ClassVar[str] = "rate_limited"
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        self.retry_after_s = retry_after_s
-        super().__init__(message)
 
-    @property
-    def headers(self) -> dict[str, str]:
-        # Retry-After is whole seconds; round up (earlier would be refused again) and never
-        # send 0, which invites a client to hammer the server in a loop.
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
-
-
-class TooManyConcurrentError(AccessError):
+class TooManyConcurrentError(TryLaterError):
     """The tenant already runs its maximum of concurrent inferences. HTTP 429
     "too_many_concurrent", Retry-After: 1 (when a slot frees is unknowable)."""
 
-    http_status: ClassVar[int] = 429
     code: ClassVar[str] = "too_many_concurrent"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
 
 
 class QuotaExceededError(AccessError):
