@@ -636,11 +636,8 @@ class ModelRegistry:
         the worker is idle) as a task that keeps the model from eviction until it ends,
         even if its caller stops waiting; None if the model is not loaded."""
         sha = record.sha256
-        with self._lock:
-            if sha not in self._loaded:
-                return None
-            self._in_use[sha] += 1
-            self._loaded.move_to_end(sha)
+        if not self._pin_loaded(sha):
+            return None
         try:
             wanted = list(outputs) if outputs else None
             task = asyncio.ensure_future(
@@ -756,11 +753,8 @@ class ModelRegistry:
     ) -> Future[dict[str, object]] | None:
         """`submit` for a generation: pinned against eviction while it runs."""
         sha = record.sha256
-        with self._lock:
-            if sha not in self._loaded:
-                return None
-            self._in_use[sha] += 1
-            self._loaded.move_to_end(sha)
+        if not self._pin_loaded(sha):
+            return None
         try:
             queued = self._pool.submit_generate(sha, request, emit, cancel)
         except BaseException:
@@ -782,11 +776,8 @@ class ModelRegistry:
         Never blocks. The future may end in ModelNotPlacedError (unloaded meanwhile)."""
         _tensor_only(record)
         sha = record.sha256
-        with self._lock:
-            if sha not in self._loaded:
-                return None
-            self._in_use[sha] += 1
-            self._loaded.move_to_end(sha)
+        if not self._pin_loaded(sha):
+            return None
         try:
             wanted = list(outputs) if outputs else None
             queued = self._pool.submit(sha, dict(inputs), wanted, encoding=encoding)
@@ -795,6 +786,16 @@ class ModelRegistry:
             raise
         queued.add_done_callback(lambda _: self._unpin(sha))
         return queued
+
+    def _pin_loaded(self, sha: str) -> bool:
+        """Keeps a loaded model from eviction (until `_unpin`) and marks it recently used;
+        False if it is not loaded."""
+        with self._lock:
+            if sha not in self._loaded:
+                return False
+            self._in_use[sha] += 1
+            self._loaded.move_to_end(sha)
+        return True
 
     def _unpin(self, sha: str) -> None:
         with self._lock:
