@@ -27,6 +27,7 @@ from blindinfer.protocol.generation import SamplingParams
 from blindinfer.runtime.generative import GenerativeSession, RuntimeOptions
 from blindinfer.server.config import Limits, ServerConfig
 from blindinfer.server.process import ServerProcess, start_server
+from support.tenants import owner_keys
 
 from .conftest import GENERATIVE_MAX_NEW_TOKENS as MAX_NEW_TOKENS
 from .conftest import policy_for
@@ -220,19 +221,7 @@ def test_delete(gen_client: blindinfer.Client, sdk: Any, tiny: str) -> None:
 def test_tenants_see_and_run_only_their_models(tmp_path: Path, tiny_llm: tuple[Path, Path]) -> None:
     """With API keys: the owner lists and chats; another tenant gets the same 404 as for a
     missing model; no key is a 401, all in OpenAI's error shape."""
-    from blindinfer.server.auth import generate_api_key
-
-    keys: dict[str, str] = {}
-    text = ""
-    for tenant in ("a", "b"):
-        key, sha = generate_api_key()
-        keys[tenant] = key
-        text += (
-            f'[[tenant]]\nname = "{tenant}"\n'
-            f'[[tenant.key]]\nid = "{tenant}-key"\nrole = "owner"\nsha256 = "{sha}"\n'
-        )
-    auth = tmp_path / "auth.toml"
-    auth.write_text(text)
+    auth, keys = owner_keys(tmp_path)
     policy = policy_for(ServerConfig(simulation=True))
     with start_server(["--simulation", f"--auth-file={auth}"]) as server:
         clients = {}

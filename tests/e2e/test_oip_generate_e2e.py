@@ -26,6 +26,7 @@ from blindinfer.client.transport import pinned_context
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.process import start_server
 from support import onnx_models as zoo
+from support.tenants import owner_keys
 
 from .conftest import GENERATIVE_MAX_NEW_TOKENS as MAX_NEW_TOKENS
 from .conftest import policy_for
@@ -291,19 +292,7 @@ def test_tenants_generate_only_with_their_models(
 ) -> None:
     """With API keys: the owner generates; another tenant gets the very 404 of a missing
     model (probing reveals nothing); no key is a 401, all in OIP's shape."""
-    from blindinfer.server.auth import generate_api_key
-
-    keys: dict[str, str] = {}
-    text = ""
-    for tenant in ("a", "b"):
-        key, sha = generate_api_key()
-        keys[tenant] = key
-        text += (
-            f'[[tenant]]\nname = "{tenant}"\n'
-            f'[[tenant.key]]\nid = "{tenant}-key"\nrole = "owner"\nsha256 = "{sha}"\n'
-        )
-    auth = tmp_path / "auth.toml"
-    auth.write_text(text)
+    auth, keys = owner_keys(tmp_path)
     policy = policy_for(ServerConfig(simulation=True))
     with start_server(["--simulation", f"--auth-file={auth}"]) as server:
         with warnings.catch_warnings():
