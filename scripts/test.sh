@@ -32,6 +32,13 @@ if [ -e /dev/kvm ] && ! { command -v qemu-system-x86_64 && command -v nasm && co
     DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -q qemu-system-x86 ovmf nasm \
         acpica-tools uuid-dev >/dev/null
 fi
+# The replica test (tests/e2e/test_replicas_e2e.py) balances three servers with HAProxy.
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
+    step "installing HAProxy from Debian (the replica test)"
+    if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
+    ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || "${apt_get[@]}" update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -q haproxy >/dev/null
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 step "running the tests (pytest${*:+ $*})"
 .venv/bin/python -m pytest "$@"

@@ -170,11 +170,15 @@ def test_oversized_tdx_quote_is_a_cwt_error(tmp_path: Path) -> None:
 
 def test_sealing_keys_are_not_available_with_clear_reasons(tdx: Any, tmp_path: Path) -> None:
     platform = tdx[0]
-    with pytest.raises(SealingKeyUnavailableError, match="key broker"):
+    todo = "configure --store-key-resource kbs:///REPO/TYPE/TAG"
+    with pytest.raises(SealingKeyUnavailableError, match="key broker") as tdx_refusal:
         platform.sealing_key()
     snp, _ = snp_platform(tmp_path / "snp", None, provider="sev_guest")
-    with pytest.raises(SealingKeyUnavailableError, match="/dev/sev-guest"):
+    with pytest.raises(SealingKeyUnavailableError, match="/dev/sev-guest") as snp_refusal:
         snp.sealing_key()
+    for refusal in (tdx_refusal, snp_refusal):
+        assert todo in str(refusal.value)
+        assert "not implemented" not in str(refusal.value)
 
 
 # -- SEV-SNP --------------------------------------------------------------------------

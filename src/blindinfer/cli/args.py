@@ -56,6 +56,26 @@ def https_url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def kbs_resource(text: str) -> object:
+    """argparse type for `serve --store-key-resource`: a `KbsResource` (kbs:///REPO/TYPE/TAG)."""
+    from blindinfer.store.key_release import KbsResource
+
+    try:
+        return KbsResource.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError("; ".join(str(exc).splitlines())) from None
+
+
+def cdh_url(text: str) -> str:
+    """argparse type for `serve --cdh-url`: http:// to a loopback address only."""
+    from blindinfer.store.key_release import check_cdh_url
+
+    try:
+        return check_cdh_url(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError("; ".join(str(exc).splitlines())) from None
+
+
 def parse_time(text: str) -> int:
     """`--at`: Unix seconds or ISO 8601, with a message listing both on anything else."""
     from blindinfer.attestation.offline import parse_time as parse

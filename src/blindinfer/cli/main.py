@@ -24,9 +24,11 @@ from blindinfer.cli.args import (
     TIME_FORMATS,
     HelpFormatter,
     Parser,
+    cdh_url,
     directory_or_new,
     https_url,
     human_size,
+    kbs_resource,
     model_path,
     port,
     readable_file,
@@ -218,6 +220,21 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         "--store-dir",
         type=directory_or_new("store directory"),
         help="persist sealed models in this directory (default: memory only, lost at exit)",
+    )
+    parser.add_argument(
+        "--store-key-resource",
+        type=kbs_resource,
+        metavar="kbs:///REPO/TYPE/TAG",
+        help="take the --store-dir key from this KBS resource through the Confidential Data "
+        "Hub, for replicas sharing one store (default: the TEE's sealing key; "
+        "docs/operations.md)",
+    )
+    parser.add_argument(
+        "--cdh-url",
+        type=cdh_url,
+        default="http://127.0.0.1:8006",
+        help="the Confidential Data Hub's REST API (api-server-rest): http:// to a loopback "
+        "address only",
     )
     parser.add_argument(
         "--auth-file",
@@ -724,6 +741,8 @@ def _config(args: argparse.Namespace) -> object:
         snp_product=args.snp_product,
         snp_vmpl=args.snp_vmpl,
         store_dir=args.store_dir,
+        store_key_resource=getattr(args, "store_key_resource", None),
+        cdh_url=getattr(args, "cdh_url", "http://127.0.0.1:8006"),
         auth_file=str(args.auth_file) if args.auth_file else None,
         intra_op_threads=args.intra_op_threads,
         intra_op_spin_us=spin_us,

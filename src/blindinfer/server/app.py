@@ -39,6 +39,7 @@ from blindinfer.server.routes import (
 )
 from blindinfer.server.state import FailureThrottle, ServerState
 from blindinfer.server.tls import TlsIdentity
+from blindinfer.store.key_release import fetch_store_key
 from blindinfer.store.keys import simulation_sealing_key
 from blindinfer.store.registry import ModelRegistry
 from blindinfer.store.sealed import SealedStore
@@ -57,14 +58,17 @@ def _sealing(config: ServerConfig, platform: Platform) -> tuple[Path, bytes]:
     """Where models are sealed, under which key.
 
     With --store-dir, the platform's sealing key (only the same TEE identity derives it),
-    so models survive restarts. Without it, a private temporary directory and a random key
-    that lives in memory only: models are offloaded under the memory budget, and gone when
-    the process ends.
+    so models survive restarts; with --store-key-resource too, a key the KBS releases to
+    attested replicas (store/key_release.py), so replicas share the store. Without it, a
+    private temporary directory and a random key that lives in memory only: models are
+    offloaded under the memory budget, and gone when the process ends.
     """
     if config.store_dir is None:
         return Path(tempfile.mkdtemp(prefix="blindinfer-store-")), secrets.token_bytes(32)
     directory = Path(config.store_dir)
     directory.mkdir(parents=True, exist_ok=True)
+    if config.store_key_resource is not None:  # in every mode, simulation included
+        return directory, fetch_store_key(config.store_key_resource, config.cdh_url)
     if platform.kind == "simulation":  # a key file next to the store, loudly insecure
         return directory, simulation_sealing_key(directory)
     try:
@@ -165,8 +169,8 @@ def create_app(state: ServerState) -> Starlette:
 
     app = Starlette(
         routes=[
+            *inference.routes,  # first: the hot route is matched first (routes/inference.py)
             *attestation.routes,
-            *inference.routes,
             *oip_generate.routes,
             *repository.routes,
             *admin.routes,

@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from blindinfer.runtime.device import Device
+from blindinfer.store.errors import StoreKeyConfigError
+from blindinfer.store.key_release import DEFAULT_CDH_URL, KbsResource, check_cdh_url
 
 DEFAULT_PORT = 9924
 MiB = 1 << 20
@@ -91,6 +93,10 @@ class ServerConfig:
     snp_product: str | None = None  # Milan | Genoa | Turin (for SNP reports older than v3)
     snp_vmpl: int | None = None
     store_dir: str | None = None  # persistence (sealed); None = a private temporary store
+    # the store's key from this KBS resource through the Confidential Data Hub at cdh_url
+    # (replicas sharing --store-dir; store/key_release.py); None = the platform's key
+    store_key_resource: KbsResource | None = None
+    cdh_url: str = DEFAULT_CDH_URL
     auth_file: str | None = None  # tenants and API key hashes; None = open mode
     intra_op_threads: int = 0  # per worker; 0 = onnxruntime decides (all cores)
     intra_op_spin_us: int = 50  # onnxruntime threads' busy-wait per pause (0: never)
@@ -102,6 +108,12 @@ class ServerConfig:
     device: Device = "cpu"
 
     def __post_init__(self) -> None:
+        check_cdh_url(self.cdh_url)  # loopback only, whether or not a resource is given
+        if self.store_key_resource is not None and self.store_dir is None:
+            raise StoreKeyConfigError(
+                "--store-key-resource needs --store-dir: the key opens a store that replicas "
+                "share\ngive every replica the same --store-dir (shared storage)"
+            )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.blindai_compat and self.port != 0 and self.port in self.blindai_ports:

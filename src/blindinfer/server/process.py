@@ -51,11 +51,13 @@ def start_server(
     *,
     timeout: float = 60.0,
     stderr: int | IO[str] | None = None,
+    port: int = 0,
 ) -> ServerProcess:
-    """Runs `blindinfer serve --port 0 ARGS` and returns once it prints its address.
+    """Runs `blindinfer serve --port PORT ARGS` and returns once it prints its address.
 
-    The server's log goes to `stderr` (inherited by default; a file to inspect it)."""
-    command = [sys.executable, "-m", "blindinfer.cli.main", "serve", "--port", "0", *args]
+    `port` 0 takes any free port; a fixed one lets a replica restart where it was. The
+    server's log goes to `stderr` (inherited by default; a file to inspect it)."""
+    command = [sys.executable, "-m", "blindinfer.cli.main", "serve", "--port", str(port), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     deadline = time.monotonic() + timeout

@@ -470,20 +470,24 @@ class ConfigfsTsmPlatform:
         return self._snp_evidence(report.outblob, report.auxblob)
 
     def sealing_key(self) -> bytes:
-        """Not available: neither TDX nor SNP offers one through configfs-tsm.
+        """None here: neither TDX nor SNP offers one through configfs-tsm.
 
-        TDX has no sealing key at all (keys must come from a key broker after attestation,
-        which is future work). SNP derives keys via the SNP_GET_DERIVED_KEY ioctl of
-        /dev/sev-guest, which configfs-tsm does not expose and blindinfer does not use yet.
+        TDX has no sealing key at all: a persistent store takes its key from a key broker
+        after attestation (`--store-key-resource`, store/key_release.py). SNP derives keys
+        via the SNP_GET_DERIVED_KEY ioctl of /dev/sev-guest, which configfs-tsm does not
+        expose; the same key broker serves it.
         """
         if self._provider == PROVIDER_TDX:
             raise SealingKeyUnavailableError(
-                "TDX has no hardware sealing key; sealed storage needs a key broker that "
-                "releases keys after attestation (not implemented yet)"
+                "TDX has no hardware sealing key; take the store key from a key broker: "
+                "configure --store-key-resource kbs:///REPO/TYPE/TAG (Trustee's KBS through "
+                "the Confidential Data Hub)"
             )
         raise SealingKeyUnavailableError(
             "SEV-SNP sealing keys come from /dev/sev-guest (SNP_GET_DERIVED_KEY), which "
-            "configfs-tsm does not expose; not implemented yet"
+            "configfs-tsm does not expose; take the store key from a key broker: configure "
+            "--store-key-resource kbs:///REPO/TYPE/TAG (Trustee's KBS through the Confidential "
+            "Data Hub)"
         )
 
     # -- internals --------------------------------------------------------------------
