@@ -46,6 +46,7 @@ from blindinfer.client.common import (
 )
 from blindinfer.client.models import ModelInfo, ModelMetadata
 from blindinfer.client.openai_sdk import openai_client
+from blindinfer.client.pinned_http import PinnedConnectionPool
 from blindinfer.client.receipts import (
     Receipt,
     ReceiptedOutputs,
@@ -58,7 +59,7 @@ from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
 from blindinfer.client.simulation import SIMULATION_BANNER as SIMULATION_BANNER
 from blindinfer.client.simulation import simulation_flag, warn_simulation
 from blindinfer.client.tensors import to_arrays
-from blindinfer.client.transport import check_url, fetch_evidence
+from blindinfer.client.transport import check_url, fetch_evidence, pinned_context
 from blindinfer.errors import ProtocolError, UsageError
 from blindinfer.protocol.evidence import NONCE_SIZE, EvidenceDocument, parse_evidence_document
 from blindinfer.protocol.limits import TensorLimits
@@ -239,6 +240,7 @@ class Client:
         self.retry = retry
         self._timeout = timeout
         self._api_key = api_key
+        context = pinned_context(attestation.certificate_der)
         self._http = httpx.Client(
             **http_options(
                 url,
@@ -247,10 +249,27 @@ class Client:
                 api_key=api_key,
                 max_connections=max_connections,
                 asynchronous=False,
+                context=context,
             )
         )
         self._metadata: dict[str, ModelMetadata] = {}
         self._limits = TensorLimits()
+        # run_model's requests bypass httpx (client/pinned_http.py), on the same context,
+        # with the same headers (no Accept-Encoding: nothing is decompressed there) and
+        # the same pool limits as http_options gives httpx
+        self._pinned = PinnedConnectionPool(
+            self.url,
+            context,
+            timeout=timeout,
+            headers=[
+                (name, value)
+                for name, value in self._http.headers.items()
+                if name != "accept-encoding"
+            ],
+            max_body=self._limits.max_header_bytes + self._limits.max_total_bytes,
+            max_connections=100 if max_connections is None else max_connections,
+            max_keepalive=20 if max_connections is None else max_connections,
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -265,6 +284,7 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+        self._pinned.close()
 
     def upload_model(
         self,
@@ -411,7 +431,7 @@ class Client:
         if needs_input_names(inputs):
             names = [i.name for i in self.model_metadata(model).inputs]
         arrays = to_arrays(inputs, names)
-        response = self._send(infer_call(model, arrays, outputs, receipt))
+        response = self._send(infer_call(model, arrays, outputs, receipt), fast=True)
         if not receipt:
             return infer_outputs(response, self._limits)
         parsed = infer_response(response, self._limits)
@@ -423,9 +443,16 @@ class Client:
             raise ProtocolError("invalid_receipt", "the receipt names another model")
         return ReceiptedOutputs(results, checked)
 
-    def _send(self, call: Call) -> httpx.Response:
+    def _send(self, call: Call, *, fast: bool = False) -> httpx.Response:
+        """`fast`: a request with a bytes body goes through client/pinned_http.py."""
+        content = call.content
+        fast = fast and content is not None and call.upload is None and call.json is None
+        fast = fast and call.params is None
+
         def attempt() -> httpx.Response:
             with request_errors(self.url, self._timeout, call):
+                if fast and content is not None:
+                    return self._pinned.request(call.method, call.path, call.headers, content)
                 return self._http.send(build_request(self._http, call, asynchronous=False))
 
         return send_with_retries(attempt, self.retry)

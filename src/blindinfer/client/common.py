@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 import stat
 import time
 from collections.abc import (
@@ -434,13 +435,16 @@ def http_options(
     api_key: str | None,
     max_connections: int | None,
     asynchronous: bool,
+    context: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
     """httpx client arguments: a pool of connections that trust only the attested key.
 
     The API key travels in a header of this client only, that is, only once the
-    attestation verified and only to the pinned certificate.
+    attestation verified and only to the pinned certificate. `context`: the pinned
+    context to use (the Client shares its own with its fast path, client/pinned_http.py).
     """
-    context = pinned_context(attestation.certificate_der)
+    if context is None:
+        context = pinned_context(attestation.certificate_der)
     pool: dict[str, Any] = {}  # httpx's defaults (100 connections, 20 kept alive) otherwise
     if max_connections is not None:
         pool["limits"] = httpx.Limits(
