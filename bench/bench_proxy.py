@@ -7,7 +7,7 @@ request bytes, alternating blocks of 25 so that load drift hits every variant:
   (b) proxy:  plain HTTP (httpx, keep-alive) -> proxy -> pinned TLS -> server
   (c) proxy with tritonclient (its own encoding; for orientation, not a like-for-like)
 and upload throughput of a ~32 MB model, direct and through the proxy.
-Prints median and p99 and the per-request overhead (b - a); target < 1 ms on loopback.
+Prints median and p99 and the per-request overhead (b - a); target <= +0.3 ms on loopback.
 Run: `.venv/bin/python bench/bench_proxy.py` (`--quick` for fewer iterations). Nothing
 here asserts a time. `--baseline-src DIR` also runs (b0): a proxy from another checkout (a
 `git worktree` of HEAD) in the same interleaved run, for before/after ratios.
@@ -200,8 +200,8 @@ def main() -> None:
             a = results["(a) direct attested client"]
             b = results["(b) through the proxy"]
             overhead = statistics.median(b) - statistics.median(a)
-            verdict = "meets" if overhead < 1.0 else "MISSES"
-            print(f"  proxy overhead (b - a), median: {overhead:+.3f} ms ({verdict} < 1 ms)")
+            verdict = "meets" if overhead <= 0.3 else "MISSES"
+            print(f"  proxy overhead (b - a), median: {overhead:+.3f} ms ({verdict} <= +0.3 ms)")
             if baseline is not None:
                 b0 = results["(b0) through the baseline proxy"]
                 before = statistics.median(b0) - statistics.median(a)

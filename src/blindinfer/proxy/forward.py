@@ -29,7 +29,12 @@ listen on a Unix socket (0600) instead of TCP.
 Bodies stream both ways, bounded (`max_request_bytes`, `max_response_bytes`); hop-by-hop
 headers are dropped; `Authorization` from local callers is dropped unless
 `forward_client_authorization`, and the proxy's own API key is added on the pinned
-channel only.
+channel only. The proxy's own error answers take the shape of the API the path belongs to
+(OpenAI's on /v1, `blindinfer.protocol.error_shapes`).
+
+The upstream side is the proxy's own (proxy/upstream.py): a pool of pinned TLS
+connections on this event loop, HTTP/1.1 by h11, the pin checked on each new connection
+before its first request byte. httpx serves only the attestation (`capture`).
 
 `uvicorn` (the local listener) is imported only by the runners below, not by the app.
 """
@@ -39,44 +44,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib.util
 import ipaddress
 import json
 import logging
 import os
 import secrets
-import select
 import signal
 import socket
-import ssl
-import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpcore
+import h11
 import httpx
 
 from blindinfer.attestation.intel.pccs import PccsCollateral
 from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.client.client import capture, verify_bundle
-from blindinfer.client.transport import NO_DELAY, check_url, pinned_context
+from blindinfer.client.transport import check_url, pinned_context
 from blindinfer.errors import BlindInferError, ConnectionFailedError
+from blindinfer.protocol.error_shapes import error_document, speaks_openai
+from blindinfer.proxy import upstream as wire
 from blindinfer.proxy.guard import TOKEN_HEADER, LocalGuard, is_preflight
 
 log = logging.getLogger("blindinfer.proxy")
-
-# httpcore's async pool runs `import sniffio` several times per request. Without sniffio
-# installed every attempt searches sys.path again (failed imports are not cached): about
-# 0.2 ms each, ~0.8 ms per proxied request. A None entry makes the import fail at once,
-# which is what it would do anyway; with sniffio installed this does nothing.
-if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-    sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -103,7 +100,6 @@ DROPPED_REQUEST = frozenset(
     {b"host", b"expect", b"content-length", b"authorization", TOKEN_HEADER.encode()}
 )
 DROPPED_RESPONSE = frozenset({b"content-length"})
-FLUSH_BYTES = 1 << 16
 SMALL_RESPONSE = 1 << 16  # read whole, sent in one piece
 
 
@@ -195,135 +191,6 @@ def refusal(exc: BaseException, upstream: str) -> NotAttested:
     )
 
 
-# -- the upstream connection: httpx on asyncio-native TLS ------------------------------------
-
-
-class _Stream(httpcore.AsyncNetworkStream):
-    """asyncio streams (the event loop's own TLS, not anyio's pure-Python TLSStream).
-
-    Writes are held until the next read or 64 KiB, so a small request's header and body
-    leave in one TLS record and one system call; large bodies still flow with backpressure.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-
-    async def _flush(self, timeout: float | None) -> None:
-        if not self._pending:
-            return
-        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending.clear()
-        self._pending_size = 0
-        try:
-            self._writer.write(data)
-            if self._writer.transport.get_write_buffer_size() > FLUSH_BYTES:
-                async with asyncio.timeout(timeout):
-                    await self._writer.drain()
-        except TimeoutError as exc:
-            raise httpcore.WriteTimeout("writing to the upstream timed out") from exc
-        except (OSError, RuntimeError) as exc:
-            raise httpcore.WriteError(str(exc) or type(exc).__name__) from exc
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        await self._flush(timeout)
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._reader.read(max_bytes)
-        except TimeoutError as exc:
-            raise httpcore.ReadTimeout("reading from the upstream timed out") from exc
-        except (OSError, RuntimeError) as exc:
-            raise httpcore.ReadError(str(exc) or type(exc).__name__) from exc
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if buffer:
-            self._pending.append(buffer)
-            self._pending_size += len(buffer)
-            if self._pending_size >= FLUSH_BYTES:
-                await self._flush(timeout)
-
-    async def aclose(self) -> None:
-        self._pending.clear()
-        self._writer.close()
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
-        except TimeoutError as exc:
-            await self.aclose()
-            raise httpcore.ConnectTimeout("the TLS handshake timed out") from exc
-        except (OSError, ssl.SSLError) as exc:
-            await self.aclose()
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-        return self
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable":  # httpcore: has an idle connection been closed?
-            if self._reader.at_eof():
-                return True
-            sock = self._writer.get_extra_info("socket")
-            return sock is None or bool(select.select([sock.fileno()], [], [], 0)[0])
-        names = {"client_addr": "sockname", "server_addr": "peername"}
-        if info in ("ssl_object", "socket", "client_addr", "server_addr"):
-            return self._writer.get_extra_info(names.get(info, info))
-        return None
-
-
-class _Backend(httpcore.AsyncNetworkBackend):
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(
-                    host, port, local_addr=(local_address, 0) if local_address else None
-                )
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-        sock = writer.get_extra_info("socket")
-        for option in socket_options or ():
-            sock.setsockopt(*option)
-        return _Stream(reader, writer)
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("the proxy connects over TCP only")
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-class _PinnedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport (pooling, keep-alive, its error mapping) on `_Backend`."""
-
-    def __init__(self, context: ssl.SSLContext, limits: httpx.Limits) -> None:
-        super().__init__(verify=context, socket_options=NO_DELAY, limits=limits)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            socket_options=NO_DELAY,
-            network_backend=_Backend(),
-        )
-
-
 class AttestedUpstream:
     """The attestation state and the pinned connection pool to one upstream."""
 
@@ -335,8 +202,12 @@ class AttestedUpstream:
         self.failure: NotAttested | None = None
         self._verified_at = float("-inf")  # monotonic time of the last success
         self._failed_at = float("-inf")
-        self._client: _PinnedTransport | None = None
+        self._client: wire.PinnedPool | None = None
         self._lock = asyncio.Lock()
+        parts = urlsplit(self.url)
+        self.host = parts.hostname or ""
+        self.port = parts.port or 443
+        self.host_header = parts.netloc.rpartition("@")[2].encode("ascii")
 
     # -- attestation ---------------------------------------------------------------------
 
@@ -393,17 +264,20 @@ class AttestedUpstream:
     async def _replace_client(self, certificate_der: bytes | None) -> None:
         old, self._client = self._client, None
         if certificate_der is not None:
-            limits = httpx.Limits(
+            self._client = wire.PinnedPool(
+                self.host,
+                self.port,
+                pinned_context(certificate_der),
+                self.check_connection,
+                timeout=self.config.timeout,
                 max_connections=self.config.max_connections,
-                max_keepalive_connections=min(20, self.config.max_connections),
-                keepalive_expiry=20.0,  # below the server's 30 s keep-alive
+                max_idle=min(20, self.config.max_connections),
             )
-            self._client = _PinnedTransport(pinned_context(certificate_der), limits)
         if old is not None:
-            await old.aclose()
+            old.aclose()
 
-    async def client(self) -> _PinnedTransport:
-        """The pinned transport, attesting first when needed; raises NotAttested."""
+    async def client(self) -> wire.PinnedPool:
+        """The pinned connection pool, attesting first when needed; raises NotAttested."""
         now = time.monotonic()
         if self._client is not None and now - self._verified_at <= self.config.reattest_seconds:
             return self._client
@@ -424,28 +298,21 @@ class AttestedUpstream:
                 with contextlib.suppress(NotAttested):
                     await self.attest("periodic")
 
-    async def trace(self, event: str, info: dict[str, Any]) -> None:
-        """httpcore's trace hook: checks every new TLS connection before it is used."""
-        if event != "connection.start_tls.complete":
-            return
+    async def check_connection(self, presented: bytes | None) -> None:
+        """Every new pinned connection, after its handshake and before any request byte:
+        it must present the attested certificate, and be covered by a recent attestation
+        (a reconnect attests again first when the last one is older than `fresh_seconds`).
+        Raises _PinChanged (or NotAttested); the pool then closes the connection."""
         self.stats.new_connections += 1
-        stream = info["return_value"]
-        ssl_object = stream.get_extra_info("ssl_object")
-        presented = ssl_object.getpeercert(True) if ssl_object is not None else None
         attestation = self.attestation
-        try:
-            if attestation is None or presented != attestation.certificate_der:
-                raise _PinChanged("the new connection presented another certificate")
-            handshake = time.monotonic()
-            if handshake - self._verified_at > self.config.fresh_seconds:
-                # A reconnect: attest again before this connection carries anything.
-                await self.attest("reconnect", newer_than=handshake - self.config.fresh_seconds)
-                current = self.attestation
-                if current is None or current.certificate_der != presented:
-                    raise _PinChanged("the upstream's attested key changed")
-        except BaseException:
-            await stream.aclose()  # never leave the socket to the garbage collector
-            raise
+        if attestation is None or presented != attestation.certificate_der:
+            raise _PinChanged("the new connection presented another certificate")
+        handshake = time.monotonic()
+        if handshake - self._verified_at > self.config.fresh_seconds:
+            await self.attest("reconnect", newer_than=handshake - self.config.fresh_seconds)
+            current = self.attestation
+            if current is None or current.certificate_der != presented:
+                raise _PinChanged("the upstream's attested key changed")
 
     async def aclose(self) -> None:
         await self._replace_client(None)
@@ -464,35 +331,29 @@ class AttestedUpstream:
         }
 
 
-class _Body:
-    """The local request body as a bounded stream; remembers whether it was started."""
-
-    def __init__(self, receive: Receive, limit: int) -> None:
-        self._receive = receive
-        self._limit = limit
-        self.started = False
-        self.too_large = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        self.started = True
-        total = 0
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise ConnectionAbortedError("the local client disconnected")
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self._limit:
-                self.too_large = True
-                raise _BodyTooLarge
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
-
-
 class _BodyTooLarge(Exception):
     pass
+
+
+class _ResponseCut(Exception):
+    """The upstream's answer failed after its head was relayed: the local connection is
+    cut (raised out of the app as ConnectionAbortedError; uvicorn closes it)."""
+
+
+class _LocalGone(Exception):
+    """The local client disconnected while its request body was being read."""
+
+
+async def _local_body(receive: Receive, total: int, limit: int) -> tuple[bytes, bool, int]:
+    """The local request body's next part: (bytes, more to come, total so far), bounded."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise _LocalGone
+    chunk: bytes = message.get("body", b"")
+    total += len(chunk)
+    if total > limit:
+        raise _BodyTooLarge
+    return chunk, bool(message.get("more_body", False)), total
 
 
 def _json_response(status: int, document: dict[str, object]) -> tuple[int, bytes, list[Any]]:
@@ -503,6 +364,18 @@ def _json_response(status: int, document: dict[str, object]) -> tuple[int, bytes
     return status, body, headers
 
 
+def _error(path: str, status: int, document: dict[str, object]) -> tuple[int, bytes, list[Any]]:
+    """The proxy's own error answer, in the shape of the API `path` belongs to: OpenAI's
+    `{"error": {message, type, param, code, ...}}` on /v1 (what its SDK parses), the Open
+    Inference Protocol's `{"error", "code", ...}` elsewhere. Extra fields (the attestation
+    error's class, the upstream) are kept in either shape."""
+    if speaks_openai(path):
+        shaped = error_document(path, status, str(document["code"]), str(document["error"]))
+        shaped["error"].update({k: v for k, v in document.items() if k not in ("error", "code")})
+        document = shaped
+    return _json_response(status, document)
+
+
 class AttestingProxy:
     """The ASGI app. `upstream` holds the state; lifespan attests and re-attests."""
 
@@ -510,8 +383,10 @@ class AttestingProxy:
         self.config = config
         self.upstream = AttestedUpstream(config)
         self.guard = config.guard()
-        self._timeouts = httpx.Timeout(config.timeout).as_dict()
         self._periodic: asyncio.Task[None] | None = None
+        self._api_key = (
+            None if not config.api_key else (b"authorization", f"Bearer {config.api_key}".encode())
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -538,10 +413,11 @@ class AttestingProxy:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
         refused = self.guard.check(scope)
         if refused is not None:
             self.upstream.stats.refused_local += 1
-            await _send(send, *_json_response(refused.status, refused.document(scope["path"])))
+            await _send(send, *_json_response(refused.status, refused.document(path)))
             return
         cors = self.guard.cors_headers(scope)
         if cors:  # an allowed origin: CORS headers on every answer
@@ -550,50 +426,46 @@ class AttestingProxy:
                 await _send(send, 204, b"", headers)
                 return
             send = _adding_headers(send, cors)
-        path: str = scope["path"]
         if path == STATUS_PATH:
             await _send(send, *_json_response(200, self.upstream.status()))
             return
         headers, length, error = self._request_headers(scope)
         if error is not None:
-            await _send(send, *error)
+            await _send(send, *_error(path, *error))
             return
         raw_path: bytes = scope.get("raw_path") or path.encode("utf-8", "surrogateescape")
-        if not raw_path.startswith(b"/"):
-            await _send(
-                send,
-                *_json_response(
-                    400, {"error": "only origin-form request targets", "code": "invalid_request"}
-                ),
-            )
-            return
-        body = _Body(receive, self.config.max_request_bytes)
-        has_body = length is not None or any(k == b"transfer-encoding" for k, _ in scope["headers"])
+        if scope.get("query_string"):
+            raw_path += b"?" + scope["query_string"]
+        chunked = length is None and any(k == b"transfer-encoding" for k, _ in scope["headers"])
         if length is not None:
             headers.append((b"content-length", str(length).encode()))
-        target = self.upstream.url + raw_path.decode("latin-1")
-        if scope.get("query_string"):
-            target += "?" + scope["query_string"].decode("latin-1")
+        elif chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        try:  # h11 checks the method, the target and every header before anything is sent
+            if not raw_path.startswith(b"/"):
+                raise h11.LocalProtocolError("only origin-form request targets")
+            request = h11.Request(method=scope["method"], target=raw_path, headers=headers)
+        except h11.LocalProtocolError as exc:
+            await _send(send, *_error(path, 400, {"error": str(exc), "code": "invalid_request"}))
+            return
+        has_body = length is not None or chunked
         try:
-            response = await self._send_upstream(scope["method"], target, headers, body, has_body)
+            await self._forward(request, has_body, receive, send, path)
+        except _ResponseCut as exc:
+            raise ConnectionAbortedError(*exc.args) from exc.__cause__
         except NotAttested as exc:
             self.upstream.stats.refused += 1
-            await _send(send, *_json_response(exc.status, exc.document))
-            return
+            await _send(send, *_error(path, exc.status, exc.document))
         except _BodyTooLarge:
-            await _send(send, *_too_large(self.config.max_request_bytes))
+            await _send(send, *_error(path, *_too_large(self.config.max_request_bytes)))
+        except _LocalGone:
             return
-        except (httpx.HTTPError, OSError) as exc:
-            await _send(send, *_upstream_error(exc, self.upstream.url))
-            return
-        try:
-            await self._relay(response, send)
-        finally:
-            await response.aclose()
+        except (wire.UpstreamError, OSError) as exc:
+            await _send(send, *_error(path, *_upstream_error(exc, self.upstream.url)))
 
     def _request_headers(
         self, scope: Scope
-    ) -> tuple[list[tuple[bytes, bytes]], int | None, tuple[int, bytes, list[Any]] | None]:
+    ) -> tuple[list[tuple[bytes, bytes]], int | None, tuple[int, dict[str, object]] | None]:
         raw: list[tuple[bytes, bytes]] = scope["headers"]
         named = {
             token.strip().lower()
@@ -601,7 +473,7 @@ class AttestingProxy:
             if name == b"connection"
             for token in value.split(b",")
         }
-        headers: list[tuple[bytes, bytes]] = []
+        headers: list[tuple[bytes, bytes]] = [(b"host", self.upstream.host_header)]
         length: int | None = None
         client_authorization: bytes | None = None
         for name, value in raw:
@@ -614,9 +486,7 @@ class AttestingProxy:
                     return (
                         [],
                         None,
-                        _json_response(
-                            400, {"error": "invalid Content-Length", "code": "invalid_request"}
-                        ),
+                        (400, {"error": "invalid Content-Length", "code": "invalid_request"}),
                     )
                 length = int(value)
             elif name == b"authorization":
@@ -628,73 +498,105 @@ class AttestingProxy:
             return [], None, _too_large(self.config.max_request_bytes)
         if self.config.forward_client_authorization and client_authorization is not None:
             headers.append((b"authorization", client_authorization))
-        elif self.config.api_key:
-            headers.append((b"authorization", f"Bearer {self.config.api_key}".encode()))
+        elif self._api_key is not None:
+            headers.append(self._api_key)
         return headers, length, None
 
-    async def _send_upstream(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        body: _Body,
-        has_body: bool,
-    ) -> httpx.Response:
-        for attempt in range(2):
-            transport = await self.upstream.client()
-            # httpx's Request and transport without the Client layer (auth, cookies,
-            # redirects, default headers): none of it applies to a proxy, and it costs.
-            request = httpx.Request(
-                method,
-                target,
-                headers=headers,
-                content=body if has_body else None,
-                extensions={"trace": self.upstream.trace, "timeout": self._timeouts},
-            )
-            try:
-                response = await transport.handle_async_request(request)
-            except (_PinChanged, httpx.ConnectError) as exc:
-                # Nothing of the request was written: the connection never carried it.
-                if attempt or body.started:
-                    raise refusal(exc, self.upstream.url) from exc
-                await self.upstream.attest("reconnect failed", newer_than=time.monotonic())
-                continue
-            self.upstream.stats.forwarded += 1
-            return response
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def _forward(
+        self, request: h11.Request, has_body: bool, receive: Receive, send: Send, path: str
+    ) -> None:
+        """Sends `request` on a pinned connection and relays the answer to `send`.
 
-    async def _relay(self, response: httpx.Response, send: Send) -> None:
+        A connection that cannot be made, or whose certificate is refused, is retried once
+        after attesting again (nothing was written on it). A reused connection the server
+        closed before any response byte is retried once on a new connection, and only if
+        the whole body was already in hand (nothing is lost by sending it again)."""
+        timeout = self.config.timeout
+        limit = self.config.max_request_bytes
+        pool = await self.upstream.client()
+        body, complete, total = b"", True, 0
+        if has_body:
+            body, more, total = await _local_body(receive, 0, limit)
+            complete = not more
+        retried = resent = False
+        while True:
+            try:
+                connection = await pool.acquire(fresh=retried)
+            except (_PinChanged, OSError) as exc:
+                if retried:
+                    raise refusal(exc, self.upstream.url) from exc
+                retried = True
+                await self.upstream.attest("reconnect failed", newer_than=time.monotonic())
+                pool = await self.upstream.client()
+                continue
+            try:
+                await wire.send_head(connection, request, body, complete, timeout)
+                resent = complete  # the whole body left in that write: it can go again
+                while not complete and not connection.answered:  # stops if answered early
+                    chunk, more, total = await _local_body(receive, total, limit)
+                    await wire.send_body(connection, chunk, timeout)
+                    if not more:
+                        await wire.end_body(connection, timeout)
+                        complete = True
+                response = await wire.read_head(connection, timeout)
+            except wire.StaleConnection:
+                pool.release(connection, reusable=False)
+                if retried or not resent:
+                    raise
+                retried = True
+                continue
+            except BaseException:
+                pool.release(connection, reusable=False)
+                raise
+            break
+        self.upstream.stats.forwarded += 1
+        reusable = False
+        try:
+            await self._relay(connection, response, send, path)
+            reusable = True
+        finally:
+            pool.release(connection, reusable=reusable)
+
+    async def _relay(
+        self, connection: wire.Connection, response: h11.Response, send: Send, path: str
+    ) -> None:
         limit = self.config.max_response_bytes
-        declared = response.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send(send, *_response_too_large(limit))
-            return
+        timeout = self.config.timeout
         named = {
-            token.strip().lower().encode()
-            for value in response.headers.get_list("connection")
-            for token in value.split(",")
+            token.strip()
+            for name, value in response.headers
+            if name == b"connection"
+            for token in value.lower().split(b",")
         }
-        dropped = HOP_BY_HOP | DROPPED_RESPONSE | named
-        headers = [  # CORS headers are the guard's alone: never the upstream's
-            (name.lower(), value)
-            for name, value in response.headers.raw
-            if name.lower() not in dropped and not name.lower().startswith(b"access-control-")
-        ]
-        if declared is not None and declared.isdigit():
-            headers.append((b"content-length", declared.encode()))
+        declared: int | None = None
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in response.headers:  # h11: names lower-case, Content-Length valid
+            if name == b"content-length":
+                declared = int(value)
+            elif name in HOP_BY_HOP or name in named or name.startswith(b"access-control-"):
+                continue  # CORS headers are the guard's alone: never the upstream's
+            else:
+                headers.append((name, value))
+        if declared is not None:
+            if declared > limit:
+                await _send(send, *_error(path, *_response_too_large(limit)))
+                return
+            headers.append((b"content-length", str(declared).encode()))
         start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        if declared is not None and declared.isdigit() and int(declared) <= SMALL_RESPONSE:
-            body = b"".join([chunk async for chunk in response.aiter_raw()])
+        if declared is not None and declared <= SMALL_RESPONSE:
+            parts = []
+            while (chunk := await wire.read_body(connection, limit, timeout)) is not None:
+                parts.append(chunk)
             await send(start)
-            await send({"type": "http.response.body", "body": body, "more_body": False})
+            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": False})
             return
         await send(start)
-        total = 0
-        async for chunk in response.aiter_raw():
-            total += len(chunk)
-            if total > limit:  # headers are out: cutting the connection is the only signal
-                raise ConnectionAbortedError("the upstream's response exceeded the limit")
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        try:
+            while (chunk := await wire.read_body(connection, limit, timeout)) is not None:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (wire.UpstreamError, TimeoutError) as exc:
+            # the head is out: cutting the local connection is the only signal left
+            raise _ResponseCut(str(exc)) from exc
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -712,22 +614,22 @@ async def _send(send: Send, status: int, body: bytes, headers: list[Any]) -> Non
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _too_large(limit: int) -> tuple[int, bytes, list[Any]]:
-    return _json_response(
+def _too_large(limit: int) -> tuple[int, dict[str, object]]:
+    return (
         413,
         {"error": f"the request body is larger than {limit} bytes", "code": "payload_too_large"},
     )
 
 
-def _response_too_large(limit: int) -> tuple[int, bytes, list[Any]]:
-    return _json_response(
+def _response_too_large(limit: int) -> tuple[int, dict[str, object]]:
+    return (
         502,
         {"error": f"the upstream's response is larger than {limit} bytes", "code": "bad_gateway"},
     )
 
 
-def _upstream_error(exc: BaseException, upstream: str) -> tuple[int, bytes, list[Any]]:
-    return _json_response(
+def _upstream_error(exc: BaseException, upstream: str) -> tuple[int, dict[str, object]]:
+    return (
         502,
         {
             "error": f"forwarding to {upstream} failed: {type(exc).__name__}: {exc}",
@@ -817,6 +719,7 @@ def _uvicorn_server(app: AttestingProxy) -> Any:
         http=coalesce_writes(AutoHTTPProtocol),  # head and body in one write (asgi/coalesce.py)
         log_level="warning",
         access_log=False,  # paths carry model names
+        proxy_headers=False,  # nothing here reads the client's address; one layer less
         server_header=False,
         date_header=False,
         lifespan="on",
