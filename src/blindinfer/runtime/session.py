@@ -29,6 +29,34 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(name=arg.name, datatype=datatype, shape=shape)
 
 
+def session_options(
+    *,
+    intra_op_threads: int = 0,
+    device: Device = "cpu",
+    gpu_mem_limit: int | None = None,
+    spin_us: int | None = None,
+) -> ort.SessionOptions:
+    """The options of every session the server creates (ModelSession); one function so
+    that benchmarks (bench/bench_ort_settings.py) measure exactly what the workers run."""
+    options = ort.SessionOptions()
+    prepare_session(options, device, gpu_mem_limit)
+    options.intra_op_num_threads = intra_op_threads
+    if spin_us is not None and spin_us < 0:
+        raise ValueError(f"spin_us must not be negative, got {spin_us}")
+    if spin_us == 0:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spin_us is not None:
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
+    # No arena: tensors are freed after each run instead of kept at their peak, so a
+    # loaded model costs what was measured when it loaded, not its largest request. (An
+    # arena shrunk after every run, `memory.enable_memory_arena_shrinkage`, still keeps its
+    # first region, sized by the first run: docs/performance.md, "onnxruntime settings in
+    # the worker"; tests/unit/test_worker_arena_memory.py holds the rule.)
+    options.enable_cpu_mem_arena = False
+    options.log_severity_level = 4  # fatal only: onnxruntime errors quote node names
+    return options
+
+
 class ModelSession:
     """An onnxruntime session that only ever runs on inputs matching its signature."""
 
@@ -52,19 +80,12 @@ class ModelSession:
         cap it (WorkerPool, --intra-op-spin-us)."""
         if not external_data_refused:
             refuse_external_data(model_bytes)
-        options = ort.SessionOptions()
-        prepare_session(options, device, gpu_mem_limit)
-        options.intra_op_num_threads = intra_op_threads
-        if spin_us is not None and spin_us < 0:
-            raise ValueError(f"spin_us must not be negative, got {spin_us}")
-        if spin_us == 0:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        elif spin_us is not None:
-            options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
-        # No arena: tensors are freed after each run instead of kept at their peak, so a
-        # loaded model costs what was measured when it loaded, not its largest request.
-        options.enable_cpu_mem_arena = False
-        options.log_severity_level = 4  # fatal only: onnxruntime errors quote node names
+        options = session_options(
+            intra_op_threads=intra_op_threads,
+            device=device,
+            gpu_mem_limit=gpu_mem_limit,
+            spin_us=spin_us,
+        )
         try:
             self._session = ort.InferenceSession(
                 model_bytes,
