@@ -394,12 +394,40 @@ def noisy_neighbour(
 # --------------------------------------------------------------------------- main
 
 
+def eviction_table(cost_ratio: float, alternations: int) -> None:
+    """Runs (2) and prints its table."""
+    cold, warm, stats, budget = eviction(64 * MiB, cost_ratio, alternations)
+    print(
+        f"\n(2) eviction and reload: 2 Gather models with 64 MiB weights, budget "
+        f"{budget / MiB:.0f} MiB (1.5 x the largest session/file ratio of (1) x 64 MiB), "
+        f"--workers 1, {len(cold)} cold + {len(warm)} warm runs"
+    )
+    print(f"{'run':<58} {'median / p99 ms':>19}")
+    print(f"{'warm (model loaded)':<58} {med_p99(warm)}")
+    print(f"{'cold (evict the other, reload from sealed store, run)':<58} {med_p99(cold)}")
+    print(
+        f"cold - warm medians: {statistics.median(cold) - statistics.median(warm):.1f} ms; "
+        f"end state: {stats['models']} models, {stats['loaded']} loaded, "
+        f"{stats['memory_used_bytes'] / MiB:.1f} of {stats['memory_budget_bytes'] / MiB:.0f} MiB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-minilm", action="store_true")
+    parser.add_argument(
+        "--eviction-only",
+        action="store_true",
+        help="only (2), with a budget of 1.5 x 64 MiB x 1.01 (the ratio (1) measures)",
+    )
+    parser.add_argument("--alternations", type=int, default=None, help="(2): cold runs / 2")
     args = parser.parse_args()
     quick = args.quick
+    if args.eviction_only:
+        print(f"blindinfer resilience benchmark, (2) only; {machine()}")
+        eviction_table(1.01, args.alternations or (5 if quick else 10))
+        return
     print(f"blindinfer resilience benchmark ({'--quick' if quick else 'full'}); {machine()}")
     print(
         "reproduce: .venv/bin/python bench/bench_resilience.py"
@@ -427,21 +455,7 @@ def main() -> None:
     cost_ratio = max(used / file_bytes for file_bytes, used, _, _ in memory)
 
     # (2)
-    alternations = 5 if quick else 10
-    cold, warm, stats, budget = eviction(64 * MiB, cost_ratio, alternations)
-    print(
-        f"\n(2) eviction and reload: 2 Gather models with 64 MiB weights, budget "
-        f"{budget / MiB:.0f} MiB (1.5 x the largest session/file ratio of (1) x 64 MiB), "
-        f"--workers 1, {len(cold)} cold + {len(warm)} warm runs"
-    )
-    print(f"{'run':<58} {'median / p99 ms':>19}")
-    print(f"{'warm (model loaded)':<58} {med_p99(warm)}")
-    print(f"{'cold (evict the other, reload from sealed store, run)':<58} {med_p99(cold)}")
-    print(
-        f"cold - warm medians: {statistics.median(cold) - statistics.median(warm):.1f} ms; "
-        f"end state: {stats['models']} models, {stats['loaded']} loaded, "
-        f"{stats['memory_used_bytes'] / MiB:.1f} of {stats['memory_budget_bytes'] / MiB:.0f} MiB"
-    )
+    eviction_table(cost_ratio, args.alternations or (5 if quick else 10))
 
     # (3)
     uploads = 3 if quick else 5

@@ -69,6 +69,7 @@ def install() -> None:
     from uvicorn.protocols.http import httptools_impl
 
     from blindinfer.runtime import workers
+    from blindinfer.server import respond
     from blindinfer.server.routes import inference
     from blindinfer.store import registry
 
@@ -83,6 +84,7 @@ def install() -> None:
     _around(workers.WorkerPool, "_wait", "s.wait_worker")
     _around(inference, "encode_infer_response", "s.encode")
     _around_async(Response, "__call__", "s.respond")
+    _around_async(respond, "send_bytes", "s.respond")  # the inference route's response
     # both sides of the pipe (the file name says which process)
     _around(workers, "_send", "pipe_send")
     _around(workers, "_recv_header", "pipe_recv_header")

@@ -4,6 +4,8 @@ HAProxy (Debian's package) runs in TCP mode, so TLS ends in the replicas and eve
 presents its own key, as a Kubernetes Service in front of Confidential Containers does.
 Each replica listens on a port chosen here, so that a replica killed with SIGKILL can be
 replaced by a new one (new key, new evidence) on the same port, as a restarted pod is.
+Each runs with its own `--replica-id r<index>` (its own audit log on the shared store) and
+writes its log to `r<index>.log` beside the store.
 """
 
 from __future__ import annotations
@@ -67,17 +69,28 @@ class ReplicaSet:
     replicas: dict[int, ServerProcess] = field(default_factory=dict)
 
     def start(self, index: int) -> ServerProcess:
-        server = start_server(
-            [
-                "--simulation",
-                "--store-dir",
-                str(self.store_dir),
-                *self.extra_args,
-            ],
-            port=self.ports[index],
-        )
+        log = (self.store_dir.parent / f"r{index}.log").open("a", encoding="utf-8")
+        try:
+            server = start_server(
+                [
+                    "--simulation",
+                    "--store-dir",
+                    str(self.store_dir),
+                    "--replica-id",
+                    f"r{index}",
+                    *self.extra_args,
+                ],
+                port=self.ports[index],
+                stderr=log,
+            )
+        finally:
+            log.close()  # the server process holds its own copy
         self.replicas[index] = server
         return server
+
+    def direct_url(self, index: int) -> str:
+        """The replica's own address, bypassing the balancer."""
+        return f"https://127.0.0.1:{self.ports[index]}"
 
     def kill(self, index: int) -> None:
         """SIGKILL, as a crashed pod: no shutdown path runs."""
@@ -93,30 +106,38 @@ class ReplicaSet:
 
 
 @contextmanager
+def balancer(config_dir: Path, backends: Sequence[int]) -> Iterator[str]:
+    """A HAProxy in TCP mode over `backends` (ports on loopback); yields its https URL."""
+    front = free_port()
+    config = config_dir / f"haproxy-{front}.cfg"
+    config.write_text(_config(front, backends), encoding="utf-8")
+    process = subprocess.Popen(
+        [HAPROXY, "-f", str(config), "-db", "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_listening(front, process)
+        yield f"https://127.0.0.1:{front}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextmanager
 def replica_set(
     store_dir: Path, count: int = 3, extra_args: Sequence[str] = ()
 ) -> Iterator[ReplicaSet]:
     """`count` replicas sharing `store_dir`, behind a HAProxy started for them."""
-    front = free_port()
     ports = [free_port() for _ in range(count)]
-    replicas = ReplicaSet(f"https://127.0.0.1:{front}", ports, store_dir, list(extra_args))
-    config = store_dir.parent / f"haproxy-{front}.cfg"
-    config.write_text(_config(front, ports), encoding="utf-8")
-    balancer: subprocess.Popen[bytes] | None = None
+    replicas = ReplicaSet("", ports, store_dir, list(extra_args))
     try:
         for index in range(count):
             replicas.start(index)
-        balancer = subprocess.Popen(
-            [HAPROXY, "-f", str(config), "-db", "-q"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_listening(front, balancer)
-        yield replicas
+        with balancer(store_dir.parent, ports) as url:
+            replicas.url = url
+            yield replicas
     finally:
-        if balancer is not None:
-            balancer.terminate()
-            balancer.wait(timeout=10)
         replicas.stop()
 
 

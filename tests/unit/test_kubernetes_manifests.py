@@ -214,7 +214,12 @@ def test_the_arguments_parse_with_the_real_serve_parser(tee: str, tmp_path: Path
     assert parsed.command == "serve"
     assert parsed.host == "0.0.0.0"
     assert parsed.port == int(container["ports"][0]["containerPort"]) == 9924
-    assert parsed.platform == tee
+    # evidence from the attestation agent: a Kata container has no configfs-tsm
+    assert parsed.platform == f"coco-{tee}"
+    assert parsed.aa_url == "http://127.0.0.1:8006"
+    annotations = _pod(_rendered(tee))["metadata"]["annotations"]
+    kernel_params = annotations["io.katacontainers.config.hypervisor.kernel_params"].split()
+    assert "agent.guest_components_rest_api=all" in kernel_params  # serves /aa/evidence
     assert not parsed.simulation
     assert parsed.store_dir == "/var/lib/blindinfer/store"
     assert str(parsed.store_key_resource) == "kbs:///blindinfer/store-key/1"

@@ -105,6 +105,7 @@ def test_a_crash_between_staging_and_commit_leaves_nothing_after_reopen(tmp_path
     store = SealedStore(tmp_path, KEY, max_bytes=64 * MiB)
     store.stage_blob(hashlib.sha256(data).hexdigest(), data)  # never committed: "crash"
     assert len(_blob_files(tmp_path)) == 1
+    store.close()  # the process ends: its staged file's lock goes with it
     reopened = SealedStore(tmp_path, KEY, max_bytes=64 * MiB)
     assert reopened.records() == [] and _blob_files(tmp_path) == []
 

@@ -5,6 +5,8 @@ leaves nothing stored; early refusals of large bodies close the connection."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -480,3 +482,68 @@ def test_closing_with_an_unfinished_body_stops_reading_then_aborts(
 
     asyncio.run(run())
     assert raw.calls == ["write", *expected]
+
+
+# ------------------------------------------------------------------ streamed bodies
+# The body's SHA-256 is computed on a thread while it streams (server/upload_digest.py).
+
+
+def test_an_upload_in_many_chunks_is_stored_under_the_sha256_of_all_its_bytes(
+    tmp_path: Path,
+) -> None:
+    app = _app(tmp_path)
+    data = zoo.model_bytes(zoo.mlp_model())
+    cuts = [0, 1, 100, 4096, 5000, len(data) // 2, len(data) - 1, len(data)]
+    pieces = [data[start:end] for start, end in itertools.pairwise(cuts)]
+    reply = _call(
+        app,
+        "PUT",
+        "/v2/repository/models/pieces/upload",
+        headers=_length(len(data)),
+        body=pieces[:-1],
+        final=pieces[-1],
+    )
+    assert reply.status == 201, reply.body
+    document = json.loads(reply.body)
+    assert (document["sha256"], document["size"]) == (hashlib.sha256(data).hexdigest(), len(data))
+    (record,) = app.state.blindinfer.registry.records()
+    assert record.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_body_without_length_is_refused_at_the_chunk_that_passes_the_limit(
+    tmp_path: Path,
+) -> None:
+    """Four chunks of 60 000 bytes: the fourth passes the 200 000-byte limit and is
+    refused; `_call` fails the test if the route asks for a fifth."""
+    app = _app(tmp_path)
+    before = _stats(app)
+    reply = _call(
+        app,
+        "PUT",
+        "/v2/repository/models/endless/upload",
+        headers=[("transfer-encoding", "chunked"), ("content-type", "application/octet-stream")],
+        body=[bytes(60_000)] * 4,
+    )
+    assert reply.error(413, "payload_too_large") == (
+        f"the model is larger than the limit of {MAX_MODEL} bytes (195.3 KiB, --max-model-bytes)"
+    )
+    assert _stats(app) == before
+    assert app.state.blindinfer.registry.records() == []
+
+
+def test_a_streamed_model_refused_by_validation_leaves_no_sealed_file(tmp_path: Path) -> None:
+    app = _app(tmp_path)
+    registry = app.state.blindinfer.registry
+    data = zoo.invalid_model_bytes()["random"]
+    reply = _call(
+        app,
+        "PUT",
+        "/v2/repository/models/noise/upload",
+        headers=_length(len(data)),
+        body=[data[:1000], data[1000:3000]],
+        final=data[3000:],
+    )
+    reply.error(400, "invalid_model")
+    assert registry.records() == []
+    assert sorted(p.name for p in (registry.directory / "blobs").iterdir()) == []
+    assert _stats(app) == (0, 0)

@@ -34,12 +34,12 @@ default allow := false
 store_key_path := ["blindinfer", "store-key", "1"]
 
 snp_measurements := {"REPLACE-96-hex-digits"}
-snp_init_data := {"91cf6e8eefa077c2ff52b965adb5d18d70a8f255833005633f2612f280d57949"}
+snp_init_data := {"8a00df1aeaafa4be80535499ad3d8ee1e3762dfbbc524551ed644b8276dd4b03"}
 
 tdx_mr_td := {"REPLACE-96-hex-digits"}
 tdx_rtmr1 := {"REPLACE-96-hex-digits"}
 tdx_rtmr2 := {"REPLACE-96-hex-digits"}
-tdx_init_data := {"32e8a8d10aa619cb119f82bd48219b073e204976ce6eb3cf73d35842e917e02b00000000000000000000000000000000"}
+tdx_init_data := {"11ba4578267d944f2e850731c36e617c6cf01a6b21776cd84d5fc03f8de86b4e00000000000000000000000000000000"}
 
 evidence := input.submods.cpu0["ear.veraison.annotated-evidence"]
 

@@ -76,6 +76,16 @@ def cdh_url(text: str) -> str:
         raise argparse.ArgumentTypeError("; ".join(str(exc).splitlines())) from None
 
 
+def aa_url(text: str) -> str:
+    """argparse type for `serve --aa-url`: http:// to a loopback address only."""
+    from blindinfer.tee.coco_agent import check_aa_url
+
+    try:
+        return check_aa_url(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError("; ".join(str(exc).splitlines())) from None
+
+
 def parse_time(text: str) -> int:
     """`--at`: Unix seconds or ISO 8601, with a message listing both on anything else."""
     from blindinfer.attestation.offline import parse_time as parse

@@ -24,6 +24,7 @@ from blindinfer.cli.args import (
     TIME_FORMATS,
     HelpFormatter,
     Parser,
+    aa_url,
     cdh_url,
     directory_or_new,
     https_url,
@@ -69,12 +70,23 @@ CLIENT_EPILOG = (
 )
 
 
+def _replica_id(text: str) -> str:
+    """argparse type for `serve --replica-id`: a name its audit log file can carry."""
+    from blindinfer.server.audit import check_replica_id
+
+    try:
+        return check_replica_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--platform",
-        choices=("auto", "simulation", "gramine-sgx", "tdx", "snp"),
+        choices=("auto", "simulation", "gramine-sgx", "tdx", "snp", "coco-tdx", "coco-snp"),
         default="auto",
-        help="TEE to take evidence from; auto detects one, and never picks simulation",
+        help="TEE to take evidence from; auto detects one, and never picks simulation; "
+        "coco-tdx / coco-snp: through the Confidential Containers Attestation Agent (--aa-url)",
     )
     parser.add_argument(
         "--simulation",
@@ -235,6 +247,23 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         default="http://127.0.0.1:8006",
         help="the Confidential Data Hub's REST API (api-server-rest): http:// to a loopback "
         "address only",
+    )
+    parser.add_argument(
+        "--aa-url",
+        type=aa_url,
+        default="http://127.0.0.1:8006",
+        help="with --platform coco-tdx|coco-snp: the Attestation Agent's REST API "
+        "(api-server-rest, needs agent.guest_components_rest_api=all): http:// to a loopback "
+        "address only",
+    )
+    parser.add_argument(
+        "--replica-id",
+        type=_replica_id,
+        metavar="NAME",
+        default=os.environ.get("BLINDINFER_REPLICA_ID"),
+        help="this replica's name where several servers share --store-dir (e.g. the pod's "
+        "name, or BLINDINFER_REPLICA_ID from the downward API): its audit log is "
+        "audit-NAME.log (default: alone on the store, audit.log)",
     )
     parser.add_argument(
         "--auth-file",
@@ -743,6 +772,8 @@ def _config(args: argparse.Namespace) -> object:
         store_dir=args.store_dir,
         store_key_resource=getattr(args, "store_key_resource", None),
         cdh_url=getattr(args, "cdh_url", "http://127.0.0.1:8006"),
+        aa_url=getattr(args, "aa_url", "http://127.0.0.1:8006"),
+        replica_id=getattr(args, "replica_id", None),
         auth_file=str(args.auth_file) if args.auth_file else None,
         intra_op_threads=args.intra_op_threads,
         intra_op_spin_us=spin_us,

@@ -165,7 +165,7 @@ def _send(conn: Connection, header: dict[str, Any], tensors: Mapping[str, Array]
         conn.send_bytes(array.reshape(-1).view(np.uint8).data)
 
 
-def _send_raw(conn: Connection, header: dict[str, Any], payload: bytes) -> None:
+def _send_raw(conn: Connection, header: dict[str, Any], payload: bytes | bytearray) -> None:
     header["tensors"] = []
     conn.send_bytes(json.dumps(header).encode())
     conn.send_bytes(payload)
@@ -880,7 +880,7 @@ class WorkerPool:
         memory_limit_bytes: int,
         timeout_s: float,
         queue_limit: int = 32,
-        source: Callable[[str], bytes],
+        source: Callable[[str], bytes | bytearray],
         intra_op_threads: int = 0,
         load_timeout_s: float = 120.0,
         max_response_bytes: int | None = None,
@@ -927,7 +927,7 @@ class WorkerPool:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def load(self, model_key: str, data: bytes, kind: str = "tensor") -> LoadedModel:
+    def load(self, model_key: str, data: bytes | bytearray, kind: str = "tensor") -> LoadedModel:
         """Places the model on the worker with the least measured memory and loads it there.
 
         No validation beyond ModelSession's (for bytes the caller already validated);
@@ -935,7 +935,9 @@ class WorkerPool:
         """
         return self._load(model_key, data, check=False, kind=kind)
 
-    def validate_and_load(self, model_key: str, data: bytes, kind: str = "tensor") -> LoadedModel:
+    def validate_and_load(
+        self, model_key: str, data: bytes | bytearray, kind: str = "tensor"
+    ) -> LoadedModel:
         """An upload: refuses external data, runs onnx.checker (in the worker), then loads.
         A generative model (`kind`): its archive is extracted and loaded by
         onnxruntime-genai in the worker instead."""
@@ -1639,7 +1641,9 @@ class WorkerPool:
             worker.joinable = None  # generations that come later wait for the load
         return worker
 
-    def _load(self, model_key: str, data: bytes, *, check: bool, kind: str) -> LoadedModel:
+    def _load(
+        self, model_key: str, data: bytes | bytearray, *, check: bool, kind: str
+    ) -> LoadedModel:
         worker = self._place(model_key, len(data), kind)
         worker.gate.acquire()
         try:
@@ -1675,7 +1679,13 @@ class WorkerPool:
                 placement.memory_bytes = loaded.memory_bytes
 
     def _load_on(
-        self, worker: _Worker, model_key: str, data: bytes, *, check: bool, kind: str = "tensor"
+        self,
+        worker: _Worker,
+        model_key: str,
+        data: bytes | bytearray,
+        *,
+        check: bool,
+        kind: str = "tensor",
     ) -> LoadedModel:
         """Loads in the worker whose gate the caller holds; maps failures to upload errors."""
         worker.loaded.discard(model_key)

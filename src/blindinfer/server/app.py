@@ -19,7 +19,12 @@ from blindinfer.errors import BlindInferError
 from blindinfer.protocol.limits import TensorLimits
 from blindinfer.runtime.workers import WorkerPool
 from blindinfer.server import metrics as server_metrics
-from blindinfer.server.audit import AuditLog, AuditLogError
+from blindinfer.server.audit import (
+    AuditLog,
+    AuditLogError,
+    AuditLogInUseError,
+    audit_file_name,
+)
 from blindinfer.server.auth import AuthConfig, Authenticator
 from blindinfer.server.bodies import CloseUnreadBodies
 from blindinfer.server.body_guard import BodyBudget, BodyGuard
@@ -47,7 +52,6 @@ from blindinfer.tee.platform import Platform
 
 log = logging.getLogger("blindinfer.server")
 MAX_JSON_REQUEST_BYTES = 8 << 20
-AUDIT_FILE = "audit.log"
 
 
 class PersistenceUnavailableError(BlindInferError):
@@ -81,6 +85,23 @@ def _sealing(config: ServerConfig, platform: Platform) -> tuple[Path, bytes]:
         ) from exc
 
 
+def _audit_log(config: ServerConfig, directory: Path) -> AuditLog:
+    """The audit log beside a --store-dir: audit.log for a server alone on it, one file per
+    --replica-id where replicas share it (a chain has one writer). In memory without a store."""
+    if config.store_dir is None:
+        return AuditLog(None)
+    try:
+        return AuditLog(directory / audit_file_name(config.replica_id))
+    except AuditLogInUseError as exc:
+        fix = (
+            "two replicas were given the same --replica-id; give each its own"
+            if config.replica_id is not None
+            else "another server uses this --store-dir; give each replica sharing it its "
+            "own --replica-id"
+        )
+        raise AuditLogInUseError(f"{exc}: {fix}") from None
+
+
 def _authenticator(config: ServerConfig) -> Authenticator:
     auth = (
         AuthConfig.from_file(config.auth_file)
@@ -99,7 +120,7 @@ def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity)
     limits = config.limits
     directory, key = _sealing(config, platform)
     sealed = SealedStore(directory, key, max_bytes=limits.max_stored_bytes)
-    audit = AuditLog(directory / AUDIT_FILE if config.store_dir else None)
+    audit = _audit_log(config, directory)
     registry_box: list[ModelRegistry] = []
     pool = WorkerPool(
         workers=limits.workers,

@@ -44,8 +44,10 @@ refuses its operation) and may leave part of the entry in the file; the next app
 truncates the file back to its last durable entry (those bytes are this process's own,
 never acknowledged), so the log recovers by itself once the disk has room.
 
-One process owns a log file (an exclusive ``flock`` enforces it); within it `AuditLog` is
-thread-safe.
+One process owns a log file (an exclusive ``flock`` enforces it; a second one gets
+`AuditLogInUseError`); within it `AuditLog` is thread-safe. Replicas sharing one store
+directory each append their own chain, ``audit-<replica id>.log`` (`audit_file_name`);
+a server alone on its store keeps ``audit.log``.
 """
 
 from __future__ import annotations
@@ -116,6 +118,33 @@ _EVENTS: Final = frozenset(e.value for e in AuditEvent)
 
 class AuditLogError(BlindInferError):
     """The audit log cannot be opened or written; the event it was given is not recorded."""
+
+
+class AuditLogInUseError(AuditLogError):
+    """Another process holds the log file: one chain has one writer."""
+
+
+AUDIT_FILE: Final = "audit.log"
+"""The audit log of a server alone on its store directory."""
+
+_REPLICA_ID: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+def check_replica_id(value: str) -> str:
+    """`value` if it can name a replica's audit log file: 1-64 of A-Z a-z 0-9 . _ -,
+    not starting with a dot; raises ValueError otherwise."""
+    if _REPLICA_ID.fullmatch(value) is None:
+        raise ValueError(
+            f"replica id {value[:80]!r} is not 1-64 of A-Z a-z 0-9 . _ - (not starting "
+            "with a dot), e.g. the pod's name"
+        )
+    return value
+
+
+def audit_file_name(replica_id: str | None) -> str:
+    """``audit.log`` without a replica id; ``audit-<id>.log`` for each replica sharing a
+    store directory: one file, one writer, one chain each."""
+    return AUDIT_FILE if replica_id is None else f"audit-{check_replica_id(replica_id)}.log"
 
 
 class AuditFieldError(AuditLogError, ValueError):
@@ -511,7 +540,7 @@ class AuditLog:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
-            raise AuditLogError(f"audit log {path} is in use by another process") from exc
+            raise AuditLogInUseError(f"audit log {path} is in use by another process") from exc
         if not existed:  # make the new directory entry durable too
             dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:

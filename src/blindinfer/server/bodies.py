@@ -12,12 +12,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +25,7 @@ from blindinfer.server.errors import (
     PayloadTooLargeError,
 )
 from blindinfer.server.quotas import QuotaExceededError
+from blindinfer.server.upload_digest import BackgroundSha256
 from blindinfer.sizes import human_size as human_size
 
 DRAIN_LIMIT = 64 * 1024
@@ -47,6 +46,22 @@ def parse_content_length(declared: str | None) -> int | None:
     if not (declared.isascii() and declared.isdigit()) or len(declared) > 19:
         raise MissingHeaderError("Content-Length must be a non-negative decimal integer")
     return int(declared)
+
+
+def body_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bool, str | None]:
+    """(whether Transfer-Encoding is present, the first Content-Length value or None) of
+    an ASGI header list: what Starlette's `Headers` answers for `"transfer-encoding" in`
+    and `.get("content-length")` (names are lower case in ASGI), in one pass and without
+    building a `Headers` per request in each middleware that needs these two."""
+    chunked = False
+    length: str | None = None
+    for name, value in headers:
+        if name == b"content-length":
+            if length is None:
+                length = value.decode("latin-1")
+        elif name == b"transfer-encoding":
+            chunked = True
+    return chunked, length
 
 
 def declared_length(request: Request) -> int | None:
@@ -130,7 +145,7 @@ async def read_bounded_hashed(
     # copy costs ~100 ms, docs/performance.md)
     chunks = io.BytesIO()
     received = 0
-    digest = hashlib.sha256()
+    digest = BackgroundSha256()  # beside the loop's TLS decryption (upload_digest.py)
     try:
         async for chunk in request.stream():
             if received + len(chunk) > limit:
@@ -139,12 +154,16 @@ async def read_bounded_hashed(
                 raise room.error()
             if observe is not None:
                 observe(chunk)
+            chunk = bytes(chunk) if type(chunk) is not bytes else chunk  # hashed later
             chunks.write(chunk)
             received += len(chunk)
-            digest.update(chunk)
+            await digest.feed(chunk)
+        sha256 = await digest.hexdigest()
     except ClientDisconnect:
         raise ClientDisconnectedError("the client disconnected mid-upload") from None
-    return chunks.getvalue(), digest.hexdigest()
+    finally:
+        digest.close()
+    return chunks.getvalue(), sha256
 
 
 class CloseUnreadBodies:
@@ -164,10 +183,9 @@ class CloseUnreadBodies:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        chunked = "transfer-encoding" in headers
+        chunked, length = body_headers(scope["headers"])
         try:
-            declared = parse_content_length(headers.get("content-length")) or 0
+            declared = parse_content_length(length) or 0
         except MissingHeaderError:
             declared = 0  # the route answers 400 for it; nothing unread to worry about
         if not chunked and declared <= DRAIN_LIMIT:

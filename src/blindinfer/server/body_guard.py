@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Generator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
+from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -36,7 +37,12 @@ from blindinfer.errors import BlindInferError
 from blindinfer.protocol.error_shapes import error_body
 from blindinfer.runtime.errors import OverloadedError
 from blindinfer.server.auth import Authenticator
-from blindinfer.server.bodies import DRAIN_LIMIT, StoredBytesRoom, parse_content_length
+from blindinfer.server.bodies import (
+    DRAIN_LIMIT,
+    StoredBytesRoom,
+    body_headers,
+    parse_content_length,
+)
 from blindinfer.server.config import ConnectionLimits
 from blindinfer.server.errors import (
     MissingHeaderError,
@@ -116,12 +122,13 @@ class BodyBudget:
             )
 
 
-def _has_body(headers: Headers) -> tuple[bool, int]:
+def _has_body(scope: Scope) -> tuple[bool, int]:
     """Whether the request carries a body, and the bytes it declares (0 if chunked)."""
-    if "transfer-encoding" in headers:
+    chunked, length = body_headers(scope["headers"])
+    if chunked:
         return True, 0
     try:
-        declared = parse_content_length(headers.get("content-length")) or 0
+        declared = parse_content_length(length) or 0
     except MissingHeaderError:
         return False, 0  # the route answers 400 for it before reading anything
     return declared > 0, declared
@@ -159,19 +166,26 @@ class BodyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        has_body, declared = _has_body(headers)
+        has_body, declared = _has_body(scope)
         if not has_body:
             await self.app(scope, receive, send)
             return
         # a small declared body (an attestation nonce, a share list) is no memory to
         # speak of: its route takes the slot where it needs one, as before
-        tenant = self._tenant(headers) if declared == 0 or declared > SMALL_BODY else None
+        large = declared == 0 or declared > SMALL_BODY
+        tenant = self._tenant(Headers(scope=scope)) if large else None
+        if tenant is None:  # no slot to hold, so no exit stack (every small inference)
+            try:
+                self.budget.open()
+            except BlindInferError as exc:  # refused before the route runs (503)
+                await _refuse(scope, send, exc)
+                return
+            await self._guarded(scope, receive, send)
+            return
         async with AsyncExitStack() as stack:
             try:
-                if tenant is not None:
-                    await stack.enter_async_context(self.quotas.slot(tenant))
-                    scope[SLOT_SCOPE_KEY] = True
+                await stack.enter_async_context(self.quotas.slot(tenant))
+                scope[SLOT_SCOPE_KEY] = True
                 self.budget.open()
             except BlindInferError as exc:  # refused before the route runs (429, 503)
                 await _refuse(scope, send, exc)
@@ -197,7 +211,9 @@ class BodyGuard:
             deadline = started + limits.body_timeout_s + received / limits.min_body_rate
             wait = min(deadline - now, limits.body_timeout_s)
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, wait))
+                if wait <= 0:  # past the deadline: refused without another look
+                    raise TimeoutError
+                message = await receive_within(receive, wait)
             except TimeoutError:
                 timed_out = True
                 raise RequestTimeoutError(
@@ -231,6 +247,58 @@ class BodyGuard:
             budget.close(reserved, still_open=not complete)
 
 
+async def receive_within(receive: Receive, wait: float) -> Message:
+    """`await receive()`, given up after `wait` seconds (TimeoutError), as
+    `asyncio.wait_for` would; but a message that is already there (a body that came with
+    its head: every small request) is returned at once, with no timer and no turn of the
+    event loop. Python 3.11's `wait_for` runs `receive()` as a task of its own (two turns
+    of the loop more per message), and even a timer costs more than the rest of the body
+    guard (uvloop starts and stops a libuv timer for it). The timer is armed only once
+    `receive()` has to wait: a body that is slow or stalls is cut exactly as before."""
+    steps = receive().__await__()
+    try:
+        pending = steps.send(None)  # runs `receive()` up to where it would wait
+    except StopIteration as done:
+        message: Message = done.value
+        return message
+    async with asyncio.timeout(wait):
+        return await _Resumed(steps, pending)
+
+
+class _Resumed:
+    """What `yield from steps` does, for `steps` (a coroutine's `__await__`) that have
+    already run up to their first wait and yielded `pending` (the future they wait for):
+    hands that to this task, then passes what the task sends or throws (the timeout's
+    cancellation) on to `steps` until they finish."""
+
+    __slots__ = ("_pending", "_steps")
+
+    def __init__(self, steps: Generator[Any, None, Message], pending: Any) -> None:
+        self._steps = steps
+        self._pending = pending
+
+    def __await__(self) -> Generator[Any, None, Message]:
+        steps, pending = self._steps, self._pending
+        while True:
+            try:
+                yield pending
+            except GeneratorExit:  # this task is being destroyed: so are the steps
+                steps.close()
+                raise
+            except BaseException as exc:
+                try:
+                    pending = steps.throw(exc)
+                except StopIteration as done:
+                    message: Message = done.value
+                    return message
+            else:
+                try:
+                    pending = steps.send(None)
+                except StopIteration as done:
+                    message = done.value
+                    return message
+
+
 async def _refuse(scope: Scope, send: Send, exc: BlindInferError) -> None:
     """The error answer of `exc`, as the routes would give it (in the shape of the API
     the path belongs to), closing the connection (the body is unread)."""
@@ -249,15 +317,15 @@ async def _refuse(scope: Scope, send: Send, exc: BlindInferError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-@asynccontextmanager
-async def tenant_slot(request: Request, quotas: TenantQuotas, tenant: str) -> AsyncIterator[None]:
-    """The tenant's concurrency slot for this request: the one `BodyGuard` already holds
-    for it, or a new one (a request without a body)."""
+def tenant_slot(
+    request: Request, quotas: TenantQuotas, tenant: str
+) -> AbstractAsyncContextManager[None]:
+    """The tenant's concurrency slot for this request (`async with`): the one `BodyGuard`
+    already holds for it, or a new one (a request without a body, or a small one). The
+    slot's own context manager, not one wrapped in another: one less per inference."""
     if request.scope.get(SLOT_SCOPE_KEY):
-        yield
-        return
-    async with quotas.slot(tenant):
-        yield
+        return nullcontext()
+    return quotas.slot(tenant)
 
 
 def stored_bytes_room(

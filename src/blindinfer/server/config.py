@@ -7,8 +7,10 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from blindinfer.runtime.device import Device
+from blindinfer.server.audit import check_replica_id
 from blindinfer.store.errors import StoreKeyConfigError
 from blindinfer.store.key_release import DEFAULT_CDH_URL, KbsResource, check_cdh_url
+from blindinfer.tee.coco_agent import DEFAULT_AA_URL, check_aa_url
 
 DEFAULT_PORT = 9924
 MiB = 1 << 20
@@ -86,7 +88,7 @@ class ServerConfig:
     isvprodid: int = 1
     isvsvn: int = 1
     simulate_debug_enclave: bool = False
-    platform: str = "auto"  # auto | simulation | gramine-sgx | tdx | snp
+    platform: str = "auto"  # auto | simulation | gramine-sgx | tdx | snp | coco-tdx | coco-snp
     pccs_url: str | None = None
     kds_url: str | None = None
     insecure_http_collateral: bool = False  # accept http:// for pccs_url and kds_url
@@ -97,6 +99,11 @@ class ServerConfig:
     # (replicas sharing --store-dir; store/key_release.py); None = the platform's key
     store_key_resource: KbsResource | None = None
     cdh_url: str = DEFAULT_CDH_URL
+    # coco-tdx / coco-snp: the Attestation Agent's REST API (tee/coco_agent.py), loopback only
+    aa_url: str = DEFAULT_AA_URL
+    # this replica's name where replicas share --store-dir: its audit log is
+    # audit-<id>.log (server/audit.py); None = alone on the store, audit.log
+    replica_id: str | None = None
     auth_file: str | None = None  # tenants and API key hashes; None = open mode
     intra_op_threads: int = 0  # per worker; 0 = onnxruntime decides (all cores)
     intra_op_spin_us: int = 50  # onnxruntime threads' busy-wait per pause (0: never)
@@ -109,6 +116,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_cdh_url(self.cdh_url)  # loopback only, whether or not a resource is given
+        check_aa_url(self.aa_url)  # likewise, whatever the platform
+        if self.replica_id is not None:
+            check_replica_id(self.replica_id)  # it names a file in the store directory
         if self.store_key_resource is not None and self.store_dir is None:
             raise StoreKeyConfigError(
                 "--store-key-resource needs --store-dir: the key opens a store that replicas "

@@ -113,6 +113,8 @@ def guard_connections(
             self._g_lost = False
             self._g_pending: list[bytes] = []
             self._g_tls_started = False
+            self._g_feeding = False  # inside data_received (see _g_begin_head)
+            self._g_deadline = 0.0  # of the head being received (loop time)
 
         # ---- the guard's view
 
@@ -256,6 +258,25 @@ def guard_connections(
                 super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._g_feeding:  # re-entered: no deadline to look after here
+                self._g_received(data)
+                return
+            self._g_feeding = True
+            try:
+                self._g_received(data)
+            finally:
+                self._g_feeding = False
+            # a head still incomplete after these bytes has its deadline armed now; one
+            # that came whole in them (nearly every request) never needed a timer
+            if (
+                self._g_phase == _HEAD
+                and self._g_timer is None
+                and self._g_connected
+                and not (self._g_refused or self._g_lost)
+            ):
+                self._g_timer = self.loop.call_at(self._g_deadline, self._g_expired)
+
+        def _g_received(self, data: bytes) -> None:
             if self._g_refused:
                 return
             if not self._g_connected:  # see _g_early
@@ -291,10 +312,18 @@ def guard_connections(
                 self._g_gone()
 
         def _g_begin_head(self) -> None:
+            """The first bytes of a head (of a later request on the connection): its
+            deadline runs from now. Within data_received the timer is armed only if the
+            head is still incomplete at its end: a call_later and a cancel per request
+            cost more than the rest of the guard, and no timer can fire while the loop
+            is in data_received anyway."""
             self._g_phase = _HEAD
             self._g_head_bytes = 0
             self._g_headers = 0
-            self._g_arm()
+            self._g_cancel_timer()
+            self._g_deadline = self.loop.time() + limits.header_timeout_s
+            if not self._g_feeding:
+                self._g_timer = self.loop.call_at(self._g_deadline, self._g_expired)
 
         def _g_too_large(self, what: str) -> None:
             self._g_refuse(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -202,10 +203,9 @@ class Histogram:
             series = self._series.get(labels)
             if series is None:
                 series = self._series[labels] = _Series([0] * len(self.bounds))
-            for index, bound in enumerate(self.bounds):  # stored non-cumulative
-                if value <= bound:
-                    series.buckets[index] += 1
-                    break
+            index = bisect_left(self.bounds, value)  # the first bound >= value
+            if index < len(self.bounds):  # stored non-cumulative; above all: +Inf only
+                series.buckets[index] += 1
             series.count += 1
             series.total += value
 
@@ -308,6 +308,18 @@ def route_template(routes: Iterable[BaseRoute], scope: Scope) -> tuple[str, dict
     return partial if partial is not None else (UNMATCHED, {})
 
 
+def routed_template(routes: Iterable[BaseRoute], scope: Scope) -> tuple[str, dict[str, str]]:
+    """`route_template`, after the app ran: the route Starlette's router chose is in the
+    scope (`scope["route"]`, same rule), so the routes are matched once per request, not
+    twice. A request refused before routing (415, 429, 503, an error) has none: matched
+    here then, as before."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if route is None or not isinstance(path, str):
+        return route_template(routes, scope)
+    return path, scope.get("path_params", {})
+
+
 def method_label(scope: Scope) -> str:
     """The request's method as a label: one of METHODS, else "other"."""
     method = str(scope.get("method", "")).upper()
@@ -333,8 +345,6 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         owner = scope.get("app")
-        routes: Iterable[BaseRoute] = getattr(owner, "routes", ())
-        template, params = route_template(routes, scope)
         method = method_label(scope)
         status = 500
         started = False
@@ -361,6 +371,7 @@ class MetricsMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             self.metrics.in_flight.dec()
+            template, params = routed_template(getattr(owner, "routes", ()), scope)
             if status == CLIENT_CLOSED_REQUEST or (client_gone and not started):
                 status = CLIENT_CLOSED_REQUEST
                 self.metrics.client_disconnects.inc(template, method)

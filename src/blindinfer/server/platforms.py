@@ -21,7 +21,7 @@ def simulated_mrenclave(config: ServerConfig) -> bytes:
     return measure(config.security_relevant())
 
 
-PLATFORMS = ("auto", "simulation", "gramine-sgx", "tdx", "snp")
+PLATFORMS = ("auto", "simulation", "gramine-sgx", "tdx", "snp", "coco-tdx", "coco-snp")
 
 
 def select_platform(config: ServerConfig) -> Platform:
@@ -57,6 +57,7 @@ def _simulation(config: ServerConfig) -> Platform:
 
 def _hardware(choice: str, config: ServerConfig) -> Platform:
     from blindinfer.attestation.intel.pccs import CollateralError, PccsCollateral
+    from blindinfer.tee import coco_agent
     from blindinfer.tee.configfs_tsm import ConfigfsTsmPlatform, KdsVcekSource, TsmError
     from blindinfer.tee.gramine import GramineError, GramineSgxPlatform
 
@@ -78,6 +79,19 @@ def _hardware(choice: str, config: ServerConfig) -> Platform:
             if config.kds_url
             else None
         )
+        tee = coco_agent.PLATFORMS.get(choice)
+        if tee is not None:
+            if config.snp_vmpl not in (None, 0):
+                raise NoPlatformError(
+                    "--snp-vmpl does not apply to --platform coco-snp: the Attestation Agent "
+                    "asks for VMPL 0 reports"
+                )
+            agent = coco_agent.CocoAgentPlatform(
+                tee, aa_url=config.aa_url, collateral=pccs, vcek_source=kds, crl_source=kds
+            )
+            log.info("evidence from the Attestation Agent at %s (%s)", agent.aa_url, choice)
+            _warn_without_crl(agent.kind, kds)
+            return agent
         platform = ConfigfsTsmPlatform(
             collateral=pccs, vcek_source=kds, crl_source=kds, privlevel=config.snp_vmpl
         )
@@ -87,9 +101,13 @@ def _hardware(choice: str, config: ServerConfig) -> Platform:
         raise NoPlatformError(
             f"--platform {choice}, but configfs-tsm's provider is {platform.provider!r}"
         )
-    if platform.kind == "snp" and kds is None:
+    _warn_without_crl(platform.kind, kds)
+    return platform
+
+
+def _warn_without_crl(kind: str, kds: object) -> None:
+    if kind == "snp" and kds is None:
         log.warning(
             "SEV-SNP without --kds-url: the evidence carries no AMD CRL, so clients refuse it "
             "unless their policy sets [snp] allow_missing_crl = true"
         )
-    return platform

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -11,6 +11,7 @@ import numpy.typing as npt
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from blindinfer.server.state import ServerState
 
@@ -25,6 +26,44 @@ def json_response(document: object, status: int = 200) -> Response:
     return Response(
         json.dumps(document, separators=(",", ":")), status, media_type="application/json"
     )
+
+
+def raw_headers(headers: Mapping[str, str], body_length: int) -> list[tuple[bytes, bytes]]:
+    """The header list Starlette's `Response(body, headers=headers)` sends, byte for
+    byte: names lower-cased, Content-Length added unless given."""
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    if all(name != b"content-length" for name, _ in raw):
+        raw.append((b"content-length", str(body_length).encode("latin-1")))
+    return raw
+
+
+class BytesEndpoint:
+    """A route endpoint `handler(request) -> (body, headers)` answered 200 as a plain
+    ASGI app: what `Route(path, function)` would send with `Response(body,
+    headers=headers)`, without the Response object and without Starlette's per-request
+    wrapper around a function endpoint (a second Request, closures and a wrapped `send`;
+    docs/performance.md, "Server HTTP path", has the cost). What `handler` raises goes
+    to the app's exception handlers (ExceptionMiddleware, the same handlers as that
+    wrapper's) and is answered the same way."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[tuple[bytes, Mapping[str, str]]]]):
+        self.handler = handler
+        self.__name__ = handler.__name__  # the route's name, as for a function endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body, headers = await self.handler(Request(scope, receive, send))
+        await send_bytes(send, body, headers)
+
+
+async def send_bytes(send: Send, body: bytes, headers: Mapping[str, str]) -> None:
+    """Sends `body` with `headers`, status 200, as `Response.__call__` would."""
+    start = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": raw_headers(headers, len(body)),
+    }
+    await send(start)
+    await send({"type": "http.response.body", "body": body})
 
 
 def server_state(request: Request) -> ServerState:

@@ -51,11 +51,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import logging
 import re
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Final
 
@@ -64,6 +62,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from blindinfer.store.errors import StoreKeyConfigError, StoreKeyUnavailableError
+from blindinfer.tee.loopback_url import check_loopback_url
+from blindinfer.tee.loopback_url import printable as _printable
+from blindinfer.tee.loopback_url import reason as _reason
 
 _log = logging.getLogger(__name__)
 
@@ -186,55 +187,16 @@ _CDH_HINT = "give the CDH's REST API on this pod's loopback, e.g. --cdh-url " + 
 def check_cdh_url(text: str) -> str:
     """``http://<loopback address>[:port]``, normalised, or `StoreKeyConfigError`.
 
-    Loopback only: see the module's docstring (the host must never answer a key request).
+    Loopback only: see the module's docstring (the host must never answer a key request);
+    the check itself is shared with the Attestation Agent's URL (tee/loopback_url.py).
     """
-    if not isinstance(text, str) or len(text) > MAX_URI_CHARS:
-        raise StoreKeyConfigError(
-            "the Confidential Data Hub URL is not a short string\n" + _CDH_HINT
-        )
-    try:
-        parts = urllib.parse.urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise StoreKeyConfigError(
-            f"Confidential Data Hub URL {_quoted(text)} is malformed ({exc})\n" + _CDH_HINT
-        ) from None
-    if parts.scheme != "http":
-        raise StoreKeyConfigError(
-            f"Confidential Data Hub URL {_quoted(text)} is not http:// (its REST API serves "
-            "plain HTTP on loopback, inside the pod VM)\n" + _CDH_HINT
-        )
-    if parts.username is not None or parts.password is not None:
-        raise StoreKeyConfigError(
-            f"Confidential Data Hub URL {_quoted(text)} carries credentials\n" + _CDH_HINT
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment or text.endswith(("?", "#")):
-        raise StoreKeyConfigError(
-            f"Confidential Data Hub URL {_quoted(text)} has a path, query or fragment: give "
-            "only http://address:port\n" + _CDH_HINT
-        )
-    host = parts.hostname or ""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise StoreKeyConfigError(
-            f"Confidential Data Hub URL {_quoted(text)} names a host, not a loopback "
-            "address (names resolve through /etc/hosts, which the host writes)\n" + _CDH_HINT
-        ) from None
-    loopback = (address.version == 4 and address.is_loopback) or address == ipaddress.ip_address(
-        "::1"
+    return check_loopback_url(
+        text,
+        service="Confidential Data Hub",
+        why="a key from outside the pod VM could be the host's own",
+        hint=_CDH_HINT,
+        error=StoreKeyConfigError,
     )
-    if not loopback:
-        raise StoreKeyConfigError(
-            f"Confidential Data Hub URL {_quoted(text)} is not a loopback address: a key "
-            "from outside the pod VM could be the host's own\n" + _CDH_HINT
-        )
-    if port == 0:
-        raise StoreKeyConfigError(
-            f"Confidential Data Hub URL {_quoted(text)} has port 0\n" + _CDH_HINT
-        )
-    shown = f"[{address}]" if address.version == 6 else str(address)
-    return f"http://{shown}:{port if port is not None else 80}"
 
 
 def derive_store_key(secret: bytes) -> bytes:
@@ -359,16 +321,3 @@ def _is_base64_of_key(secret: bytes) -> bool:
         return len(base64.b64decode(secret.strip(), validate=True)) == KEY_SIZE
     except (binascii.Error, ValueError):
         return False
-
-
-def _printable(body: bytes, limit: int = 200) -> str:
-    """An error answer's text, for a one-line message: printable ASCII, cut short."""
-    text = "".join(c if " " <= c <= "~" else " " for c in body.decode("ascii", "replace"))
-    text = " ".join(text.split())
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return text or "no body"
-
-
-def _reason(exc: BaseException) -> str:
-    return _printable(str(exc).encode("utf-8", "replace")) if str(exc) else type(exc).__name__

@@ -162,7 +162,9 @@ class ModelRegistry:
         # `_write_lock` serializes the changes that seal to disk (add, delete, share).
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()
-        self._records: dict[str, ModelRecord] = {r.model_id: r for r in sealed.records()}
+        synced, stored = sealed.snapshot()
+        self._records: dict[str, ModelRecord] = {r.model_id: r for r in stored}
+        self._synced = synced  # the store's counter `_records` reflects (sync_from_store)
         self._loaded: OrderedDict[str, int] = OrderedDict()  # sha256 -> measured bytes
         self._cost: dict[str, int] = {}  # last measured cost per sha256, kept after eviction
         self._signatures: dict[str, ModelSignature] = {}
@@ -214,6 +216,7 @@ class ModelRegistry:
         404 tells no tenant anything about another's models, and a hash shared by a hidden
         record and a visible one finds the visible one."""
         accept = visible or _everything
+        self._follow_store()
         with self._lock:
             records = [r for r in self._records.values() if accept(r)]
         if is_model_id(ref):
@@ -230,6 +233,7 @@ class ModelRegistry:
     def records(
         self, visible_to: Callable[[ModelRecord], bool] = lambda r: True
     ) -> list[ModelRecord]:
+        self._follow_store()
         with self._lock:
             return sorted(
                 (r for r in self._records.values() if visible_to(r)),
@@ -302,13 +306,20 @@ class ModelRegistry:
         parallel uploads can never together exceed a quota or the store."""
         if name is not None:
             check_name(name)
+        self._follow_store()
         existing = self._existing(name, owner, sha256)
         if existing is not None:
             return existing, False
         self._reserve(owner, len(data), admit)
         try:
             return self._add_reserved(
-                data, sha256, name=name, owner=owner, shared_with=shared_with, kind=kind
+                data,
+                sha256,
+                name=name,
+                owner=owner,
+                shared_with=shared_with,
+                kind=kind,
+                admit=admit,
             )
         finally:
             self._unreserve(owner, len(data))
@@ -322,6 +333,7 @@ class ModelRegistry:
         owner: str,
         shared_with: Collection[str],
         kind: str = "tensor",
+        admit: Admit | None = None,
     ) -> tuple[ModelRecord, bool]:
         """`add` once the upload's room is reserved: validate and seal at once, publish.
 
@@ -351,7 +363,14 @@ class ModelRegistry:
             raise
         try:
             return self._publish(
-                data, sha256, staged, name=name, owner=owner, shared_with=shared_with, kind=kind
+                data,
+                sha256,
+                staged,
+                name=name,
+                owner=owner,
+                shared_with=shared_with,
+                kind=kind,
+                admit=admit,
             )
         finally:
             if staged is not None:
@@ -374,8 +393,13 @@ class ModelRegistry:
         owner: str,
         shared_with: Collection[str],
         kind: str,
+        admit: Admit | None = None,
     ) -> tuple[ModelRecord, bool]:
-        """Seals (or commits the staged blob), durably and audited, then publishes."""
+        """Seals (or commits the staged blob), durably and audited, then publishes.
+
+        Under the store's writer lock (`SealedStore.writing`), after `sync_from_store`:
+        the name and the quotas are decided again on what every replica committed, and
+        hold until this commit."""
         model_id = new_model_id()
         record = ModelRecord(
             model_id=model_id,
@@ -387,11 +411,14 @@ class ModelRegistry:
             shared_with=tuple(sorted(set(shared_with))),
             kind=kind,
         )
-        with self._write_lock:  # not `_lock`: sealing writes and fsyncs
+        # not `_lock`: sealing writes and fsyncs
+        with self._write_lock, self._sealed.writing():
             try:
+                self.sync_from_store()
                 existing = self._existing(name, owner, sha256)
                 if existing is not None:
                     return existing, False
+                self._recheck_room(owner, len(data), admit)
 
                 # durable before it is acknowledged, and audited before it is committed:
                 # an upload whose audit entry cannot be written leaves nothing stored
@@ -412,11 +439,15 @@ class ModelRegistry:
                 with self._lock:
                     self._forget_if_orphan(sha256)
                 raise
+            counter = self._sealed.counter
             with self._lock:
                 self._records[model_id] = record
+                self._synced = counter
         return record, True
 
-    def _pool_load(self, key: str, data: bytes, kind: str, *, check: bool) -> LoadedModel:
+    def _pool_load(
+        self, key: str, data: bytes | bytearray, kind: str, *, check: bool
+    ) -> LoadedModel:
         """The pool's load (or validating load); `kind` is passed only where it matters."""
         load = self._pool.validate_and_load if check else self._pool.load
         loaded = load(key, data) if kind == "tensor" else load(key, data, kind)
@@ -511,6 +542,7 @@ class ModelRegistry:
         or the owner's quota (`admit`, see `add`) could not take: then only re-sending a
         model under its own name can succeed. `add` decides again, atomically, with the
         bytes (other uploads may land meanwhile)."""
+        self._follow_store()
         with self._lock:
             if name is not None and any(
                 r.owner == owner and r.name == name for r in self._records.values()
@@ -542,7 +574,9 @@ class ModelRegistry:
         """Destroys the sealed copy, then forgets the record. Never waits for the model's
         worker: a run in progress finishes (its session is dropped right after), a run
         still queued ends in UnknownModelError."""
-        with self._write_lock:  # not `_lock`: the sealed store writes and fsyncs
+        # not `_lock`: the sealed store writes and fsyncs
+        with self._write_lock, self._sealed.writing():
+            self.sync_from_store()  # deleted by another replica: refused as unknown here
             if not self._stored(record):
                 raise UnknownModelError(f"no model is known as {record.model_id!r}")
             # audited before it is committed: refused, with nothing deleted, if it cannot be
@@ -552,13 +586,17 @@ class ModelRegistry:
                     "delete", tenant=record.owner, model_id=record.model_id, sha256=record.sha256
                 ),
             )
+            counter = self._sealed.counter
             with self._lock:
-                del self._records[record.model_id]
+                self._records.pop(record.model_id, None)
                 self._forget_if_orphan(record.sha256)  # its unload is queued, not awaited
+                self._synced = counter
 
     def share(self, record: ModelRecord, tenants: Collection[str]) -> ModelRecord:
         shared = dataclasses.replace(record, shared_with=tuple(sorted(set(tenants))))
-        with self._write_lock:  # not `_lock`: the sealed store writes and fsyncs
+        # not `_lock`: the sealed store writes and fsyncs
+        with self._write_lock, self._sealed.writing():
+            self.sync_from_store()
             self._sealed.update_record(  # audited before it is committed, as delete
                 shared,
                 before_commit=lambda: self._audit(
@@ -569,9 +607,49 @@ class ModelRegistry:
                     detail={"tenants": ",".join(shared.shared_with)[:200]},
                 ),
             )
+            counter = self._sealed.counter
             with self._lock:
                 self._records[record.model_id] = shared
+                self._synced = counter
         return shared
+
+    # -- replicas sharing the store (docs/operations.md, "Replicas sharing one store") ---
+
+    def _follow_store(self) -> None:
+        """Before a lookup: takes in other replicas' commits. One stat of the manifest
+        when nothing changed (`SealedStore.poll`)."""
+        if self._sealed.poll() != self._synced:
+            self.sync_from_store()
+
+    def sync_from_store(self) -> None:
+        """Makes `_records` the store's view: models another replica added appear, models
+        it deleted disappear (their loaded session, if no record uses it any more, is
+        unloaded: a run of it ends in UnknownModelError), records it changed (sharing)
+        are replaced. Never reads the store under `_lock` (the store's lock comes first:
+        `_publish`); a view older than the one taken in already is ignored."""
+        counter, stored = self._sealed.snapshot()
+        with self._lock:
+            if counter <= self._synced:
+                return
+            current = {r.model_id: r for r in stored}
+            gone = [r for m, r in self._records.items() if m not in current]
+            self._records.update(current)
+            for record in gone:
+                del self._records[record.model_id]
+                self._forget_if_orphan(record.sha256)
+            self._synced = counter
+
+    def _recheck_room(self, owner: str, size: int, admit: Admit | None) -> None:
+        """The owner's quota decided again at commit, once `sync_from_store` took in what
+        other replicas committed: on committed models only (uploads in flight, here or
+        elsewhere, are each decided at their own commit, one at a time under the store's
+        writer lock), so that the quota holds across replicas. The store's model limit
+        is `_existing`'s."""
+        if admit is None:
+            return
+        with self._lock:
+            owned = [r for r in self._records.values() if r.owner == owner]
+        admit(len(owned), sum(r.size for r in owned), size)
 
     # -- execution -----------------------------------------------------------------------
 
@@ -818,7 +896,7 @@ class ModelRegistry:
         if not self._stored(record):
             raise UnknownModelError(unknown_model_message(record.model_id))
 
-    def source(self, sha256: str) -> bytes:
+    def source(self, sha256: str) -> bytearray:
         """The sealed bytes of any model with this hash: how workers reload after a crash."""
         with self._lock:
             record = next((r for r in self._records.values() if r.sha256 == sha256), None)

@@ -20,7 +20,10 @@ On-disk layout (all under `directory`, mode 0700)::
                                          uploaded it; <tag> = HMAC-SHA256(name key, sha256),
                                          so file names do not let the host confirm a guess
                                          of which (public) model was uploaded
-    */.tmp-*                             a write in progress (removed at open)
+    store.lock                           flock()ed by every mutation: one writer at a
+                                         time across the replicas sharing the directory
+    */.tmp-*                             a write in progress, flock()ed by its writer
+                                         (removed at open once no writer holds it)
 
 Every sealed file is ``version (1 byte) || nonce (12) || AES-256-GCM ciphertext || tag (16)``
 with a fresh random nonce per write. Keys come from HKDF-SHA256 over the sealing key, one
@@ -47,6 +50,24 @@ its audit entry there, so that an operation whose audit record cannot be written
 refused with nothing changed (write-ahead: a crash between the two leaves an entry for an
 operation that did not commit, never a committed operation without its entry).
 
+Replicas sharing one directory (docs/operations.md, "Replicas sharing one store"): any
+number of processes, on one machine or several, may open one directory under one key.
+One writer at a time, through the store itself: every mutation holds ``flock(LOCK_EX)``
+on ``store.lock`` (besides this process's thread lock) from before it reads the manifest
+until after its commit and clean-up, and first re-reads the manifest, authenticating what
+changed as open does. Whatever a caller checks inside `writing()` (a name is free, a quota
+has room) therefore still holds when its mutation commits there, on every replica.
+Readers (`get`, `record`, `records`, `poll`) stat the manifest before a lookup (inode,
+size, mtime: microseconds) and re-read it under ``LOCK_SH`` only when that changed, so a
+model another replica committed or deleted is seen at the next lookup. A refresh checks
+each record it has not seen yet and that each new blob exists with its size; the blob's
+bytes are authenticated by `get`, as always. Temp files are created ``flock``ed by their
+writer and stay locked until renamed or removed (a staged blob too, until `put_staged` or
+`discard`): open removes only those it can lock itself, and unreferenced records and
+blobs only under the exclusive lock, where no writer is between its first write and its
+commit. Open's full authentication of the blobs (`verify_blobs`) runs under the shared
+lock: writers wait for it, other replicas' readers do not.
+
 Deleting on a full disk. A delete frees space only after its commit, and the commit is a
 new manifest, which needs space first; freeing first (unlinking the blob or record) would
 break the invariants above (a crash would leave a manifest naming missing files, which
@@ -68,6 +89,11 @@ Detected at open:
     the record version or blob it lists is missing;
   * with ``expected_min_counter`` from a trusted monotonic counter: any manifest older
     than that.
+Detected while running (a refresh: another replica's commit, or the host's doing):
+  * a manifest older than the newest this process has seen (a lower counter), or one
+    missing once a manifest existed;
+  * another manifest at the counter this process last saw: two writers committed the same
+    step, which only happens where the storage does not honour ``flock``.
 Not detected without a hardware (or otherwise trusted) monotonic counter, and there is
 no way around this in software alone:
   * the whole directory restored consistently to an earlier snapshot while the server is
@@ -88,6 +114,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import hmac
 import io
@@ -98,7 +125,9 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -134,7 +163,12 @@ MAX_MANIFEST_FILE: Final = 64 * 1024 * 1024
 _CHUNK: Final = 1024 * 1024
 """Blobs are encrypted and decrypted in chunks: peak memory stays near one model copy."""
 
+_HASHER: Final = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blindinfer-unseal-hash")
+"""Hashes a blob's plaintext chunks while `SealedStore._read_blob` decrypts the next ones
+(its thread starts at first use)."""
+
 MANIFEST_NAME: Final = "manifest.sealed"
+LOCK_NAME: Final = "store.lock"
 RESERVE_NAME: Final = "space.reserve"
 RESERVE_MIN: Final = 256 * 1024
 """Smallest reserve kept for deletes on a full disk (room for a manifest of ~1000 models
@@ -258,6 +292,65 @@ def _tmp_path(directory: Path) -> Path:
     return directory / f"{TMP_PREFIX}{secrets.token_hex(8)}"
 
 
+_Identity = tuple[int, int, int] | None
+
+
+def _identity(path: Path | str) -> _Identity:
+    """What a reader compares to notice another replica's commit without reading the
+    file: (inode, size, mtime). Every commit renames a new file over the manifest, so its
+    inode changes; None while there is no manifest."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (not removed or replaced)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _close_all(lock_fd: int, tmps: dict[Path, int], tmps_lock: threading.Lock) -> None:
+    """`SealedStore.close`: every descriptor the store holds, so every flock it holds."""
+    with tmps_lock:
+        fds = list(tmps.values())
+        tmps.clear()
+    for fd in (lock_fd, *fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _remove_stale_tmps(directory: Path, skip: Callable[[Path], bool]) -> None:
+    """Removes the temp files of `directory` that no writer holds: each live one is
+    ``flock``ed by its writer (`SealedStore._create_tmp`), in this process or in another
+    replica, so one this can lock without waiting is left over by a writer that died."""
+    for tmp in directory.glob(f"{TMP_PREFIX}*"):
+        if skip(tmp):
+            continue  # this store's own write in progress
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone already, or not a file this store writes
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held: another replica is writing it
+            if _same_file(fd, tmp):
+                _log.info(
+                    "removing %s/%s: left over by an interrupted write", directory.name, tmp.name
+                )
+                tmp.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
 def _read_bounded(path: Path, limit: int, what: str) -> bytes:
     """The file's bytes, refusing more than `limit` before reading them into memory."""
     try:
@@ -320,9 +413,10 @@ def _int(value: object) -> int:
 class SealedStore:
     """Models sealed on disk, deduplicated by content, durable and crash-consistent.
 
-    One process owns a directory at a time (nothing locks it against a second process).
-    Mutations hold one lock for their whole duration, including the blob's encryption and
-    fsyncs: simple, and uploads are rare next to inference. `get` takes the lock only to
+    Processes (replicas) may share a directory: one writer at a time, through ``flock`` on
+    ``store.lock`` (module docstring). Mutations hold the lock for their whole duration,
+    including the blob's encryption and fsyncs: simple, and uploads are rare next to
+    inference. `get` takes the lock only to
     look the model up and open its blob, then decrypts outside it; an open file keeps its
     content even if a concurrent `delete` unlinks it.
     """
@@ -359,7 +453,15 @@ class SealedStore:
         self._record_aead = AESGCM(_derive(sealing_key, "record"))
         self._manifest_aead = AESGCM(_derive(sealing_key, "manifest"))
         self._name_key = _derive(sealing_key, "name")
-        self._lock = threading.Lock()
+        # the thread lock, then the flock of store.lock (`_locked`); re-entrant, so that
+        # a mutation inside `writing()` runs under the lock its caller took
+        self._lock = threading.RLock()
+        self._flock_mode: int | None = None  # LOCK_EX or LOCK_SH while held (under _lock)
+        self._manifest_seen: _Identity = None  # the manifest file this view was read from
+        self._manifest_file = os.fspath(self._dir / MANIFEST_NAME)  # stat()ed per lookup
+        self._manifest_digest = b""  # SHA-256 of its bytes (b"": none)
+        self._own_tmps: dict[Path, int] = {}  # this store's temp files -> their locked fd
+        self._tmps_lock = threading.Lock()
         self._broken: str | None = None
         self._entries: dict[str, _Entry] = {}
         self._blob_sizes: dict[str, int] = {}  # sha256 -> size, for every live blob
@@ -368,13 +470,31 @@ class SealedStore:
         self._committed_at = 0.0
         self._manifest_size = 0  # bytes of the current manifest file
         self._reserve_size = 0  # bytes allocated to space.reserve
-        self._open(expected_min_counter, verify_blobs)
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd = os.open(
+            self._dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )  # read-write: NFS emulates flock with POSIX locks, which need it
+        self._finalizer = weakref.finalize(
+            self, _close_all, self._lock_fd, self._own_tmps, self._tmps_lock
+        )
+        with self._locked(exclusive=True):
+            self._open(expected_min_counter)
+        if verify_blobs:  # shared: writers wait meanwhile, readers elsewhere go on
+            with self._locked(exclusive=False):
+                self._refresh_locked()  # what was committed since
+                self._check_blobs(self._entries, self._blob_sizes, verify=True, checked={})
 
     # -- public API ---------------------------------------------------------------------
 
     @property
     def directory(self) -> Path:
         return self._dir
+
+    def close(self) -> None:
+        """Releases store.lock and this store's temp files' locks, as the process's exit
+        does (and garbage collection): a staged blob never committed is then a leftover
+        that the next open removes. The store is unusable afterwards."""
+        self._finalizer()
 
     @property
     def max_bytes(self) -> int:
@@ -425,7 +545,7 @@ class SealedStore:
             raise ValueError(f"a model is at most {MAX_BLOB_BYTES} bytes")
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise ValueError("record.sha256 is not the SHA-256 of the data")
-        with self._lock:
+        with self.writing():
             self._check_usable()
             self._put_locked(record, data, before_commit)
 
@@ -444,18 +564,17 @@ class SealedStore:
         if len(data) > MAX_BLOB_BYTES:
             raise ValueError(f"a model is at most {MAX_BLOB_BYTES} bytes")
         self._check_usable()
-        tmp = _tmp_path(self._blobs_dir)
+        # locked until put_staged or discard: no replica's open removes it meanwhile
+        tmp, fd = self._create_tmp(self._blobs_dir)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb", closefd=False) as f:
                 digest = self._seal_blob(f, sha256, data, cancel)
                 f.flush()
                 os.fsync(f.fileno())
             if digest != sha256:
                 raise ValueError("record.sha256 is not the SHA-256 of the data")
         except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            self._drop_tmp(tmp)
             raise
         return StagedBlob(sha256=sha256, size=len(data), path=tmp)
 
@@ -472,14 +591,13 @@ class SealedStore:
         _check_record(record)
         if (staged.sha256, staged.size) != (record.sha256, record.size):
             raise ValueError("the staged blob does not hold the bytes the record describes")
-        with self._lock:
+        with self.writing():
             self._check_usable()
             self._put_locked(record, None, before_commit, staged=staged)
 
     def discard(self, staged: StagedBlob) -> None:
         """Removes a staged blob `put_staged` did not use (or that was never committed)."""
-        with contextlib.suppress(OSError):
-            staged.path.unlink(missing_ok=True)
+        self._drop_tmp(staged.path)
 
     def update_record(
         self, record: ModelRecord, *, before_commit: Callable[[], object] | None = None
@@ -490,7 +608,7 @@ class SealedStore:
         but the record and the manifest. The new record must describe the same bytes.
         """
         _check_record(record)
-        with self._lock:
+        with self.writing():
             self._check_usable()
             old = self._entries.get(record.model_id)
             if old is None:
@@ -591,8 +709,15 @@ class SealedStore:
         except OSError as exc:
             _log.warning("removing superseded files of model %s failed: %s", model_id, exc)
 
-    def get(self, model_id: str) -> bytes:
-        """The model's bytes, authenticated and checked against the record's SHA-256."""
+    def get(self, model_id: str) -> bytearray:
+        """The model's bytes, authenticated and checked against the record's SHA-256.
+
+        A `bytearray`, not `bytes`: the plaintext is written once, straight into the
+        buffer returned (`_read_blob`); a `bytes` would cost one more copy of the model
+        into fresh memory, ~50 ms for 64 MiB (docs/performance.md, "Reloading a model from
+        sealed storage"). Nobody else holds it: the caller owns it.
+        """
+        self._follow()
         with self._lock:
             entry = self._entries.get(model_id)
             if entry is None:
@@ -600,15 +725,19 @@ class SealedStore:
             try:
                 f = open(self._blob_path(entry.record.sha256), "rb")  # noqa: SIM115
             except FileNotFoundError:
+                self._follow()  # deleted by another replica since the stat?
+                if model_id not in self._entries:
+                    raise UnknownModelError(f"no model is known as {model_id[:140]!r}") from None
                 raise SealedDataError(f"the blob of model {model_id} is missing") from None
         with f:
-            data = self._read_blob(f, entry.record.sha256, entry.record.size)
-        if hashlib.sha256(data).hexdigest() != entry.record.sha256:
+            data, digest = self._read_blob(f, entry.record.sha256, entry.record.size)
+        if digest != entry.record.sha256:
             # Unreachable unless the key leaked: the tag binds the sha256. Checked anyway.
             raise SealedDataError(f"the blob of model {model_id} does not match its SHA-256")
         return data
 
     def record(self, model_id: str) -> ModelRecord:
+        self._follow()
         with self._lock:
             entry = self._entries.get(model_id)
             if entry is None:
@@ -617,9 +746,127 @@ class SealedStore:
 
     def records(self) -> list[ModelRecord]:
         """Every live record, oldest first."""
+        return sorted(self.snapshot()[1], key=lambda r: (r.created_at, r.model_id))
+
+    def snapshot(self) -> tuple[int, list[ModelRecord]]:
+        """(counter, every live record) of one view, after following other replicas."""
+        self._follow()
         with self._lock:
-            found = [e.record for e in self._entries.values()]
-        return sorted(found, key=lambda r: (r.created_at, r.model_id))
+            return self._counter, [e.record for e in self._entries.values()]
+
+    def poll(self) -> int:
+        """The counter of the view after following other replicas' commits: one stat of
+        the manifest when nothing changed. The registry compares it with the counter it
+        last took in (`ModelRegistry.sync_from_store`)."""
+        self._follow()
+        return self._counter
+
+    # -- replicas: the writer lock and the refresh (module docstring) -------------------
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Holds the store's writer lock, this process's threads' and, through ``flock``
+        on store.lock, every replica's, with the view refreshed from disk: what a caller
+        checks inside (a name is free, a quota has room) still holds when a `put` or
+        `delete` inside commits. Re-entrant: the mutations inside run under it."""
+        with self._locked(exclusive=True) as taken:
+            if taken:
+                self._refresh_locked()
+            yield
+
+    @contextlib.contextmanager
+    def _locked(self, *, exclusive: bool) -> Iterator[bool]:
+        """The thread lock, then ``flock`` of store.lock (shared or exclusive); yields
+        whether this call took the flock (False: this thread held it already)."""
+        with self._lock:
+            if self._flock_mode is not None:
+                if exclusive and self._flock_mode != fcntl.LOCK_EX:
+                    raise RuntimeError("the store's shared lock cannot become exclusive")
+                yield False
+                return
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            fcntl.flock(self._lock_fd, mode)
+            self._flock_mode = mode
+            try:
+                yield True
+            finally:
+                self._flock_mode = None
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _follow(self) -> None:
+        """Takes in other replicas' commits before a lookup: a stat of the manifest, and
+        a refresh under the shared lock only when the file changed."""
+        if _identity(self._manifest_file) != self._manifest_seen:
+            with self._locked(exclusive=False):
+                if _identity(self._manifest_file) != self._manifest_seen:  # not done meanwhile
+                    self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
+        """Re-reads the manifest (under the flock) and takes in what another replica
+        committed; raises SealedDataError for a rollback or a second writer (module
+        docstring). Under the exclusive lock the manifest is always read, not only when
+        its stat changed: a network filesystem may cache attributes, not an open."""
+        path = self._dir / MANIFEST_NAME
+        seen = _identity(path)
+        counter, committed_at, listed, digest = self._read_manifest()
+        if digest == self._manifest_digest:
+            self._manifest_seen = seen
+            return
+        if counter < self._counter:
+            raise SealedDataError(
+                f"the manifest went back from counter {self._counter}, which this process "
+                f"read or wrote, to {counter}: the store was rolled back"
+            )
+        if counter == self._counter:
+            raise SealedDataError(
+                f"a second manifest was committed at counter {counter}: two writers "
+                "changed the store at once; its storage does not honour flock "
+                "(docs/operations.md, Replicas sharing one store)"
+            )
+        entries, sizes, refs = self._authenticate(counter, listed, known=self._entries)
+        self._commit(entries, refs, sizes, counter, committed_at)
+        self._manifest_seen, self._manifest_digest = seen, digest
+        self._manifest_size = path.stat().st_size if path.exists() else 0
+        reserve = self._dir / RESERVE_NAME
+        self._reserve_size = reserve.stat().st_size if reserve.exists() else 0
+        _log.info("sealed store refreshed: %d models, counter %d", len(entries), counter)
+
+    def _create_tmp(self, directory: Path) -> tuple[Path, int]:
+        """A new temp file, open read-write and ``flock``ed (LOCK_EX) until `_release_tmp`
+        or `_drop_tmp`: no replica's open removes it meanwhile. Rechecked once locked, in
+        case a replica's clean-up removed it between its creation and the lock."""
+        for _ in range(5):
+            tmp = _tmp_path(directory)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if _same_file(fd, tmp):
+                    with self._tmps_lock:
+                        self._own_tmps[tmp] = fd
+                    return tmp, fd
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+            os.close(fd)
+        raise OSError(errno.EAGAIN, f"temp files in {directory} keep disappearing")
+
+    def _release_tmp(self, tmp: Path) -> None:
+        """Closes (and so unlocks) a temp file once renamed into place."""
+        with self._tmps_lock:
+            fd = self._own_tmps.pop(tmp, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _drop_tmp(self, tmp: Path) -> None:
+        """Removes a temp file, then unlocks it."""
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        self._release_tmp(tmp)
+
+    def _holds_tmp(self, tmp: Path) -> bool:
+        with self._tmps_lock:
+            return tmp in self._own_tmps
 
     def delete(self, model_id: str, *, before_commit: Callable[[], object] | None = None) -> None:
         """Remove the model: manifest first (the commit), then its record and unused blob.
@@ -633,7 +880,7 @@ class SealedStore:
         is not cryptographic erasure: the same enclave identity could still decrypt a
         retained copy, which the rollback checks above refuse to reinstate where they can.
         """
-        with self._lock:
+        with self.writing():
             self._check_usable()
             entry = self._entries.get(model_id)
             if entry is None:
@@ -702,6 +949,7 @@ class SealedStore:
         """Renames a staged (sealed, fsynced) blob into place and makes that durable, with
         `_write_atomic`'s guarantees: a failure before the rename changes nothing."""
         os.replace(staged.path, blob_path)
+        self._release_tmp(staged.path)
         try:
             _fsync_dir(blob_path.parent)
         except BaseException as exc:
@@ -720,21 +968,49 @@ class SealedStore:
             raise SealedDataError(f"blob {sha256} has an unknown format version")
         return header[1:]
 
-    def _read_blob(self, f: io.BufferedReader, sha256: str, size: int) -> bytes:
-        """Decrypt and authenticate the whole blob in one call.
+    def _read_blob(self, f: io.BufferedReader, sha256: str, size: int) -> tuple[bytearray, str]:
+        """Decrypt and authenticate the whole blob; returns it with the SHA-256 of its
+        plaintext.
 
-        One-shot rather than streamed: peak memory is ciphertext + plaintext either way
-        (a streamed decryption into a buffer still needs a final copy into `bytes`), and
-        this avoids that copy, which costs as much as the decryption (bench/).
+        Streamed, because each copy of a model into fresh memory costs page faults that
+        dominate on a VM (~50 ms per 64 MiB, more than AES-GCM itself): the ciphertext
+        goes through one reused `_CHUNK` buffer and the plaintext is written once, into
+        the buffer returned. Each plaintext chunk is hashed on `_HASHER` while the next
+        one is decrypted (hashlib releases the GIL), so the SHA-256 check costs little
+        wall time when a core is free. Nothing leaves this method before the tag is
+        verified (`finalize`): unauthenticated plaintext is never returned.
         """
         nonce = self._blob_header(f, sha256, size)
-        rest = f.read(size + TAG_SIZE)
-        if len(rest) != size + TAG_SIZE:
-            raise SealedDataError(f"blob {sha256} is truncated")
+        dec = Cipher(algorithms.AES(self._blob_key), modes.GCM(nonce)).decryptor()
+        dec.authenticate_additional_data(_AAD_BLOB + bytes.fromhex(sha256))
+        out = bytearray(size)
+        plain = memoryview(out)
+        chunk = memoryview(bytearray(_CHUNK))
+        digest = hashlib.sha256()
+        hashing: Future[None] | None = None
         try:
-            return self._blob_aead.decrypt(nonce, rest, _AAD_BLOB + bytes.fromhex(sha256))
-        except InvalidTag:
-            raise SealedDataError(_blob_auth_failure(sha256)) from None
+            pos = 0
+            while pos < size:
+                n = f.readinto(chunk[: min(_CHUNK, size - pos)])
+                if not n:
+                    raise SealedDataError(f"blob {sha256} is truncated")
+                dec.update_into(chunk[:n], plain[pos : pos + n])
+                if hashing is not None:
+                    hashing.result()  # in order, one chunk behind
+                hashing = _hash_behind(digest, plain[pos : pos + n])
+                pos += n
+            tag = f.read(TAG_SIZE + 1)
+            if len(tag) != TAG_SIZE:
+                raise SealedDataError(f"blob {sha256} is truncated")
+            try:
+                dec.finalize_with_tag(tag)
+            except InvalidTag:
+                raise SealedDataError(_blob_auth_failure(sha256)) from None
+        finally:
+            if hashing is not None:
+                hashing.result()
+            plain.release()
+        return out, digest.hexdigest()
 
     def _verify_blob(self, f: io.BufferedReader, sha256: str, size: int) -> None:
         """Authenticate the blob streaming, in O(1 MiB) memory, keeping no plaintext."""
@@ -818,10 +1094,9 @@ class SealedStore:
         leaves the store broken (see `StoreBrokenError`): the rename may or may not survive
         a power cut.
         """
-        tmp = _tmp_path(path.parent)
+        tmp, fd = self._create_tmp(path.parent)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb", closefd=False) as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -829,9 +1104,9 @@ class SealedStore:
                 before_replace()
             os.replace(tmp, path)
         except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            self._drop_tmp(tmp)
             raise
+        self._release_tmp(tmp)
         try:
             _fsync_dir(path.parent)
         except BaseException as exc:
@@ -842,8 +1117,11 @@ class SealedStore:
         self, sealed: bytes, before_commit: Callable[[], object] | None = None
     ) -> None:
         """Replace the manifest: the commit point of every mutation."""
-        self._write_atomic(self._dir / MANIFEST_NAME, lambda f: f.write(sealed), before_commit)
+        path = self._dir / MANIFEST_NAME
+        self._write_atomic(path, lambda f: f.write(sealed), before_commit)
         self._manifest_size = len(sealed)
+        self._manifest_digest = hashlib.sha256(sealed).digest()
+        self._manifest_seen = _identity(path)
 
     # -- the space reserve (module docstring: deleting on a full disk) ------------------
 
@@ -881,56 +1159,21 @@ class SealedStore:
 
     # -- open and recovery --------------------------------------------------------------
 
-    def _open(self, expected_min_counter: int, verify_blobs: bool) -> None:
+    def _open(self, expected_min_counter: int) -> None:
         for d in (self._dir, self._blobs_dir, self._records_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         for d in (self._dir, self._blobs_dir, self._records_dir):
-            for tmp in d.glob(f"{TMP_PREFIX}*"):
-                tmp.unlink(missing_ok=True)
+            _remove_stale_tmps(d, self._holds_tmp)
 
-        counter, committed_at, listed = self._read_manifest()
+        seen = _identity(self._dir / MANIFEST_NAME)
+        counter, committed_at, listed, digest = self._read_manifest()
         if counter < expected_min_counter:
             raise SealedDataError(
                 f"the manifest has counter {counter} but the trusted counter requires at "
                 f"least {expected_min_counter}: the store was rolled back"
             )
 
-        entries: dict[str, _Entry] = {}
-        for item in listed:
-            model_id = item.model_id
-            if item.counter > counter:
-                raise SealedDataError(
-                    f"the manifest (counter {counter}) lists model {model_id} as written at "
-                    f"counter {item.counter}: not written by this store"
-                )
-            record = self._unseal_record(model_id, item.counter)
-            if (record.sha256, record.owner, record.name) != (item.sha256, item.owner, item.name):
-                raise SealedDataError(f"record {model_id} disagrees with the manifest")
-            entries[model_id] = _Entry(record, item.counter)
-
-        sizes: dict[str, int] = {}
-        refs: dict[str, int] = {}
-        for entry in entries.values():
-            r = entry.record
-            if sizes.setdefault(r.sha256, r.size) != r.size:
-                raise SealedDataError(f"records disagree on the size of blob {r.sha256}")
-            refs[r.sha256] = refs.get(r.sha256, 0) + 1
-        for sha, size in sizes.items():
-            users = ", ".join(sorted(m for m, e in entries.items() if e.record.sha256 == sha))
-            path = self._blob_path(sha)
-            try:
-                with open(path, "rb") as f:
-                    if verify_blobs:
-                        self._verify_blob(f, sha, size)
-                    elif os.fstat(f.fileno()).st_size != size + OVERHEAD:
-                        raise SealedDataError(f"blob {sha} has the wrong size: altered")
-            except FileNotFoundError:
-                raise SealedDataError(
-                    f"the blob of model(s) {users} is missing ({path.name})"
-                ) from None
-            except SealedDataError as exc:
-                raise SealedDataError(f"model(s) {users}: {exc}") from None
-
+        entries, sizes, refs = self._authenticate(counter, listed, known={})
         self._remove_leftovers(entries, counter)
         manifest_path = self._dir / MANIFEST_NAME
         self._manifest_size = manifest_path.stat().st_size if manifest_path.exists() else 0
@@ -945,14 +1188,83 @@ class SealedStore:
         self._refs = refs
         self._counter = counter
         self._committed_at = committed_at
+        self._manifest_seen, self._manifest_digest = seen, digest
         _log.info("sealed store opened: %d models, counter %d", len(entries), counter)
 
-    def _read_manifest(self) -> tuple[int, float, list[_Listed]]:
-        """(counter, committed_at, entries); (0, 0.0, []) for a store never written to."""
+    def _authenticate(
+        self, counter: int, listed: list[_Listed], *, known: dict[str, _Entry]
+    ) -> tuple[dict[str, _Entry], dict[str, int], dict[str, int]]:
+        """(entries, blob sizes, blob references) of a manifest's listing, each record
+        authenticated and agreeing with it, each blob there with its size (open's
+        `verify_blobs` authenticates them afterwards). Records in `known` at the same
+        version, and their blobs, were checked when this process read them: a refresh
+        skips them."""
+        entries: dict[str, _Entry] = {}
+        for item in listed:
+            model_id = item.model_id
+            if item.counter > counter:
+                raise SealedDataError(
+                    f"the manifest (counter {counter}) lists model {model_id} as written at "
+                    f"counter {item.counter}: not written by this store"
+                )
+            old = known.get(model_id)
+            if old is not None and old.counter == item.counter:
+                record = old.record
+            else:
+                record = self._unseal_record(model_id, item.counter)
+            if (record.sha256, record.owner, record.name) != (item.sha256, item.owner, item.name):
+                raise SealedDataError(f"record {model_id} disagrees with the manifest")
+            entries[model_id] = _Entry(record, item.counter)
+        checked = {e.record.sha256: e.record.size for e in known.values()}
+
+        sizes: dict[str, int] = {}
+        refs: dict[str, int] = {}
+        for entry in entries.values():
+            r = entry.record
+            if sizes.setdefault(r.sha256, r.size) != r.size:
+                raise SealedDataError(f"records disagree on the size of blob {r.sha256}")
+            refs[r.sha256] = refs.get(r.sha256, 0) + 1
+        self._check_blobs(entries, sizes, verify=False, checked=checked)
+        return entries, sizes, refs
+
+    def _check_blobs(
+        self,
+        entries: dict[str, _Entry],
+        sizes: dict[str, int],
+        *,
+        verify: bool,
+        checked: dict[str, int],
+    ) -> None:
+        """Each blob of `sizes` exists with its size, and with `verify` authenticates in
+        full; those `checked` (at that size) are skipped."""
+        for sha, size in sizes.items():
+            if checked.get(sha) == size:
+                continue
+            users = ", ".join(sorted(m for m, e in entries.items() if e.record.sha256 == sha))
+            path = self._blob_path(sha)
+            try:
+                with open(path, "rb") as f:
+                    if verify:
+                        self._verify_blob(f, sha, size)
+                    elif os.fstat(f.fileno()).st_size != size + OVERHEAD:
+                        raise SealedDataError(f"blob {sha} has the wrong size: altered")
+            except FileNotFoundError:
+                raise SealedDataError(
+                    f"the blob of model(s) {users} is missing ({path.name})"
+                ) from None
+            except SealedDataError as exc:
+                raise SealedDataError(f"model(s) {users}: {exc}") from None
+
+    def _read_manifest(self) -> tuple[int, float, list[_Listed], bytes]:
+        """(counter, committed_at, entries, SHA-256 of the file); (0, 0.0, [], b"") for a
+        store never written to."""
         path = self._dir / MANIFEST_NAME
-        if not path.exists():
-            return 0, 0.0, []
-        data = _read_bounded(path, MAX_MANIFEST_FILE, "the manifest")
+        try:
+            data = _read_bounded(path, MAX_MANIFEST_FILE, "the manifest")
+        except SealedDataError:
+            if path.exists():
+                raise
+            return 0, 0.0, [], b""
         plain = _open_sealed(self._manifest_aead, data, _AAD_MANIFEST, "the manifest")
         try:
             body = json.loads(plain)
@@ -978,7 +1290,7 @@ class SealedStore:
                 listed.append(entry)
         except (ValueError, KeyError, TypeError) as exc:
             raise SealedDataError(f"the manifest is malformed: {exc}") from None
-        return counter, committed_at, listed
+        return counter, committed_at, listed, hashlib.sha256(data).digest()
 
     def _remove_leftovers(self, entries: dict[str, _Entry], counter: int) -> None:
         """Remove files no manifest entry names, after checking none proves a rollback."""
@@ -1036,6 +1348,16 @@ def _allocate(fd: int, start: int, size: int) -> None:
     os.lseek(fd, start, os.SEEK_SET)
     while start < size:
         start += os.write(fd, zeros[: min(len(zeros), size - start)])
+
+
+def _hash_behind(digest: hashlib._Hash, chunk: memoryview) -> Future[None] | None:
+    """Hashes `chunk` on `_HASHER` (the caller waited for the previous chunk's hash); at
+    interpreter shutdown, when the executor takes no more work, right here instead."""
+    try:
+        return _HASHER.submit(digest.update, chunk)
+    except RuntimeError:
+        digest.update(chunk)
+        return None
 
 
 def _blob_auth_failure(sha256: str) -> str:

@@ -398,6 +398,61 @@ class KdsVcekSource:
         return certs[0].public_bytes(Encoding.DER), certs[1].public_bytes(Encoding.DER)
 
 
+def snp_evidence(
+    report: bytes,
+    certs: Mapping[str, bytes],
+    *,
+    vcek_source: VcekSource | None,
+    crl_source: CrlSource | None,
+    where: str,
+) -> Evidence:
+    """ "amd-snp" `Evidence`: the report, its chip certificates by role, AMD's CRL.
+
+    Shared by every way of obtaining SNP evidence (configfs-tsm, the CoCo Attestation
+    Agent) so that clients receive one shape. `certs` are what the host supplied (`where`
+    names it in messages); a missing VCEK comes from `vcek_source` (KDS) if configured.
+    """
+    if len(report) != SNP_REPORT_SIZE:
+        raise TsmError(f"SNP report is {len(report)} bytes, expected {SNP_REPORT_SIZE}")
+    signing_key = (struct.unpack_from("<I", report, _SNP_FLAGS)[0] >> 2) & 0x7
+    chip_cert = "vlek" if signing_key == _SNP_SIGNING_KEY_VLEK else "vcek"
+    if chip_cert not in certs:
+        if chip_cert == "vcek" and vcek_source is not None:
+            certs = {**vcek_source.certificates_for(report), **certs}
+        else:
+            hint = (
+                "configure an AMD KDS URL (e.g. --kds-url https://kdsintf.amd.com)"
+                if chip_cert == "vcek"
+                else "the host must provision the VLEK (VLEK certificates are not on KDS)"
+            )
+            raise TsmError(
+                f"the report is signed with the {chip_cert.upper()} but the host put no "
+                f"{chip_cert.upper()} in {where}; {hint}"
+            )
+    return Evidence(
+        kind=EVIDENCE_KINDS[PROVIDER_SNP],
+        quote=report,
+        collateral_json="",
+        certificates=tuple((role, certs[role]) for role in CERT_ROLES if role in certs),
+        crl=_snp_crl(report, crl_source),
+    )
+
+
+def _snp_crl(report: bytes, crl_source: CrlSource | None) -> bytes:
+    """AMD's CRL for the report, or b"" (the client then refuses by default)."""
+    if crl_source is None:
+        return b""
+    try:
+        return crl_source.crl_for(report)
+    except TsmError as exc:
+        log.warning(
+            "no AMD CRL for this SNP evidence (%s): clients refuse it unless their policy "
+            "sets [snp] allow_missing_crl",
+            exc,
+        )
+        return b""
+
+
 # -- the platform ---------------------------------------------------------------------
 
 
@@ -507,45 +562,13 @@ class ConfigfsTsmPlatform:
 
     def _snp_evidence(self, report: bytes, auxblob: bytes) -> Evidence:
         """The report with its chip certificates by role; no DCAP collateral (hence "")."""
-        if len(report) != SNP_REPORT_SIZE:
-            raise TsmError(f"SNP report is {len(report)} bytes, expected {SNP_REPORT_SIZE}")
-        certs = parse_cert_table(auxblob)
-        signing_key = (struct.unpack_from("<I", report, _SNP_FLAGS)[0] >> 2) & 0x7
-        chip_cert = "vlek" if signing_key == _SNP_SIGNING_KEY_VLEK else "vcek"
-        if chip_cert not in certs:
-            if chip_cert == "vcek" and self._vcek_source is not None:
-                certs = {**self._vcek_source.certificates_for(report), **certs}
-            else:
-                hint = (
-                    "configure an AMD KDS URL (e.g. --kds-url https://kdsintf.amd.com)"
-                    if chip_cert == "vcek"
-                    else "the host must provision the VLEK (VLEK certificates are not on KDS)"
-                )
-                raise TsmError(
-                    f"the report is signed with the {chip_cert.upper()} but the host put no "
-                    f"{chip_cert.upper()} in the certificate table (auxblob); {hint}"
-                )
-        return Evidence(
-            kind=EVIDENCE_KINDS[PROVIDER_SNP],
-            quote=report,
-            collateral_json="",
-            certificates=tuple((role, certs[role]) for role in CERT_ROLES if role in certs),
-            crl=self._snp_crl(report),
+        return snp_evidence(
+            report,
+            parse_cert_table(auxblob),
+            vcek_source=self._vcek_source,
+            crl_source=self._crl_source,
+            where="the certificate table (auxblob)",
         )
-
-    def _snp_crl(self, report: bytes) -> bytes:
-        """AMD's CRL for the report, or b"" (the client then refuses by default)."""
-        if self._crl_source is None:
-            return b""
-        try:
-            return self._crl_source.crl_for(report)
-        except TsmError as exc:
-            log.warning(
-                "no AMD CRL for this SNP evidence (%s): clients refuse it unless their policy "
-                "sets [snp] allow_missing_crl",
-                exc,
-            )
-            return b""
 
     def _generate(self, report_data: bytes) -> _Report:
         for attempt in range(1, self._attempts + 1):

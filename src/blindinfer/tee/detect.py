@@ -9,6 +9,8 @@ report_data. Roots are parameters so that tests and unusual mounts can point els
   guests with Linux >= 6.7. Which one is decided by the report provider; the guest
   drivers' device nodes (/dev/tdx_guest, /dev/sev-guest) answer without touching
   configfs, and a probe entry answers when neither node is visible (containers).
+- coco-tdx / coco-snp (tee/coco_agent.py) are never detected: detection makes no network
+  calls, and a Confidential Containers pod names its platform in its manifest.
 """
 
 from __future__ import annotations
@@ -70,5 +72,7 @@ def describe_missing(
         f"({gramine_root / 'attestation_type'}: run under gramine-sgx with "
         'sgx.remote_attestation = "dcap"), and for Linux configfs-tsm '
         f"({tsm_root}: a TDX or SEV-SNP guest with Linux >= 6.7, configfs mounted, and the "
-        f"{dev_root / TDX_GUEST_DEVICE} or {dev_root / SEV_GUEST_DEVICE} driver loaded)"
+        f"{dev_root / TDX_GUEST_DEVICE} or {dev_root / SEV_GUEST_DEVICE} driver loaded); in "
+        "a Confidential Containers pod, name --platform coco-tdx or coco-snp (evidence from "
+        "the Attestation Agent)"
     )
