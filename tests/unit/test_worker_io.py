@@ -7,7 +7,8 @@ model that runs too long is killed by the deadline, as on the thread path, witho
 blocking the loop; a caller that goes away mid-run leaves the pipe in step; an idle worker
 that died is replaced before the run. A worker's reply is checked by the same code as on
 the thread path: object dtypes, oversized tensors and frames of the wrong size are refused
-before anything is allocated.
+before anything is allocated; any bytes at all give those errors (hypothesis), and bytes
+after a reply too. The frames written in one gathered write read back exactly.
 
 Timings are never asserted tightly: only generous bounds on a timed-out request.
 """
@@ -20,13 +21,17 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
+import tracemalloc
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blindinfer.runtime import worker_io
 from blindinfer.runtime.errors import InferenceTimeoutError
@@ -149,22 +154,14 @@ def _frame(data: bytes) -> bytes:
 
 
 async def _read_reply(raw: bytes, max_bytes: int) -> dict[str, np.ndarray]:
-    """What `WorkerPool._exchange` does with a reply, fed from a socket the test writes."""
+    """`WorkerPool._exchange`'s reading of a reply, fed from a socket the test writes."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
         theirs.sendall(raw)
         theirs.shutdown(socket.SHUT_WR)  # then EOF: the worker is gone
         exchange = worker_io.Exchange(ours.fileno(), time.monotonic() + 5)
         try:
-            reply = await exchange.header(1 << 20)
-            results = {}
-            for name, dtype, shape, _ in _tensor_specs(reply, max_bytes):
-                array = np.empty(shape, dtype=dtype)
-                view = memoryview(array.reshape(-1).view(np.uint8).data)
-                if await exchange.frame_length(max_bytes) != len(view):
-                    raise ValueError("tensor frame of the wrong size")
-                await exchange.read_into(view)
-                results[name] = array
+            _, results = await exchange.reply(1 << 20, max_bytes, _tensor_specs)
             return results
         finally:
             exchange.close()
@@ -208,6 +205,94 @@ def test_oversized_header_frame_is_refused() -> None:
 def test_closed_worker_socket_is_worker_gone() -> None:
     with pytest.raises(worker_io.WorkerGone):
         on_uvloop(_read_reply(b"", 1 << 20))
+
+
+def test_bytes_after_the_reply_are_refused() -> None:
+    # read ahead with the reply: the worker sent something unasked, the pipe is out of step
+    y = np.arange(3, dtype=np.int64)
+    raw = _reply([["y", y.dtype.str, [3]]], y.tobytes()) + b"\0\0\0\1x"
+    with pytest.raises(ValueError, match="bytes after the reply"):
+        on_uvloop(_read_reply(raw, 1 << 20))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.one_of(
+        st.binary(max_size=512),
+        st.builds(
+            lambda tensors, frames, tail: _reply(tensors, *frames) + tail,
+            st.lists(
+                st.lists(
+                    st.one_of(
+                        st.sampled_from(["y", "<f4", "|u1", "|O", "<i8", 3, -1, None]),
+                        st.lists(st.integers(-2, 1 << 62), max_size=3),
+                    ),
+                    min_size=2,
+                    max_size=4,
+                ),
+                max_size=3,
+            ),
+            st.lists(st.binary(max_size=64), max_size=3),
+            st.binary(max_size=8),
+        ),
+    )
+)
+def test_any_worker_bytes_give_the_existing_errors(raw: bytes) -> None:
+    # Whatever a hostile worker writes: a result, or ValueError / WorkerGone (replacing
+    # it), never another exception, and never an allocation beyond the limits.
+    tracemalloc.start()
+    try:
+        on_uvloop(_read_reply(raw, 1 << 16))
+    except (ValueError, worker_io.WorkerGone):
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < (1 << 20) + 4 * worker_io._CHUNK  # header limit 1 MiB, tensors 64 KiB
+
+
+@pytest.mark.parametrize("sizes", [[40], [0, 3, 5], [1 << 20, 7, 1 << 16], [1] * 700])
+def test_written_frames_read_back_exactly(sizes: list[int]) -> None:
+    # write_frames (one writev for a small message, several when the socket is full or
+    # the parts exceed IOV_MAX) gives send_bytes' framing; the reader reads ahead
+    # at most _CHUNK bytes and reads large tensors straight into their arrays.
+    rng = np.random.default_rng(1)
+    tensors = {f"t{i}": rng.integers(0, 255, n, dtype=np.uint8) for i, n in enumerate(sizes)}
+    header = {"ok": True, "tensors": [[k, "|u1", [len(v)]] for k, v in tensors.items()]}
+    parts = [json.dumps(header).encode(), *(memoryview(v.data) for v in tensors.values())]
+    expected = b"".join(_frame(bytes(part)) for part in parts)
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        writer = threading.Thread(target=worker_io.write_frames, args=(theirs.fileno(), parts))
+        writer.start()
+
+        async def read() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            exchange = worker_io.Exchange(ours.fileno(), time.monotonic() + 10)
+            try:
+                return await exchange.reply(1 << 20, 1 << 24, _tensor_specs)
+            finally:
+                exchange.close()
+
+        reply, results = on_uvloop(read())
+        writer.join()
+        assert reply == header
+        assert list(results) == list(tensors)
+        for name, array in tensors.items():
+            np.testing.assert_array_equal(results[name], array)
+        assert ours.getblocking()  # left blocking for the thread path
+        theirs.shutdown(socket.SHUT_WR)
+        assert ours.recv(1) == b""  # nothing written beyond the frames
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        writer = threading.Thread(target=worker_io.write_frames, args=(theirs.fileno(), parts))
+        writer.start()
+        received = bytearray()
+        while len(received) < len(expected):
+            received += ours.recv(1 << 20)
+        writer.join()
+        assert bytes(received) == expected
 
 
 def test_spin_us_is_checked_and_applied() -> None:

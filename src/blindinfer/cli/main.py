@@ -178,6 +178,14 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         "they sleep (0: never; longer only where workers have cores of their own)",
     )
     parser.add_argument(
+        "--max-tensor-batch",
+        type=int,
+        default=1,
+        help="tensor models: join up to N runs of one model and one tenant that are already "
+        "queued into one onnxruntime run, along a dynamic axis 0 (1: off; rows must be "
+        "independent)",
+    )
+    parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
@@ -755,6 +763,9 @@ def _config(args: argparse.Namespace) -> object:
     spin_us = getattr(args, "intra_op_spin_us", 50)
     if not 0 <= spin_us <= MAX_SPIN_US:
         raise UsageError(f"--intra-op-spin-us must be from 0 to {MAX_SPIN_US}, got {spin_us}")
+    tensor_batch = getattr(args, "max_tensor_batch", 1)
+    if not 1 <= tensor_batch <= 1024:
+        raise UsageError(f"--max-tensor-batch must be from 1 to 1024, got {tensor_batch}")
     return ServerConfig(
         host=getattr(args, "host", "127.0.0.1"),
         port=getattr(args, "port", 9924),
@@ -777,6 +788,7 @@ def _config(args: argparse.Namespace) -> object:
         auth_file=str(args.auth_file) if args.auth_file else None,
         intra_op_threads=args.intra_op_threads,
         intra_op_spin_us=spin_us,
+        max_tensor_batch=tensor_batch,
         device=getattr(args, "device", "cpu"),
         metrics_model_names=args.metrics_model_names,
         connections=_connection_limits(args),  # type: ignore[arg-type]

@@ -89,6 +89,7 @@ from blindinfer.runtime.errors import (
 )
 from blindinfer.runtime.response_size import OutputEncoding, response_bytes
 from blindinfer.runtime.signature import ModelSignature, TensorSpec
+from blindinfer.runtime.tensor_batch import TensorRun, batch_outputs, joined, new_run, split
 from blindinfer.sizes import human_size
 
 __all__ = ["LoadedModel", "ModelNotPlacedError", "WorkerPool", "WorkerStats"]
@@ -102,6 +103,10 @@ _LOOP_COMMAND_BYTES: Final = 1 << 20
 """Inputs up to this size are sent from the event loop when the worker is idle
 (`run_async`); larger ones are written by the worker's thread, where copying them into
 one buffer first would not pay."""
+
+_BATCH_INPUT_BYTES: Final = 16 << 20
+"""The most input bytes one dynamic batch of tensor runs joins (`max_tensor_batch`), also
+at most 1/8 of a worker's memory limit: the joined copy must not become the run's cost."""
 
 _STARTUP_TIMEOUT_S: Final = 60.0
 """How long a freshly spawned worker may take to import numpy and onnxruntime."""
@@ -153,16 +158,18 @@ class WorkerStats:
 
 
 def _send(conn: Connection, header: dict[str, Any], tensors: Mapping[str, Array]) -> None:
-    """One JSON header frame, then one raw frame per tensor, in the header's order."""
+    """One JSON header frame, then one raw frame per tensor, in the header's order, all in
+    one gathered write: the reader (the event loop's exchange) then wakes once, not once
+    per frame, and finds the whole reply already there."""
     # Not np.ascontiguousarray: it turns a rank-0 tensor into shape (1,).
     contiguous = {
         name: array if array.flags.c_contiguous else array.copy(order="C")
         for name, array in tensors.items()
     }
     header["tensors"] = [[name, a.dtype.str, list(a.shape)] for name, a in contiguous.items()]
-    conn.send_bytes(json.dumps(header).encode())
-    for array in contiguous.values():
-        conn.send_bytes(array.reshape(-1).view(np.uint8).data)
+    parts: list[bytes | memoryview] = [json.dumps(header).encode()]
+    parts += [array.reshape(-1).view(np.uint8).data for array in contiguous.values()]
+    worker_io.write_frames(conn.fileno(), parts)
 
 
 def _send_raw(conn: Connection, header: dict[str, Any], payload: bytes | bytearray) -> None:
@@ -248,7 +255,10 @@ def _tensor_specs(
         if not (isinstance(item, list) and len(item) == 3):
             raise ValueError("malformed tensor description")
         name, dtype_str, shape = item
-        if not isinstance(name, str) or dtype_str not in _ALLOWED_DTYPES:
+        # a str first: a list (unhashable) must be refused, not raise TypeError
+        if not (isinstance(name, str) and isinstance(dtype_str, str)) or (
+            dtype_str not in _ALLOWED_DTYPES
+        ):
             raise ValueError(f"tensor dtype {str(dtype_str)[:20]!r} may not cross the pipe")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise ValueError("malformed tensor shape")
@@ -737,6 +747,8 @@ class _Worker:
         self.joinable: _Batch | None = None
         self.active: _Batch | None = None
         self.peak_batch = 0
+        # tensor runs queued with a tenant, that a turn of the same model may batch
+        self.tensor_runs: deque[TensorRun] = deque()
 
 
 class _GenRequest:
@@ -832,6 +844,8 @@ class _Placement:
     worker: int
     memory_bytes: int
     kind: str = "tensor"
+    # outputs with a dynamic axis 0, None when the model's inputs may not be batched
+    batch_outputs: frozenset[str] | None = None
 
 
 def _stop(worker: _Worker, grace_s: float) -> None:
@@ -888,12 +902,18 @@ class WorkerPool:
         max_batch: int = 8,
         device: Device = "cpu",
         spin_us: int | None = 50,
+        max_tensor_batch: int = 1,
     ) -> None:
         if workers < 1 or queue_limit < 0 or timeout_s <= 0 or load_timeout_s <= 0:
             raise ValueError("workers >= 1, queue_limit >= 0 and positive timeouts required")
         if not 1 <= max_batch <= 1024:
             raise ValueError("max_batch must be from 1 to 1024")
         self._max_batch = max_batch
+        if not 1 <= max_tensor_batch <= 1024:
+            raise ValueError("max_tensor_batch must be from 1 to 1024")
+        # tensor runs of one model and one tenant joined into one onnxruntime run (1: off)
+        self._max_tensor_batch = max_tensor_batch
+        self._batch_bytes = min(_BATCH_INPUT_BYTES, memory_limit_bytes // 8)
         self._ids = itertools.count(1)  # generation ids, unique for the pool's life
         self._memory_limit = memory_limit_bytes
         # Outputs are sized in the worker against this, before they cross the pipe (see
@@ -993,11 +1013,14 @@ class WorkerPool:
         outputs: Sequence[str] | None = None,
         *,
         encoding: OutputEncoding | None = None,
+        tenant: str | None = None,
     ) -> Future[dict[str, Array]]:
         """Queues a run on the model's worker; the future has the outputs or the error.
 
         `encoding` says which outputs the caller sends as JSON, for the response limit
-        (ResponseTooLargeError; default: all binary).
+        (ResponseTooLargeError; default: all binary). `tenant`: whose request this is;
+        with `max_tensor_batch` > 1, runs of one tenant queued for the same model may
+        share one onnxruntime run (runtime/tensor_batch.py); None: never batched.
 
         Same checks and errors as ModelSession.run, plus InferenceTimeoutError,
         WorkerCrashedError, MemoryLimitError, OverloadedError (raised here, when the
@@ -1013,6 +1036,9 @@ class WorkerPool:
         with self._lock:
             worker = self._enter(model_key)
             executor = self._executor(worker)
+            run = self._batchable(worker, model_key, arrays, wanted, encoding, tenant)
+        if run is not None:
+            return self._queue_run(worker, executor, run)
         return self._queue(
             worker, executor, self._run_queued, worker, model_key, arrays, wanted, encoding
         )
@@ -1076,6 +1102,130 @@ class WorkerPool:
             worker, model_key, lambda: self._call(worker, header, arrays, self._timeout_s)[1]
         )
 
+    def _batchable(
+        self,
+        worker: _Worker,
+        model_key: str,
+        arrays: dict[str, Array],
+        wanted: list[str] | None,
+        encoding: OutputEncoding | None,
+        tenant: str | None,
+    ) -> TensorRun | None:
+        """The run as one that a turn may batch, queued on `worker.tensor_runs`, or None
+        (batching off, no tenant, or a model or request it does not fit: the run goes
+        alone, as before). Call with the pool's lock held, after `_enter`."""
+        if self._max_tensor_batch < 2 or tenant is None:
+            return None
+        placement = self._models.get(model_key)
+        if placement is None or placement.batch_outputs is None:
+            return None
+        header = self._run_header(model_key, wanted, encoding)
+        run = new_run(model_key, tenant, arrays, header, wanted, placement.batch_outputs)
+        if run is not None:
+            worker.tensor_runs.append(run)
+        return run
+
+    def _queue_run(
+        self, worker: _Worker, executor: ThreadPoolExecutor, run: TensorRun
+    ) -> Future[dict[str, Array]]:
+        """Queues a batchable run's own job; the run's future, which a batch led by an
+        earlier run may resolve first. A job cancelled by `close` cancels its run, as the
+        executor's own future would have been, unless a batch already took it."""
+
+        def ended(job: Future[None]) -> None:
+            if job.cancelled():
+                with self._lock:
+                    taken, run.claimed = run.claimed, True
+                if not taken:
+                    run.future.cancel()
+
+        self._queue(worker, executor, self._tensor_turn, worker, run).add_done_callback(ended)
+        return run.future
+
+    def _tensor_turn(self, worker: _Worker, run: TensorRun) -> None:
+        """A batchable run's job on the worker's queue thread: a no-op when a batch already
+        took it (it only gives back its queue slot), else this run leads a batch of what
+        is queued now (`_run_batch`). Never waits for more runs to come."""
+        with self._lock:
+            taken = run.claimed
+            if not taken:
+                run.claimed = True
+                with contextlib.suppress(ValueError):
+                    worker.tensor_runs.remove(run)
+            if taken or run.future.cancelled():
+                worker.pending -= 1
+                return
+        if not run.future.set_running_or_notify_cancel():
+            with self._lock:
+                worker.pending -= 1
+            return
+        try:
+            self._on_turn(worker, run.model_key, lambda: self._run_batch(worker, run))
+        except Exception as exc:  # before its turn (unloaded, closed, worker failed)
+            if not run.future.done():
+                run.future.set_exception(exc)
+
+    def _claim(self, worker: _Worker, leader: TensorRun) -> list[TensorRun]:
+        """The queued runs that join `leader`'s batch: same key (model, tenant, inputs,
+        outputs, encoding), up to `max_tensor_batch` runs and the batch's byte bound.
+        Cancelled ones are claimed (their job gives back the slot) but not run."""
+        runs = [leader]
+        size = leader.nbytes
+        with self._lock:
+            for run in list(worker.tensor_runs):
+                if len(runs) >= self._max_tensor_batch:
+                    break
+                if run.claimed or run.key != leader.key:
+                    continue
+                if size + run.nbytes > self._batch_bytes:
+                    break
+                run.claimed = True
+                worker.tensor_runs.remove(run)
+                if run.future.set_running_or_notify_cancel():
+                    runs.append(run)
+                    size += run.nbytes
+        return runs
+
+    def _run_batch(self, worker: _Worker, leader: TensorRun) -> None:
+        """`leader` and the runs queued behind it that fit, as one onnxruntime run whose
+        outputs are split back by row count; if that fails, or the outputs do not split
+        exactly, each run is done alone (its own deadline and error). Resolves every
+        claimed future (call holding the gate, on the model's turn)."""
+        runs = self._claim(worker, leader)
+        try:
+            if len(runs) > 1:
+                parts: list[dict[str, Array]] | None = None
+                with contextlib.suppress(Exception):
+                    with self._lock:
+                        placement = self._models.get(leader.model_key)
+                    expected = placement.batch_outputs if placement is not None else None
+                    inputs = joined(runs)
+                    _, outputs = self._call(worker, leader.header, inputs, self._timeout_s)
+                    parts = split(outputs, [run.rows for run in runs], expected)
+                if parts is not None:
+                    for run, part in zip(runs, parts, strict=True):
+                        run.future.set_result(part)
+                    return
+            for run in runs:
+                self._run_alone(worker, run)
+        finally:
+            for run in runs:  # whatever escaped: no caller waits forever
+                if not run.future.done():
+                    run.future.set_exception(RuntimeError("the batched run was abandoned"))
+
+    def _run_alone(self, worker: _Worker, run: TensorRun) -> None:
+        """One run of a batch that failed, on its own: a replaced worker is started again
+        and the model reloaded first, as at the start of a turn."""
+        try:
+            self._ensure_ready(worker)
+            if run.model_key not in worker.loaded:
+                self._reload(worker, run.model_key)
+            _, outputs = self._call(worker, run.header, run.arrays, self._timeout_s)
+        except Exception as exc:
+            run.future.set_exception(exc)
+        else:
+            run.future.set_result(outputs)
+
     async def run_async(
         self,
         model_key: str,
@@ -1083,6 +1233,7 @@ class WorkerPool:
         outputs: Sequence[str] | None = None,
         *,
         encoding: OutputEncoding | None = None,
+        tenant: str | None = None,
     ) -> dict[str, Array]:
         """`submit` for the event loop, with the same checks, errors and queue: when the
         model's worker is idle (and the command small), the exchange runs on the loop
@@ -1099,6 +1250,11 @@ class WorkerPool:
             worker = self._enter(model_key)
             fast = small and self._idle(worker, model_key) and worker.gate.try_acquire()
             executor = None if fast else self._executor(worker)
+            run = None
+            if not fast:
+                run = self._batchable(worker, model_key, arrays, wanted, encoding, tenant)
+        if run is not None and executor is not None:
+            return await _awaited(asyncio.wrap_future(self._queue_run(worker, executor, run)))
         if executor is not None:
             queued = self._queue(
                 worker, executor, self._run_queued, worker, model_key, arrays, wanted, encoding
@@ -1164,16 +1320,7 @@ class WorkerPool:
                 raise
             except OSError:
                 pass  # it exited while we wrote: a reply it left first is still read
-            reply = await exchange.header(_MAX_HEADER_BYTES)
-            results: dict[str, Array] = {}
-            for name, dtype, shape, _ in _tensor_specs(reply, self._max_reply_bytes):
-                array = np.empty(shape, dtype=dtype)
-                view = memoryview(array.reshape(-1).view(np.uint8).data)
-                if await exchange.frame_length(self._max_reply_bytes) != len(view):
-                    raise ValueError("tensor frame of the wrong size")
-                await exchange.read_into(view)
-                results[name] = array
-            return reply, results
+            return await exchange.reply(_MAX_HEADER_BYTES, self._max_reply_bytes, _tensor_specs)
         finally:
             exchange.close()
 
@@ -1655,8 +1802,9 @@ class WorkerPool:
                 with self._lock:
                     self._models.pop(model_key, None)
                 raise
+            batch = batch_outputs(loaded.signature) if kind == "tensor" else None
             with self._lock:
-                self._models[model_key] = _Placement(worker.index, loaded.memory_bytes, kind)
+                self._models[model_key] = _Placement(worker.index, loaded.memory_bytes, kind, batch)
             return loaded
         finally:
             self._leave(worker)

@@ -135,6 +135,7 @@ def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity)
         max_response_bytes=limits.max_response_bytes,
         max_new_tokens=limits.max_new_tokens,
         max_batch=limits.max_batch,
+        max_tensor_batch=config.max_tensor_batch,
     )
     authenticator = _authenticator(config)
     quotas = TenantQuotas(

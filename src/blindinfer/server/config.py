@@ -107,6 +107,9 @@ class ServerConfig:
     auth_file: str | None = None  # tenants and API key hashes; None = open mode
     intra_op_threads: int = 0  # per worker; 0 = onnxruntime decides (all cores)
     intra_op_spin_us: int = 50  # onnxruntime threads' busy-wait per pause (0: never)
+    # queued tensor runs of one model and one tenant joined into one run (1: off;
+    # runtime/tensor_batch.py)
+    max_tensor_batch: int = 1
     metrics_model_names: bool = False  # label per-model inference counts in /metrics by name
     blindai_compat: bool = False  # also listen the way BlindAI Core 0.6.3 did
     blindai_ports: tuple[int, int, int] = (9923, 9924, 9925)

@@ -686,16 +686,19 @@ class ModelRegistry:
         outputs: Sequence[str] | None = None,
         *,
         encoding: OutputEncoding | None = None,
+        tenant: str | None = None,
     ) -> dict[str, np.ndarray]:
         """`run` for the event loop: waiting for a load or for the model's worker holds
-        no thread, so requests queued on one busy worker cannot starve anything else."""
+        no thread, so requests queued on one busy worker cannot starve anything else.
+        `tenant`: the caller's, so that only its own runs may share a batch
+        (WorkerPool.submit)."""
         _tensor_only(record)
         for _ in range(3):
             pending = self.loading(record)
             if pending is not None:
                 await _wait(pending)
             try:
-                queued = self._run_loaded(record, inputs, outputs, encoding)
+                queued = self._run_loaded(record, inputs, outputs, encoding, tenant)
                 if queued is not None:
                     return await asyncio.shield(queued)  # cancelled: the pin lasts the run
             except ModelNotPlacedError:
@@ -709,6 +712,7 @@ class ModelRegistry:
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None,
         encoding: OutputEncoding | None,
+        tenant: str | None = None,
     ) -> asyncio.Future[dict[str, np.ndarray]] | None:
         """`submit` for the loop: the run (WorkerPool.run_async: on the loop itself when
         the worker is idle) as a task that keeps the model from eviction until it ends,
@@ -719,7 +723,7 @@ class ModelRegistry:
         try:
             wanted = list(outputs) if outputs else None
             task = asyncio.ensure_future(
-                self._pool.run_async(sha, dict(inputs), wanted, encoding=encoding)
+                self._pool.run_async(sha, dict(inputs), wanted, encoding=encoding, tenant=tenant)
             )
         except BaseException:
             self._unpin(sha)

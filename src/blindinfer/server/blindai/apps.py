@@ -268,7 +268,8 @@ async def run(request: Request) -> Response:
     inputs = schemas.bind_inputs(parsed.inputs, [spec.name for spec in signature.inputs])
     # the slot BodyGuard took before the body was read (body_guard.py)
     async with tenant_slot(request, state.quotas, principal.tenant):
-        results = await state.registry.run_async(record, inputs, None)  # no thread held
+        # no thread held
+        results = await state.registry.run_async(record, inputs, None, tenant=principal.tenant)
     names = [name for name in signature.output_names if name in results]
     names += [name for name in results if name not in names]
     encoded = await encode_outputs(

@@ -114,7 +114,9 @@ async def _infer(request: Request) -> tuple[bytes, dict[str, str]]:
     # the slot BodyGuard took before the body was read (body_guard.py)
     async with tenant_slot(request, state.quotas, principal.tenant):
         # queued on the model's worker without holding a thread (see server/offload.py)
-        results = await state.registry.run_async(record, inputs, wanted, encoding=_encoding(parsed))
+        results = await state.registry.run_async(
+            record, inputs, wanted, encoding=_encoding(parsed), tenant=principal.tenant
+        )
     binary = {name for name in results if parsed.wants_binary(name)}
 
     def respond() -> tuple[bytes, dict[str, str]]:
