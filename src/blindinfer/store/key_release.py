@@ -53,7 +53,6 @@ import base64
 import binascii
 import logging
 import re
-import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -62,7 +61,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from blindinfer.store.errors import StoreKeyConfigError, StoreKeyUnavailableError
-from blindinfer.tee.loopback_url import check_loopback_url
+from blindinfer.tee.loopback_url import bounded_get, check_loopback_url
 from blindinfer.tee.loopback_url import printable as _printable
 from blindinfer.tee.loopback_url import reason as _reason
 
@@ -230,26 +229,15 @@ def fetch_store_key(
 
 def _fetch_resource(resource: KbsResource, base: str, timeout_s: float) -> bytes:
     url = base + RESOURCE_PATH + resource.path
-    deadline = time.monotonic() + timeout_s
     where = f"the Confidential Data Hub at {base}"
     try:
-        with (
-            httpx.Client(trust_env=False, follow_redirects=False, timeout=timeout_s) as http,
-            http.stream(
-                "GET",
-                url,
-                headers={"Accept": "application/octet-stream", "Accept-Encoding": "identity"},
-            ) as response,
-        ):
-            body = bytearray()
-            for chunk in response.iter_raw():
-                body += chunk
-                if len(body) > MAX_RESOURCE_BYTES:
-                    break
-                if time.monotonic() > deadline:
-                    raise httpx.ReadTimeout("the answer took too long")
-            status = response.status_code
-            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        answer = bounded_get(
+            url,
+            limit=MAX_RESOURCE_BYTES,
+            timeout_s=timeout_s,
+            headers={"Accept": "application/octet-stream"},
+        )
+        status, encoding, body = answer.status, answer.content_encoding, answer.body
     except httpx.TimeoutException:
         raise StoreKeyUnavailableError(
             "cdh_timeout",

@@ -71,7 +71,6 @@ import binascii
 import json
 import logging
 import struct
-import time
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
@@ -91,7 +90,7 @@ from blindinfer.tee.configfs_tsm import (
     VcekSource,
     snp_evidence,
 )
-from blindinfer.tee.loopback_url import check_loopback_url, printable, reason
+from blindinfer.tee.loopback_url import bounded_get, check_loopback_url, printable, reason
 from blindinfer.tee.platform import REPORT_DATA_SIZE, Evidence
 
 log = logging.getLogger("blindinfer.tee.coco_agent")
@@ -471,31 +470,14 @@ class CocoAgentPlatform:
         """The answer's body for a 200; `CocoAgentError` otherwise. Bounded in size and
         time; no proxy from the environment, no redirects, no content encoding."""
         where = f"the Attestation Agent at {self._base}"
-        deadline = time.monotonic() + self._timeout_s
         try:
-            with (
-                httpx.Client(
-                    trust_env=False, follow_redirects=False, timeout=self._timeout_s
-                ) as http,
-                http.stream(
-                    "GET",
-                    self._base + EVIDENCE_PATH,
-                    params={
-                        "runtime_data": encode_runtime_data(report_data),
-                        "encoding": "base64",
-                    },
-                    headers={"Accept-Encoding": "identity"},
-                ) as response,
-            ):
-                body = bytearray()
-                for chunk in response.iter_raw():
-                    body += chunk
-                    if len(body) > MAX_EVIDENCE_BYTES:
-                        break
-                    if time.monotonic() > deadline:
-                        raise httpx.ReadTimeout("the answer took too long")
-                status = response.status_code
-                encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            answer = bounded_get(
+                self._base + EVIDENCE_PATH,
+                limit=MAX_EVIDENCE_BYTES,
+                timeout_s=self._timeout_s,
+                params={"runtime_data": encode_runtime_data(report_data), "encoding": "base64"},
+            )
+            status, encoding, body = answer.status, answer.content_encoding, answer.body
         except httpx.TimeoutException:
             raise CocoAgentError(
                 "aa_timeout",

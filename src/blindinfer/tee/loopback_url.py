@@ -14,8 +14,13 @@ from outside the TEE), with no credentials, path, query or fragment, and no port
 from __future__ import annotations
 
 import ipaddress
+import time
 import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
+
+import httpx
 
 from blindinfer.errors import UsageError
 
@@ -87,3 +92,48 @@ def printable(body: bytes, limit: int = 200) -> str:
 def reason(exc: BaseException) -> str:
     """An HTTP client error's text, for a one-line message."""
     return printable(str(exc).encode("utf-8", "replace")) if str(exc) else type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class LoopbackAnswer:
+    """What api-server-rest answered: its status, content encoding (lower case) and at
+    most `limit + 1` bytes of body (more means too large: the caller says so in its words)."""
+
+    status: int
+    content_encoding: str
+    body: bytes
+
+
+def bounded_get(
+    url: str,
+    *,
+    limit: int,
+    timeout_s: float,
+    params: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> LoopbackAnswer:
+    """One GET to a service on the pod VM's loopback, bounded in size and in total time.
+
+    No proxy from the environment (the host sets it), no redirects (an answer must come
+    from the URL that was checked), the body read raw (no decompression to inflate it).
+    Raises httpx's errors, which each caller words for its own service.
+    """
+    deadline = time.monotonic() + timeout_s
+    with (
+        httpx.Client(trust_env=False, follow_redirects=False, timeout=timeout_s) as http,
+        http.stream(
+            "GET",
+            url,
+            params=params,
+            headers={**(headers or {}), "Accept-Encoding": "identity"},
+        ) as response,
+    ):
+        body = bytearray()
+        for chunk in response.iter_raw():
+            body += chunk
+            if len(body) > limit:
+                break
+            if time.monotonic() > deadline:
+                raise httpx.ReadTimeout("the answer took too long")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        return LoopbackAnswer(response.status_code, encoding, bytes(body))
