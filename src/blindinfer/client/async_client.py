@@ -9,7 +9,9 @@ policy), run in a worker thread so the event loop keeps going; only once it veri
 `httpx.AsyncClient` made, whose connections trust exactly the attested certificate. Requests
 are built, answers read and refusals retried by the code `Client` uses
 (`blindinfer.client.common`, `blindinfer.client.retry`). One AsyncClient serves any number
-of concurrent tasks over its pool of connections (`max_connections`).
+of concurrent tasks over its pool of connections (`max_connections`). With `replicas=N`
+every new connection's key is attested on it first, as in `connect()`
+(`blindinfer.client.replica_gate`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,18 @@ import numpy as np
 
 from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
-from blindinfer.client.client import attest_unwarned
+from blindinfer.client.attested_keys import (
+    DEFAULT_MAX_AGE_SECONDS,
+    AttestedKey,
+    AttestedKeys,
+    check_replicas,
+)
+from blindinfer.client.client import attest_unwarned, replica_verifier
 from blindinfer.client.common import (
     INDEX_CALL,
     Call,
     Progress,
+    asend_retrying_broken,
     asend_with_retries,
     build_request,
     delete_call,
@@ -47,6 +56,7 @@ from blindinfer.client.common import (
 )
 from blindinfer.client.models import ModelInfo, ModelMetadata
 from blindinfer.client.openai_sdk import openai_client
+from blindinfer.client.replica_gate import KeyGate, attest_first
 from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
 from blindinfer.client.simulation import simulation_flag, warn_simulation
 from blindinfer.client.tensors import to_arrays
@@ -65,9 +75,12 @@ async def connect_async(
     retry: RetryPolicy = DEFAULT_RETRY,
     max_connections: int | None = None,
     allow_insecure_http: bool = False,
+    replicas: int = 1,
+    max_attestation_age: float = DEFAULT_MAX_AGE_SECONDS,
 ) -> AsyncClient:
     """`connect()` for asyncio: returns only once the evidence verified against `policy`;
-    raises the same `blindinfer.BlindInferError`s as `connect()`."""
+    raises the same `blindinfer.BlindInferError`s as `connect()`. `replicas`,
+    `max_attestation_age`: as in `connect()` (several replicas behind one address)."""
     return await _connect(
         url,
         policy=policy,
@@ -79,6 +92,8 @@ async def connect_async(
         max_connections=max_connections,
         stacklevel=3,
         allow_insecure_http=allow_insecure_http,
+        replicas=replicas,
+        max_attestation_age=max_attestation_age,
     )
 
 
@@ -94,12 +109,30 @@ async def _connect(
     max_connections: int | None,
     stacklevel: int,
     allow_insecure_http: bool = False,
+    replicas: int = 1,
+    max_attestation_age: float = DEFAULT_MAX_AGE_SECONDS,
 ) -> AsyncClient:
     allow_simulation = simulation_flag(simulation)
     base = check_url(url)
     loaded = policy_of(policy)
+    check_replicas(replicas)
     if allow_simulation:
         warn_simulation(stacklevel=stacklevel)
+    if replicas > 1:
+        keys = AttestedKeys(max_keys=replicas, max_age_seconds=max_attestation_age)
+        gate = KeyGate(
+            base, keys, replica_verifier(loaded, simulation, collateral_url, allow_insecure_http)
+        )
+        first = await asyncio.to_thread(attest_first, gate, timeout)
+        return AsyncClient(
+            base,
+            first.attestation,
+            timeout=timeout,
+            api_key=api_key,
+            retry=retry,
+            max_connections=max_connections,
+            gate=gate,
+        )
     verified = await asyncio.to_thread(
         attest_unwarned,
         base,
@@ -157,12 +190,14 @@ class AsyncClient:
         api_key: str | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         max_connections: int | None = None,
+        gate: KeyGate | None = None,
     ) -> None:
         self.url = check_url(url)
         self.attestation = attestation
         self.retry = retry
         self._timeout = timeout
         self._api_key = api_key
+        self._gate = gate
         self._http = httpx.AsyncClient(
             **http_options(
                 url,
@@ -171,6 +206,7 @@ class AsyncClient:
                 api_key=api_key,
                 max_connections=max_connections,
                 asynchronous=True,
+                gate=gate,
             )
         )
         self._metadata: dict[str, ModelMetadata] = {}
@@ -185,7 +221,15 @@ class AsyncClient:
             api_key=self._api_key,
             timeout=self._timeout,
             asynchronous=True,
+            gate=self._gate,
         )
+
+    @property
+    def attested_keys(self) -> list[AttestedKey]:
+        """As `Client.attested_keys`: the keys trusted now (replica mode), else the pin."""
+        if self._gate is not None:
+            return self._gate.keys.admitted()
+        return [AttestedKey(self.attestation, None, 0.0)]
 
     @staticmethod
     def connect(
@@ -199,6 +243,8 @@ class AsyncClient:
         retry: RetryPolicy = DEFAULT_RETRY,
         max_connections: int | None = None,
         allow_insecure_http: bool = False,
+        replicas: int = 1,
+        max_attestation_age: float = DEFAULT_MAX_AGE_SECONDS,
     ) -> _Connecting:
         """`await AsyncClient.connect(...)` or `async with AsyncClient.connect(...) as c`."""
         return _Connecting(
@@ -212,6 +258,8 @@ class AsyncClient:
                 "retry": retry,
                 "max_connections": max_connections,
                 "allow_insecure_http": allow_insecure_http,
+                "replicas": replicas,
+                "max_attestation_age": max_attestation_age,
             },
         )
 
@@ -270,8 +318,11 @@ class AsyncClient:
         return infer_outputs(response, self._limits)
 
     async def _send(self, call: Call) -> httpx.Response:
+        async def once() -> httpx.Response:
+            return await self._http.send(build_request(self._http, call, asynchronous=True))
+
         async def attempt() -> httpx.Response:
             with request_errors(self.url, self._timeout, call):
-                return await self._http.send(build_request(self._http, call, asynchronous=True))
+                return await asend_retrying_broken(once, call)
 
         return await asend_with_retries(attempt, self.retry)

@@ -37,11 +37,15 @@ MAX_REPLICAS = 256
 
 @dataclass(frozen=True, slots=True)
 class AttestedKey:
-    """One admitted key: the attestation that admitted it, and when (monotonic seconds)."""
+    """One admitted key: the attestation that admitted it, and when (monotonic seconds).
+
+    `boot_evidence`: the replica's boot evidence document as read on a connection that
+    presented this key (unverified bytes: receipts verify it when they name it)."""
 
     attestation: VerifiedAttestation
     bundle: EvidenceBundle | None
     attested_at: float
+    boot_evidence: bytes | None = None
 
     @property
     def certificate_der(self) -> bytes:
@@ -98,11 +102,14 @@ class AttestedKeys:
             return not self._keys or _digest(certificate_der) in self._keys
 
     def admit(
-        self, attestation: VerifiedAttestation, bundle: EvidenceBundle | None = None
+        self,
+        attestation: VerifiedAttestation,
+        bundle: EvidenceBundle | None = None,
+        boot_evidence: bytes | None = None,
     ) -> AttestedKey:
         """Adds the key that `attestation` verified (it carries the certificate it bound),
         forgetting the longest-attested one when the set is full."""
-        admitted = AttestedKey(attestation, bundle, self._clock())
+        admitted = AttestedKey(attestation, bundle, self._clock(), boot_evidence)
         digest = _digest(attestation.certificate_der)
         with self._lock:
             self._keys.pop(digest, None)

@@ -1,13 +1,16 @@
 """`connect()` and the `Client` it returns.
 
 `connect` refuses to return a client unless the server's evidence verified against the
-policy; the client then talks only to the attested key, pinned in its TLS context.
+policy; the client then talks only to the attested key, pinned in its TLS context. With
+`replicas=N` (several replicas behind one address, each with its own key) it talks only to
+keys it attested, each on a connection that presented it (client/replica_gate.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import secrets
 import threading
 import time
@@ -24,6 +27,12 @@ from blindinfer.attestation.intel.pccs import CollateralSource, PccsCollateral
 from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.attestation.verifier import verify_evidence
+from blindinfer.client.attested_keys import (
+    DEFAULT_MAX_AGE_SECONDS,
+    AttestedKey,
+    AttestedKeys,
+    check_replicas,
+)
 from blindinfer.client.common import (
     INDEX_CALL,
     Call,
@@ -40,6 +49,7 @@ from blindinfer.client.common import (
     needs_input_names,
     policy_of,
     request_errors,
+    send_retrying_broken,
     send_with_retries,
     share_call,
     upload_call,
@@ -54,6 +64,13 @@ from blindinfer.client.receipts import (
     check_receipt,
     receipt_and_text,
     transcript_fields,
+)
+from blindinfer.client.replica_gate import (
+    KeyGate,
+    Verify,
+    attest_first,
+    attested_key_of,
+    gated_context,
 )
 from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
 from blindinfer.client.simulation import SIMULATION_BANNER as SIMULATION_BANNER
@@ -89,6 +106,32 @@ def capture(
         tls_certificate_der=discovered.certificate_der,
         evidence=evidence,
     )
+
+
+def replica_verifier(
+    policy: Policy | None,
+    simulation: bool,
+    collateral_url: str | None,
+    allow_insecure_http: bool = False,
+) -> Verify:
+    """How a replica-set client verifies each replica's bundle: as `connect` verifies the
+    first one (same policy, simulation flag and collateral source)."""
+    source = (
+        PccsCollateral(collateral_url, allow_insecure_http=allow_insecure_http)
+        if collateral_url is not None
+        else None
+    )
+
+    def verify(bundle: EvidenceBundle) -> tuple[VerifiedAttestation, EvidenceBundle]:
+        evidence = bundle.evidence
+        if source is not None and evidence.kind.startswith("intel-"):
+            fetched = source.collateral_json(evidence.quote)
+            bundle = dataclasses.replace(
+                bundle, evidence=dataclasses.replace(evidence, collateral_json=fetched)
+            )
+        return verify_bundle(bundle, policy=policy, simulation=simulation), bundle
+
+    return verify
 
 
 def verify_bundle(
@@ -176,8 +219,17 @@ def connect(
     retry: RetryPolicy = DEFAULT_RETRY,
     max_connections: int | None = None,
     allow_insecure_http: bool = False,
+    replicas: int = 1,
+    max_attestation_age: float = DEFAULT_MAX_AGE_SECONDS,
 ) -> Client:
     """An attested connection: returns only once the evidence verified against `policy`.
+
+    `replicas`: 1 (the default) pins the one key the server presented; a different key
+    later is a `KeyBindingError`. N > 1: the server runs as up to N replicas behind one
+    address, each with its own key: every new connection whose key is not attested yet is
+    attested on that connection (fresh nonce, same policy) before a request goes on it;
+    at most N keys are trusted at once, each for `max_attestation_age` seconds, then
+    attested again. `Client.attested_keys` lists them.
 
     `collateral_url`: fetch Intel collateral from this PCCS/PCS instead of the server; it
     must be https:// unless `allow_insecure_http=True` (a `UsageError` otherwise).
@@ -198,8 +250,25 @@ def connect(
     allow_simulation = simulation_flag(simulation)
     base = check_url(url)
     loaded = policy_of(policy)
+    check_replicas(replicas)
     if allow_simulation:
         warn_simulation(stacklevel=2)
+    if replicas > 1:
+        keys = AttestedKeys(max_keys=replicas, max_age_seconds=max_attestation_age)
+        gate = KeyGate(
+            base, keys, replica_verifier(loaded, simulation, collateral_url, allow_insecure_http)
+        )
+        first = attest_first(gate, timeout)
+        return Client(
+            base,
+            first.attestation,
+            timeout=timeout,
+            api_key=api_key,
+            retry=retry,
+            max_connections=max_connections,
+            bundle=first.bundle,
+            gate=gate,
+        )
     verified, bundle = _verified_bundle(
         base, loaded, simulation, timeout, None, collateral_url, allow_insecure_http
     )
@@ -215,7 +284,9 @@ def connect(
 
 
 class Client:
-    """Talks only to the certificate that the verified evidence bound.
+    """Talks only to the certificate that the verified evidence bound (with `gate`, made
+    by `connect(..., replicas=N)`: only to certificates that verified evidence bound, each
+    attested on a connection that presented it; see client/replica_gate.py).
 
     Thread-safe: one client (one pool of pinned connections) can serve many threads.
     """
@@ -230,17 +301,25 @@ class Client:
         retry: RetryPolicy = DEFAULT_RETRY,
         max_connections: int | None = None,
         bundle: EvidenceBundle | None = None,
+        gate: KeyGate | None = None,
     ) -> None:
         self.url = check_url(url)
         self.attestation = attestation
         self.bundle = bundle
         """The evidence verified at connect (what receipts' proofs carry)."""
+        self._gate = gate
+        if gate is not None:
+            self._keys = gate.keys
+        else:  # pinned: the one key, for as long as the client lives
+            self._keys = AttestedKeys(max_keys=1, max_age_seconds=math.inf)
+            self._keys.admit(attestation, bundle)
         self._boot_evidence: EvidenceDocument | None = None
+        self._boot_by_key: dict[bytes, EvidenceDocument] = {}
         self._boot_lock = threading.Lock()
         self.retry = retry
         self._timeout = timeout
         self._api_key = api_key
-        context = pinned_context(attestation.certificate_der)
+        context = gated_context() if gate else pinned_context(attestation.certificate_der)
         self._http = httpx.Client(
             **http_options(
                 url,
@@ -250,6 +329,7 @@ class Client:
                 max_connections=max_connections,
                 asynchronous=False,
                 context=context,
+                gate=gate,
             )
         )
         self._metadata: dict[str, ModelMetadata] = {}
@@ -269,7 +349,15 @@ class Client:
             max_body=self._limits.max_header_bytes + self._limits.max_total_bytes,
             max_connections=100 if max_connections is None else max_connections,
             max_keepalive=20 if max_connections is None else max_connections,
+            gate=gate,
         )
+
+    @property
+    def attested_keys(self) -> list[AttestedKey]:
+        """The keys this client trusts now, oldest first: the one pinned key, or with
+        `replicas=N` each replica's key attested so far (at most N, none older than
+        `max_attestation_age`). Each has `.attestation`, `.bundle` and `.certificate_der`."""
+        return self._keys.admitted()
 
     def __enter__(self) -> Client:
         return self
@@ -304,7 +392,8 @@ class Client:
         verified, signed upload receipt.
         """
         response = self._send(upload_call(model, name, share_with, progress, receipt))
-        return json_answer(response, lambda d: self._model_info(d, "upload" if receipt else None))
+        kind = "upload" if receipt else None
+        return json_answer(response, lambda d: self._model_info(d, kind, response))
 
     def openai(self) -> Any:
         """An `openai.OpenAI` for this server's OpenAI-compatible API (`/v1`) whose HTTP
@@ -316,6 +405,7 @@ class Client:
             api_key=self._api_key,
             timeout=self._timeout,
             asynchronous=False,
+            gate=self._gate,
         )
 
     def async_openai(self) -> Any:
@@ -326,6 +416,7 @@ class Client:
             api_key=self._api_key,
             timeout=self._timeout,
             asynchronous=True,
+            gate=self._gate,
         )
 
     def verify_generation(
@@ -358,13 +449,18 @@ class Client:
         """Deletes `model` and its sealed copies; `receipt`: with a signed delete receipt."""
         response = self._send(delete_call(model, receipt))
         self._metadata.pop(model, None)
-        return json_answer(response, lambda d: self._model_info(d, "delete" if receipt else None))
+        kind = "delete" if receipt else None
+        return json_answer(response, lambda d: self._model_info(d, kind, response))
 
-    def _model_info(self, document: Any, receipt_kind: str | None) -> ModelInfo:
+    def _model_info(
+        self, document: Any, receipt_kind: str | None, response: httpx.Response
+    ) -> ModelInfo:
         info = ModelInfo.from_json(document)
         if receipt_kind is None:
             return info
-        checked = self._check_receipt(document.get("receipt"), receipt_kind)
+        checked = self._check_receipt(
+            document.get("receipt"), receipt_kind, key=attested_key_of(response)
+        )
         model = checked.payload["model"]
         if model.get("sha256") != info.sha256 or model.get("model_id") != info.model_id:
             raise ProtocolError("invalid_receipt", "the receipt names another model")
@@ -372,7 +468,12 @@ class Client:
 
     def boot_evidence(self) -> EvidenceDocument:
         """The server's boot evidence (fetched once on the pinned channel), checked to be
-        authentic and to bind the pinned key: receipts name the digest of its quote."""
+        authentic and to bind the pinned key: receipts name the digest of its quote.
+        With `replicas=N`: the first attested replica's (see `_boot_of` for the others)."""
+        if self._gate is not None:
+            first = self._keys.first
+            assert first is not None  # connect() attested one
+            return self._boot_of(first)
         with self._boot_lock:
             if self._boot_evidence is None:
                 body = self._send(Call("GET", "/v2/attestation")).content
@@ -387,18 +488,63 @@ class Client:
                 self._boot_evidence = document
             return self._boot_evidence
 
+    def _boot_of(self, key: AttestedKey) -> EvidenceDocument:
+        """A replica's boot evidence, as read on a connection that presented its key when
+        it was attested; checked (once) to be authentic and to bind that key."""
+        with self._boot_lock:
+            document = self._boot_by_key.get(key.certificate_der)
+            if document is not None:
+                return document
+        if key.boot_evidence is None:
+            raise ProtocolError("invalid_receipt", "no boot evidence for the replica that signed")
+        document = parse_evidence_document(key.boot_evidence)
+        verify_evidence(
+            document,
+            policy=None,
+            expected_nonce=bytes(NONCE_SIZE),
+            tls_certificate_der=key.certificate_der,
+            allow_simulation=key.attestation.simulation,
+        )
+        with self._boot_lock:
+            if len(self._boot_by_key) >= 2 * self._keys.max_keys:
+                self._boot_by_key.clear()  # bounded: replaced replicas do not pile up
+            self._boot_by_key[key.certificate_der] = document
+        return document
+
     def _check_receipt(
         self,
         jws: object,
         kind: str,
         inputs: dict[str, np.ndarray] | None = None,
         outputs: dict[str, np.ndarray] | None = None,
+        *,
+        key: AttestedKey | None = None,
     ) -> Receipt:
-        if self.bundle is None:
-            raise ProtocolError("invalid_receipt", "receipts need a client made by connect()")
-        return check_receipt(
-            jws, self.bundle, self.boot_evidence(), kind=kind, inputs=inputs, outputs=outputs
-        )
+        """`key`: the replica whose connection carried the answer; without it (an openai
+        SDK answer) each attested replica is tried, and one whose key signed must match."""
+        if self._gate is None:
+            if self.bundle is None:
+                raise ProtocolError("invalid_receipt", "receipts need a client made by connect()")
+            return check_receipt(
+                jws, self.bundle, self.boot_evidence(), kind=kind, inputs=inputs, outputs=outputs
+            )
+        candidates = [key] if key is not None else self._keys.admitted()
+        failure: ProtocolError | None = None
+        for candidate in candidates:
+            if candidate.bundle is None:
+                continue
+            try:
+                return check_receipt(
+                    jws,
+                    candidate.bundle,
+                    self._boot_of(candidate),
+                    kind=kind,
+                    inputs=inputs,
+                    outputs=outputs,
+                )
+            except ProtocolError as exc:
+                failure = failure or exc
+        raise failure or ProtocolError("invalid_receipt", "no attested replica signed it")
 
     def share_model(self, model: str, tenants: Sequence[str]) -> ModelInfo:
         """Lets other tenants run `model` ("*" = every tenant); [] makes it private again."""
@@ -437,7 +583,11 @@ class Client:
         parsed = infer_response(response, self._limits)
         results = dict(parsed.outputs)
         checked = self._check_receipt(
-            parsed.parameters.get("receipt"), "inference", arrays, results
+            parsed.parameters.get("receipt"),
+            "inference",
+            arrays,
+            results,
+            key=attested_key_of(response),
         )
         if len(model) == 64 and checked.payload["model"].get("sha256") != model.lower():
             raise ProtocolError("invalid_receipt", "the receipt names another model")
@@ -449,10 +599,13 @@ class Client:
         fast = fast and content is not None and call.upload is None and call.json is None
         fast = fast and call.params is None
 
+        def once() -> httpx.Response:
+            if fast and content is not None:
+                return self._pinned.request(call.method, call.path, call.headers, content)
+            return self._http.send(build_request(self._http, call, asynchronous=False))
+
         def attempt() -> httpx.Response:
             with request_errors(self.url, self._timeout, call):
-                if fast and content is not None:
-                    return self._pinned.request(call.method, call.path, call.headers, content)
-                return self._http.send(build_request(self._http, call, asynchronous=False))
+                return send_retrying_broken(once, call)
 
         return send_with_retries(attempt, self.retry)

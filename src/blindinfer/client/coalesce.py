@@ -25,6 +25,8 @@ from typing import Any
 import httpcore
 import httpx
 
+from blindinfer.client.replica_gate import GatedBackend, KeyGate
+
 HOLD_BYTES = 64 * 1024
 """Writes are held back until this many bytes wait (or a read comes)."""
 
@@ -114,21 +116,27 @@ def coalescing_transport(
     context: ssl.SSLContext,
     socket_options: typing.Sequence[SocketOption],
     limits: httpx.Limits = _DEFAULT_LIMITS,
+    gate: KeyGate | None = None,
 ) -> httpx.HTTPTransport:
     """httpx's transport on a connection pool whose streams coalesce writes.
 
     httpx takes no network backend, so its pool (built by HTTPTransport from the same
     arguments, with no proxy) is replaced by one that has it; httpx is pinned to 0.28.
+    `gate`: a replica-set client's key check (client/replica_gate.py), run by every new
+    connection right after its handshake, before the request.
     """
     transport = httpx.HTTPTransport(verify=context, socket_options=socket_options, limits=limits)
-    if not ENABLED:
+    if not ENABLED and gate is None:
         return transport
+    backend: typing.Any = CoalescingBackend() if ENABLED else httpcore.SyncBackend()
+    if gate is not None:
+        backend = GatedBackend(backend, gate, httpcore)
     transport._pool = httpcore.ConnectionPool(
         ssl_context=context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
         socket_options=socket_options,
-        network_backend=CoalescingBackend(),
+        network_backend=backend,
     )
     return transport

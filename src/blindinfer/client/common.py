@@ -44,9 +44,10 @@ from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.client.coalesce import coalescing_transport
 from blindinfer.client.model_folder import ModelFolder
 from blindinfer.client.models import ModelInfo
+from blindinfer.client.replica_gate import KeyGate, gated_async_transport, gated_context
 from blindinfer.client.retry import RetryPolicy
 from blindinfer.client.transport import NO_DELAY, connection_failed, pinned_context
-from blindinfer.errors import BlindInferError, ProtocolError, ServerError, UsageError
+from blindinfer.errors import BlindInferError, ProtocolError, ServerError, UsageError, causes
 from blindinfer.protocol.content_types import TAR
 from blindinfer.protocol.inference import (
     InferResponse,
@@ -216,6 +217,9 @@ class Call:
     content: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     upload: Upload | None = None
+    idempotent: bool = False
+    """Sending it twice is the same as once (inference, metadata, listing): sent again on
+    a new connection when its connection broke (`send_retrying_broken`)."""
 
 
 def _quoted(model: str) -> str:
@@ -256,11 +260,11 @@ def share_call(model: str, tenants: Sequence[str]) -> Call:
     )
 
 
-INDEX_CALL = Call("POST", "/v2/repository/index")
+INDEX_CALL = Call("POST", "/v2/repository/index", idempotent=True)
 
 
 def metadata_call(model: str) -> Call:
-    return Call("GET", f"/v2/models/{_quoted(model)}")
+    return Call("GET", f"/v2/models/{_quoted(model)}", idempotent=True)
 
 
 def needs_input_names(inputs: object) -> bool:
@@ -275,7 +279,13 @@ def infer_call(
     receipt: bool = False,
 ) -> Call:
     body, headers = encode_infer_request(arrays, outputs=outputs, binary=True, receipt=receipt)
-    return Call("POST", f"/v2/models/{_quoted(model)}/infer", content=body, headers=headers)
+    return Call(
+        "POST",
+        f"/v2/models/{_quoted(model)}/infer",
+        content=body,
+        headers=headers,
+        idempotent=True,
+    )
 
 
 def infer_outputs(response: httpx.Response, limits: TensorLimits) -> dict[str, np.ndarray]:
@@ -316,6 +326,68 @@ def request_errors(url: str, timeout: float, call: Call) -> Iterator[None]:
     except httpx.RequestError as exc:
         request = f"{call.method} {call.path}"
         raise connection_failed(exc, url, timeout, request=request, pinned=True) from exc
+
+
+BROKEN_RETRIES = 2
+"""How many times a request is sent again on a new connection after its connection broke."""
+_BROKEN_BACKOFF = 0.05
+
+
+def broken_retryable(call: Call, exc: httpx.RequestError) -> bool:
+    """Whether `call` may be sent again after `exc`: any call when the connection failed
+    while it was being made (nothing of the request was sent; a refused certificate
+    excepted: that is no accident), an idempotent one also when it broke afterwards (a
+    replica killed mid-request: the balancer sends the next connection elsewhere).
+    Timeouts are never retried (the server may be busy with it)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return False
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(exc)):
+        return False
+    if isinstance(exc, httpx.ConnectError):
+        return True
+    return call.idempotent and isinstance(
+        exc, httpx.ReadError | httpx.WriteError | httpx.RemoteProtocolError
+    )
+
+
+def send_retrying_broken(
+    send: Callable[[], T], call: Call, sleep: Callable[[float], None] = time.sleep
+) -> T:
+    """`send()`, again on a new connection (at most BROKEN_RETRIES times) while its
+    connection broke in a way `broken_retryable` allows; then the last error is raised."""
+    for attempt in range(BROKEN_RETRIES + 1):
+        try:
+            return send()
+        except httpx.RequestError as exc:
+            if attempt == BROKEN_RETRIES or not broken_retryable(call, exc):
+                raise
+            _log_broken(call, exc, attempt)
+        sleep(_BROKEN_BACKOFF * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+async def asend_retrying_broken(send: Callable[[], Awaitable[T]], call: Call) -> T:
+    """`send_retrying_broken` for the AsyncClient."""
+    for attempt in range(BROKEN_RETRIES + 1):
+        try:
+            return await send()
+        except httpx.RequestError as exc:
+            if attempt == BROKEN_RETRIES or not broken_retryable(call, exc):
+                raise
+            _log_broken(call, exc, attempt)
+        await asyncio.sleep(_BROKEN_BACKOFF * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _log_broken(call: Call, exc: BaseException, attempt: int) -> None:
+    log.info(
+        "%s %s: the connection broke (%s); sending it again on a new connection (%d of %d)",
+        call.method,
+        call.path,
+        type(exc).__name__,
+        attempt + 1,
+        BROKEN_RETRIES,
+    )
 
 
 def json_answer(response: httpx.Response, build: Callable[[Any], T]) -> T:
@@ -436,14 +508,19 @@ def http_options(
     max_connections: int | None,
     asynchronous: bool,
     context: ssl.SSLContext | None = None,
+    gate: KeyGate | None = None,
 ) -> dict[str, Any]:
     """httpx client arguments: a pool of connections that trust only the attested key.
 
     The API key travels in a header of this client only, that is, only once the
     attestation verified and only to the pinned certificate. `context`: the pinned
     context to use (the Client shares its own with its fast path, client/pinned_http.py).
+    `gate`: a replica-set client's check instead of the pin: every new connection's key
+    is attested before a request goes on it (client/replica_gate.py).
     """
-    if context is None:
+    if gate is not None:
+        context = gated_context()
+    elif context is None:
         context = pinned_context(attestation.certificate_der)
     pool: dict[str, Any] = {}  # httpx's defaults (100 connections, 20 kept alive) otherwise
     if max_connections is not None:
@@ -451,10 +528,13 @@ def http_options(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
     transport: httpx.HTTPTransport | httpx.AsyncHTTPTransport
-    if asynchronous:
+    if asynchronous and gate is not None:
+        limits = pool.get("limits", httpx.Limits(max_connections=100, max_keepalive_connections=20))
+        transport = gated_async_transport(gate, NO_DELAY, limits)
+    elif asynchronous:
         transport = httpx.AsyncHTTPTransport(verify=context, socket_options=NO_DELAY, **pool)
     else:
-        transport = coalescing_transport(context, NO_DELAY, **pool)  # client/coalesce.py
+        transport = coalescing_transport(context, NO_DELAY, gate=gate, **pool)  # coalesce.py
     return {
         "base_url": url,
         "transport": transport,

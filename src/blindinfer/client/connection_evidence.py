@@ -9,6 +9,8 @@ balancer may route it to another replica).
 `EvidenceExchange` is the HTTP/1.1 part, without I/O (h11), so that the synchronous client,
 the asynchronous client and the proxy drive the same bytes over their own sockets. The
 exchange consumes exactly one response and leaves the connection idle and reusable.
+`BootEvidenceExchange` is its `GET /v2/attestation` twin: the replica's boot evidence, which
+its receipts name, read on the same connection so that it is that replica's.
 """
 
 from __future__ import annotations
@@ -39,27 +41,20 @@ class EvidenceRequest:
     nonce: bytes
 
 
-class EvidenceExchange:
-    """One `POST /v2/attestation` over an open connection, parsed with h11 and bounded."""
+class _EvidenceAnswer:
+    """One request to the attestation route and its answer, parsed with h11 and bounded."""
 
-    def __init__(self, source: str, host: str, nonce: bytes | None = None) -> None:
-        self._source = source
-        self._nonce = secrets.token_bytes(NONCE_SIZE) if nonce is None else nonce
+    def __init__(self, method: str, host: str, body: bytes | None) -> None:
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_BYTES)
-        body = encode_nonce_request(self._nonce)
-        head = h11.Request(
-            method="POST",
-            target="/v2/attestation",
-            headers=[
-                ("host", host),
-                ("content-type", "application/json"),
-                ("content-length", str(len(body))),
-            ],
-        )
+        headers = [("host", host)]
+        if body is not None:
+            headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
+        head = h11.Request(method=method, target="/v2/attestation", headers=headers)
         data = self._h11.send(head) or b""
-        data += self._h11.send(h11.Data(data=body)) or b""
+        if body is not None:
+            data += self._h11.send(h11.Data(data=body)) or b""
         data += self._h11.send(h11.EndOfMessage()) or b""
-        self.request = EvidenceRequest(data, self._nonce)
+        self.data = data
         self._status: int | None = None
         self._body = bytearray()
 
@@ -104,8 +99,23 @@ class EvidenceExchange:
 
     @property
     def reusable(self) -> bool:
-        """Whether the connection may carry requests after this exchange (no close asked)."""
-        return self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE
+        """Whether the connection may carry requests after this exchange (no close asked,
+        and nothing sent beyond the answer)."""
+        return (
+            self._h11.our_state is h11.DONE
+            and self._h11.their_state is h11.DONE
+            and not self._h11.trailing_data[0]
+        )
+
+
+class EvidenceExchange(_EvidenceAnswer):
+    """One `POST /v2/attestation` with a fresh nonce over an open connection."""
+
+    def __init__(self, source: str, host: str, nonce: bytes | None = None) -> None:
+        self._source = source
+        self._nonce = secrets.token_bytes(NONCE_SIZE) if nonce is None else nonce
+        super().__init__("POST", host, encode_nonce_request(self._nonce))
+        self.request = EvidenceRequest(self.data, self._nonce)
 
     def bundle(self, body: bytes, certificate_der: bytes) -> EvidenceBundle:
         """The evidence as a bundle bound to this connection's certificate and nonce."""
@@ -116,3 +126,10 @@ class EvidenceExchange:
             tls_certificate_der=certificate_der,
             evidence=parse_evidence_document(body),
         )
+
+
+class BootEvidenceExchange(_EvidenceAnswer):
+    """One `GET /v2/attestation` (the boot evidence receipts name) over an open connection."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__("GET", host, None)

@@ -10,6 +10,10 @@ path: `send_with_retries`, `request_errors`, `infer_outputs`, `server_error`.
 - Trust is exactly the Client's: each socket is wrapped with the same pinned
   `ssl.SSLContext` (`transport.pinned_context`), the handshake completes before a byte of
   the request is written, so a certificate other than the attested one never sees one.
+  A replica-set client (`gate`) instead passes each new socket through
+  `replica_gate.KeyGate.check` right after its handshake; the answer then carries the
+  connection's AttestedKey in `extensions[replica_gate.ATTESTED_KEY]` (for receipts). An
+  idle connection whose key was forgotten or grew too old since is closed, not reused.
 - One write per request: the head (h11 formats it from a cached, pre-validated
   `h11.Request`) and a small body leave in one `sendall`, i.e. one TLS record.
 - The answer: h11 parses the head; a Content-Length body goes with `recv_into` straight
@@ -47,6 +51,8 @@ from urllib.parse import urlsplit
 import h11
 import httpx
 
+from blindinfer.client.attested_keys import AttestedKey
+from blindinfer.client.replica_gate import ATTESTED_KEY, KeyGate, peer_certificate
 from blindinfer.errors import ProtocolError
 
 K = TypeVar("K")
@@ -68,6 +74,7 @@ class _Connection:
     buffer: bytearray = field(default_factory=lambda: bytearray(RECV_BYTES))
     idle_since: float = 0.0
     reused: bool = False
+    key: AttestedKey | None = None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # a broken socket: nothing more to do
@@ -120,6 +127,7 @@ class PinnedConnectionPool:
         max_body: int,
         max_connections: int = 100,
         max_keepalive: int = 20,
+        gate: KeyGate | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.hostname is None:
@@ -130,6 +138,7 @@ class PinnedConnectionPool:
         self._prefix = parts.path.rstrip("/")
         self._host_header = httpx.URL(url).netloc.decode("ascii")
         self._context = context
+        self._gate = gate
         self._timeout = timeout
         self._headers = tuple((name, value) for name, value in headers if name.lower() != "host")
         self._max_body = max_body
@@ -156,7 +165,7 @@ class PinnedConnectionPool:
         if not self._slots.acquire(timeout=self._timeout):
             raise httpx.PoolTimeout("timed out waiting for a free connection")
         try:
-            answer = self._send(event, method, body)
+            answer, key = self._send(event, method, body)
         finally:
             self._slots.release()
         return httpx.Response(
@@ -164,6 +173,7 @@ class PinnedConnectionPool:
             headers=answer.headers,
             content=answer.body,
             request=self._request(method, target),
+            extensions={ATTESTED_KEY: key} if key is not None else None,
         )
 
     def close(self) -> None:
@@ -174,7 +184,9 @@ class PinnedConnectionPool:
         for connection in idle:
             connection.close()
 
-    def _send(self, event: h11.Request, method: str, body: bytes) -> _Answer:
+    def _send(
+        self, event: h11.Request, method: str, body: bytes
+    ) -> tuple[_Answer, AttestedKey | None]:
         connection = self._checkout()
         try:
             answer = self._exchange(connection, event, method, body)
@@ -193,7 +205,7 @@ class PinnedConnectionPool:
             self._checkin(connection)
         else:
             connection.close()
-        return answer
+        return answer, connection.key
 
     # -- the pool ---------------------------------------------------------------------------
 
@@ -206,11 +218,18 @@ class PinnedConnectionPool:
                 connection = self._idle.pop() if self._idle else None
             if connection is None:
                 return self._connect()
-            if connection.stale(now):
+            if connection.stale(now) or not self._still_trusted(connection):
                 connection.close()
                 continue
             connection.reused = True
             return connection
+
+    def _still_trusted(self, connection: _Connection) -> bool:
+        """A replica-set connection is reused only while its key is still trusted (not
+        forgotten, not too old): else a new connection, which attests that key again if it
+        presents it."""
+        key = connection.key
+        return key is None or self._gate is None or self._gate.current(key)
 
     def _checkin(self, connection: _Connection) -> None:
         connection.idle_since = time.monotonic()
@@ -238,7 +257,22 @@ class PinnedConnectionPool:
         except OSError as exc:
             raw.close()
             raise httpx.ConnectError(str(exc)) from exc
-        return _Connection(sock)
+        if self._gate is None:
+            return _Connection(sock)
+        try:
+            key = self._gate.check(
+                peer_certificate(sock), sock.sendall, lambda: sock.recv(RECV_BYTES)
+            )
+        except TimeoutError as exc:
+            _close(sock)
+            raise httpx.ConnectTimeout(str(exc) or "timed out") from exc
+        except OSError as exc:  # the peer closed or reset it during the check
+            _close(sock)
+            raise httpx.ConnectError(str(exc)) from exc
+        except BaseException:
+            _close(sock)
+            raise
+        return _Connection(sock, key=key)
 
     # -- one exchange -----------------------------------------------------------------------
 
@@ -290,6 +324,11 @@ class PinnedConnectionPool:
             request = httpx.Request(method, self._origin + target)
             _remember(self._requests, key, request)
         return request
+
+
+def _close(sock: ssl.SSLSocket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
 def _remember(cache: dict[K, V], key: K, value: V) -> None:

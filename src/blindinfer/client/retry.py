@@ -14,8 +14,15 @@ and every request of the client is retried on them:
   these tenants), so applying them later is the same as applying them now.
 
 Never retried: any other status (a 504 `inference_timeout` means the model did run; 507
-`store_full` and 403 `quota_exceeded` do not pass by waiting), and transport errors (a
-request that broke off may have reached the server and run).
+`store_full` and 403 `quota_exceeded` do not pass by waiting), and timeouts.
+
+Broken connections (`common.send_retrying_broken`, at most twice more, on a new
+connection): a connection that failed while it was being made carried nothing, so any
+request is sent again; one that broke later (a replica killed behind a balancer) may have
+reached the server, so only idempotent requests are sent again: `run_model`,
+`model_metadata`, `list_models`. An upload, delete or share whose connection broke after
+it was sent is a `ConnectionFailedError`: the caller may send it again (an identical
+upload is the same model; delete and share set a state).
 
 How long: the server's `Retry-After` (seconds or an HTTP date) when it sends one, never
 less (earlier would be refused again), plus up to `jitter` of it so that clients told the

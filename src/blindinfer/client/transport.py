@@ -174,7 +174,8 @@ def connection_failed(
         return KeyBindingError(
             f"{url} did not present the attested TLS certificate ({reason}): whoever answers "
             "is not the server that was attested; nothing was sent (connect() again to "
-            "re-attest)"
+            "re-attest; if the server runs as several replicas behind one address, each "
+            "with its own key, connect(..., replicas=N) attests each of them)"
         )
     if not isinstance(exc, httpx.TransportError | OSError):
         return ProtocolError("bad_answer", f"cannot read the answer of {url}{during}: {exc}")

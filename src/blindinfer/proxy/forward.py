@@ -15,6 +15,12 @@ When it attests again:
   pin: the proxy attests the new server and forwards only if it satisfies the policy.
 - after any failure, at most once per `retry_seconds`, when a request arrives.
 
+With `replicas` > 1 (several replicas behind one address, each with its own key) the pin
+is a bounded set of attested keys instead (client/replica_gate.py, as the client's
+`connect(..., replicas=N)`): each new upstream connection whose key is not in the set is
+attested on that connection (fresh nonce, same policy) before any request byte; at most
+`replicas` keys, none attested longer ago than `max_attestation_age` seconds.
+
 While there is no valid attestation, nothing is forwarded: every request gets 502
 (evidence that failed verification or the policy) or 503 (upstream unreachable) with a
 JSON body naming the attestation error class and its message. `GET /blindinfer/proxy`
@@ -66,7 +72,13 @@ import httpx
 from blindinfer.attestation.intel.pccs import PccsCollateral
 from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
-from blindinfer.client.client import capture, verify_bundle
+from blindinfer.client.attested_keys import (
+    DEFAULT_MAX_AGE_SECONDS,
+    AttestedKeys,
+    check_replicas,
+)
+from blindinfer.client.client import capture, replica_verifier, verify_bundle
+from blindinfer.client.replica_gate import KeyGate, attest_first, gated_context
 from blindinfer.client.transport import check_url, pinned_context
 from blindinfer.errors import BlindInferError, ConnectionFailedError
 from blindinfer.protocol.error_shapes import error_document, speaks_openai
@@ -126,6 +138,10 @@ class ProxyConfig:
     """Browser origins (scheme://host[:port]) allowed to use the proxy, with CORS."""
     access_token: str | None = None
     """Required in the X-Blindinfer-Proxy-Token header when set."""
+    replicas: int = 1
+    """Up to this many replicas behind the upstream address, each attested on its own."""
+    max_attestation_age: float = DEFAULT_MAX_AGE_SECONDS
+    """With replicas > 1: seconds a replica's attestation is trusted for new connections."""
 
     def __post_init__(self) -> None:
         check_url(self.upstream)
@@ -136,6 +152,9 @@ class ProxyConfig:
             raise ValueError("reattest_seconds must be positive, the other intervals >= 0")
         if self.max_request_bytes <= 0 or self.max_response_bytes <= 0:
             raise ValueError("body limits must be positive")
+        check_replicas(self.replicas)
+        if not self.max_attestation_age > 0:
+            raise ValueError("max_attestation_age must be positive")
 
     def guard(self) -> LocalGuard:
         return LocalGuard.build(self.allow_hosts, self.allow_origins, self.access_token)
@@ -208,10 +227,24 @@ class AttestedUpstream:
         self.host = parts.hostname or ""
         self.port = parts.port or 443
         self.host_header = parts.netloc.rpartition("@")[2].encode("ascii")
+        self.gate: KeyGate | None = None
+        if config.replicas > 1:
+            self.gate = KeyGate(
+                self.url,
+                AttestedKeys(max_keys=config.replicas, max_age_seconds=config.max_attestation_age),
+                replica_verifier(
+                    config.policy,
+                    config.simulation,
+                    config.collateral_url,
+                    config.allow_insecure_http,
+                ),
+            )
 
     # -- attestation ---------------------------------------------------------------------
 
     def _attest_blocking(self) -> VerifiedAttestation:
+        if self.gate is not None:  # one replica's key, on a connection of its own
+            return attest_first(self.gate, self.config.timeout).attestation
         source = (
             PccsCollateral(
                 self.config.collateral_url, allow_insecure_http=self.config.allow_insecure_http
@@ -236,7 +269,10 @@ class AttestedUpstream:
                 raise failure from exc
             self.stats.attestations += 1
             old = self.attestation
-            if old is None or old.certificate_der != verified.certificate_der:
+            if self.gate is not None:  # one pool for every attested replica
+                if self._client is None:
+                    await self._replace_client(verified.certificate_der)
+            elif old is None or old.certificate_der != verified.certificate_der:
                 if old is not None:
                     self.stats.certificate_changes += 1
                 await self._replace_client(verified.certificate_der)
@@ -267,7 +303,7 @@ class AttestedUpstream:
             self._client = wire.PinnedPool(
                 self.host,
                 self.port,
-                pinned_context(certificate_der),
+                gated_context() if self.gate else pinned_context(certificate_der),
                 self.check_connection,
                 timeout=self.config.timeout,
                 max_connections=self.config.max_connections,
@@ -298,12 +334,18 @@ class AttestedUpstream:
                 with contextlib.suppress(NotAttested):
                     await self.attest("periodic")
 
-    async def check_connection(self, presented: bytes | None) -> None:
+    async def check_connection(
+        self, presented: bytes | None, connection: wire.Connection | None = None
+    ) -> None:
         """Every new pinned connection, after its handshake and before any request byte:
         it must present the attested certificate, and be covered by a recent attestation
         (a reconnect attests again first when the last one is older than `fresh_seconds`).
+        With replicas: its key must be attested, on `connection` when it is not yet.
         Raises _PinChanged (or NotAttested); the pool then closes the connection."""
         self.stats.new_connections += 1
+        if self.gate is not None:
+            await self._check_replica(presented, connection)
+            return
         attestation = self.attestation
         if attestation is None or presented != attestation.certificate_der:
             raise _PinChanged("the new connection presented another certificate")
@@ -313,6 +355,27 @@ class AttestedUpstream:
             current = self.attestation
             if current is None or current.certificate_der != presented:
                 raise _PinChanged("the upstream's attested key changed")
+
+    async def _check_replica(
+        self, presented: bytes | None, connection: wire.Connection | None
+    ) -> None:
+        assert self.gate is not None
+        if presented is None or connection is None:
+            raise _PinChanged("the new connection presented no certificate")
+        timeout = self.config.timeout
+
+        async def send(data: bytes) -> None:
+            await connection.write(data, timeout)
+
+        async def receive() -> bytes:
+            return await connection.receive_raw(timeout)
+
+        try:
+            await self.gate.acheck(presented, send, receive)
+        except BlindInferError as exc:  # evidence refused: 502, nothing forwarded
+            raise refusal(exc, self.url) from exc
+        except wire.UpstreamError as exc:  # gone during the check: nothing was sent
+            raise ConnectionResetError(str(exc)) from exc
 
     async def aclose(self) -> None:
         await self._replace_client(None)
@@ -327,6 +390,7 @@ class AttestedUpstream:
             if attestation is None
             else round(time.monotonic() - self._verified_at, 3),
             "failure": None if self.failure is None else self.failure.document,
+            "attested_keys": 1 if self.gate is None else len(self.gate.keys),
             "stats": dataclasses.asdict(self.stats),
         }
 

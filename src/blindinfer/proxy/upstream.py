@@ -9,9 +9,11 @@ arrive (a closed idle connection is known from its own `connection_lost`, no pol
 
 What each piece guarantees:
 - `PinnedPool.acquire` opens a new connection with the pinned context (only the attested
-  certificate verifies) and passes the certificate the handshake presented to `check`
-  (the attestation state's own test, which may attest again) before the connection is
-  returned, so before any request byte is written on it.
+  certificate verifies) and passes the certificate the handshake presented, and the
+  connection, to `check` (the attestation state's own test, which may attest again; for
+  replicas behind a balancer it attests the replica's key on this very connection, with
+  `receive_raw`) before the connection is returned, so before any request byte is
+  written on it.
 - `Exchange` bounds the response: its head (`MAX_HEAD_BYTES`, h11's own limit) and its
   body (`ResponseTooLarge` past `limit`); received bytes wait in a buffer of at most
   `READ_HIGH_WATER` before reading from the socket pauses.
@@ -154,6 +156,24 @@ class Connection(asyncio.Protocol):
             if self.closed:
                 raise UpstreamError("the upstream closed the connection")
 
+    async def receive_raw(self, timeout: float) -> bytes:
+        """The bytes received so far, waiting for some (b"" once the server closed): for an
+        exchange parsed elsewhere (the replica key check's), before h11 sees any."""
+        while not self._chunks and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._wait(self._waiter, timeout, "the upstream did not answer in time")
+            finally:
+                self._waiter = None
+        data = b"".join(bytes(chunk) for chunk in self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._reading_paused and not self.closed:
+            self._reading_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        return data
+
     async def next_event(self, timeout: float) -> h11.Event | type[h11.PAUSED]:
         """h11's next event, reading more bytes as it needs them."""
         while True:
@@ -199,7 +219,7 @@ class PinnedPool:
         host: str,
         port: int,
         context: ssl.SSLContext,
-        check: Callable[[bytes | None], Awaitable[None]],
+        check: Callable[[bytes | None, Connection], Awaitable[None]],
         *,
         timeout: float,
         max_connections: int,
@@ -268,7 +288,7 @@ class PinnedPool:
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self._check(presented)
+            await self._check(presented, connection)
             if self._closed:
                 raise ConnectionAbortedError("the pool was closed (the attestation changed)")
         except BaseException:
