@@ -331,6 +331,12 @@ MISTAKES: list[Case] = [
         "already in use",
     ),
     (
+        "proxy-replicas-zero",
+        lambda w: proxy(w, "--simulation", "--replicas", "0"),
+        USAGE,
+        "replicas must be from 1 to 256, got 0",
+    ),
+    (
         "proxy-listen-out-of-range",
         lambda w: [*proxy(w), "--listen", "127.0.0.1:99999"],
         USAGE,

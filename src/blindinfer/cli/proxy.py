@@ -144,6 +144,22 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest response body forwarded",
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="upstream timeout in seconds")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the upstream address balances up to N replicas, each with its own key: each "
+        "new connection to a key not yet attested is attested on that connection first "
+        "(default 1: exactly one attested key)",
+    )
+    parser.add_argument(
+        "--max-attestation-age",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="with --replicas > 1: attest a replica again once its attestation is this old",
+    )
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -198,6 +214,8 @@ def run_proxy(args: argparse.Namespace) -> int:
             max_request_bytes=args.max_request_bytes,
             max_response_bytes=args.max_response_bytes,
             timeout=args.timeout,
+            replicas=args.replicas,
+            max_attestation_age=args.max_attestation_age,
             allow_hosts=tuple(getattr(args, "allow_host", ())),
             allow_origins=tuple(getattr(args, "allow_origin", ())),
             access_token=token,
