@@ -275,7 +275,15 @@ def test_no_privilege_and_no_host_access(tee: str) -> None:
     assert context["readOnlyRootFilesystem"] is True
     assert context["capabilities"]["drop"] == ["ALL"]
     assert "add" not in context["capabilities"]
-    assert "env" not in container and "envFrom" not in container
+    # the one variable: each replica's audit-log name, from its own pod name, never a
+    # value the host chooses per pod through a ConfigMap or Secret
+    assert "envFrom" not in container
+    assert container["env"] == [
+        {
+            "name": "BLINDINFER_REPLICA_ID",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+        }
+    ]
 
 
 @pytest.mark.parametrize("tee", sorted(OVERLAYS))

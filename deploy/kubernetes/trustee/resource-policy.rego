@@ -34,12 +34,12 @@ default allow := false
 store_key_path := ["blindinfer", "store-key", "1"]
 
 snp_measurements := {"REPLACE-96-hex-digits"}
-snp_init_data := {"8a00df1aeaafa4be80535499ad3d8ee1e3762dfbbc524551ed644b8276dd4b03"}
+snp_init_data := {"433b7b4e4a94e3c99c7e483a8abdeb0b43781e3ea6b1dd2d623dbee2e5e0c938"}
 
 tdx_mr_td := {"REPLACE-96-hex-digits"}
 tdx_rtmr1 := {"REPLACE-96-hex-digits"}
 tdx_rtmr2 := {"REPLACE-96-hex-digits"}
-tdx_init_data := {"11ba4578267d944f2e850731c36e617c6cf01a6b21776cd84d5fc03f8de86b4e00000000000000000000000000000000"}
+tdx_init_data := {"3afc3774f4bcabf912c3b4c7169cf2f5618bd1c1da5cefb208103e8fad6509d900000000000000000000000000000000"}
 
 evidence := input.submods.cpu0["ear.veraison.annotated-evidence"]
 
