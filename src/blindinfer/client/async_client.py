@@ -30,10 +30,9 @@ from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.client.attested_keys import (
     DEFAULT_MAX_AGE_SECONDS,
     AttestedKey,
-    AttestedKeys,
     check_replicas,
 )
-from blindinfer.client.client import attest_unwarned, replica_verifier
+from blindinfer.client.client import attest_unwarned, replica_set_gate
 from blindinfer.client.common import (
     INDEX_CALL,
     Call,
@@ -119,9 +118,14 @@ async def _connect(
     if allow_simulation:
         warn_simulation(stacklevel=stacklevel)
     if replicas > 1:
-        keys = AttestedKeys(max_keys=replicas, max_age_seconds=max_attestation_age)
-        gate = KeyGate(
-            base, keys, replica_verifier(loaded, simulation, collateral_url, allow_insecure_http)
+        gate = replica_set_gate(
+            base,
+            loaded,
+            simulation,
+            collateral_url,
+            allow_insecure_http,
+            replicas=replicas,
+            max_attestation_age=max_attestation_age,
         )
         first = await asyncio.to_thread(attest_first, gate, timeout)
         return AsyncClient(

@@ -95,17 +95,33 @@ def capture(
     base = check_url(url)
     nonce = secrets.token_bytes(NONCE_SIZE)
     discovered = fetch_evidence(base, nonce, timeout)
-    evidence = parse_evidence_document(discovered.body)
-    if collateral is not None and evidence.kind.startswith("intel-"):
-        fetched = collateral.collateral_json(evidence.quote)
-        evidence = dataclasses.replace(evidence, collateral_json=fetched)
-    return EvidenceBundle(
+    bundle = EvidenceBundle(
         source=base,
         captured_at=int(time.time()),
         nonce=nonce,
         tls_certificate_der=discovered.certificate_der,
-        evidence=evidence,
+        evidence=parse_evidence_document(discovered.body),
     )
+    return with_collateral(bundle, collateral)
+
+
+def with_collateral(bundle: EvidenceBundle, source: CollateralSource | None) -> EvidenceBundle:
+    """`bundle` with its Intel collateral from `source` (a PCCS or PCS the caller trusts)
+    instead of the server's; unchanged without a source or for non-Intel evidence."""
+    evidence = bundle.evidence
+    if source is None or not evidence.kind.startswith("intel-"):
+        return bundle
+    fetched = source.collateral_json(evidence.quote)
+    return dataclasses.replace(
+        bundle, evidence=dataclasses.replace(evidence, collateral_json=fetched)
+    )
+
+
+def collateral_source(url: str | None, allow_insecure_http: bool) -> PccsCollateral | None:
+    """The caller's collateral service (`collateral_url`), or None: the server's collateral."""
+    if url is None:
+        return None
+    return PccsCollateral(url, allow_insecure_http=allow_insecure_http)
 
 
 def replica_verifier(
@@ -116,22 +132,47 @@ def replica_verifier(
 ) -> Verify:
     """How a replica-set client verifies each replica's bundle: as `connect` verifies the
     first one (same policy, simulation flag and collateral source)."""
-    source = (
-        PccsCollateral(collateral_url, allow_insecure_http=allow_insecure_http)
-        if collateral_url is not None
-        else None
-    )
+    source = collateral_source(collateral_url, allow_insecure_http)
 
     def verify(bundle: EvidenceBundle) -> tuple[VerifiedAttestation, EvidenceBundle]:
-        evidence = bundle.evidence
-        if source is not None and evidence.kind.startswith("intel-"):
-            fetched = source.collateral_json(evidence.quote)
-            bundle = dataclasses.replace(
-                bundle, evidence=dataclasses.replace(evidence, collateral_json=fetched)
-            )
+        bundle = with_collateral(bundle, source)
         return verify_bundle(bundle, policy=policy, simulation=simulation), bundle
 
     return verify
+
+
+def replica_set_gate(
+    url: str,
+    policy: Policy | None,
+    simulation: bool,
+    collateral_url: str | None,
+    allow_insecure_http: bool,
+    *,
+    replicas: int,
+    max_attestation_age: float,
+) -> KeyGate:
+    """The check a replica-set client (Client, AsyncClient, the proxy) runs on every new
+    connection: up to `replicas` keys, each verified as `connect` verifies the first."""
+    keys = AttestedKeys(max_keys=replicas, max_age_seconds=max_attestation_age)
+    verify = replica_verifier(policy, simulation, collateral_url, allow_insecure_http)
+    return KeyGate(url, keys, verify)
+
+
+def verified_boot_evidence(
+    body: bytes, certificate_der: bytes, *, simulation: bool
+) -> EvidenceDocument:
+    """A server's boot evidence (an all-zero nonce: what receipts name), checked to be
+    authentic and to bind `certificate_der`; simulation evidence only where the key's own
+    attestation was made with simulation allowed."""
+    document = parse_evidence_document(body)
+    verify_evidence(
+        document,
+        policy=None,
+        expected_nonce=bytes(NONCE_SIZE),
+        tls_certificate_der=certificate_der,
+        allow_simulation=simulation,
+    )
+    return document
 
 
 def verify_bundle(
@@ -199,11 +240,7 @@ def _verified_bundle(
     allow_insecure_http: bool = False,
 ) -> tuple[VerifiedAttestation, EvidenceBundle]:
     """Captures over a fresh nonce and verifies; the bundle is what receipts' proofs carry."""
-    source = (
-        PccsCollateral(collateral_url, allow_insecure_http=allow_insecure_http)
-        if collateral_url is not None
-        else None
-    )
+    source = collateral_source(collateral_url, allow_insecure_http)
     bundle = capture(url, timeout=timeout, collateral=source)
     return verify_bundle(bundle, policy=policy, simulation=simulation, now=now), bundle
 
@@ -254,9 +291,14 @@ def connect(
     if allow_simulation:
         warn_simulation(stacklevel=2)
     if replicas > 1:
-        keys = AttestedKeys(max_keys=replicas, max_age_seconds=max_attestation_age)
-        gate = KeyGate(
-            base, keys, replica_verifier(loaded, simulation, collateral_url, allow_insecure_http)
+        gate = replica_set_gate(
+            base,
+            loaded,
+            simulation,
+            collateral_url,
+            allow_insecure_http,
+            replicas=replicas,
+            max_attestation_age=max_attestation_age,
         )
         first = attest_first(gate, timeout)
         return Client(
@@ -477,15 +519,11 @@ class Client:
         with self._boot_lock:
             if self._boot_evidence is None:
                 body = self._send(Call("GET", "/v2/attestation")).content
-                document = parse_evidence_document(body)
-                verify_evidence(
-                    document,
-                    policy=None,
-                    expected_nonce=bytes(NONCE_SIZE),
-                    tls_certificate_der=self.attestation.certificate_der,
-                    allow_simulation=self.attestation.simulation,
+                self._boot_evidence = verified_boot_evidence(
+                    body,
+                    self.attestation.certificate_der,
+                    simulation=self.attestation.simulation,
                 )
-                self._boot_evidence = document
             return self._boot_evidence
 
     def _boot_of(self, key: AttestedKey) -> EvidenceDocument:
@@ -497,13 +535,8 @@ class Client:
                 return document
         if key.boot_evidence is None:
             raise ProtocolError("invalid_receipt", "no boot evidence for the replica that signed")
-        document = parse_evidence_document(key.boot_evidence)
-        verify_evidence(
-            document,
-            policy=None,
-            expected_nonce=bytes(NONCE_SIZE),
-            tls_certificate_der=key.certificate_der,
-            allow_simulation=key.attestation.simulation,
+        document = verified_boot_evidence(
+            key.boot_evidence, key.certificate_der, simulation=key.attestation.simulation
         )
         with self._boot_lock:
             if len(self._boot_by_key) >= 2 * self._keys.max_keys:

@@ -69,15 +69,13 @@ from urllib.parse import urlsplit
 import h11
 import httpx
 
-from blindinfer.attestation.intel.pccs import PccsCollateral
 from blindinfer.attestation.policy import Policy
 from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.client.attested_keys import (
     DEFAULT_MAX_AGE_SECONDS,
-    AttestedKeys,
     check_replicas,
 )
-from blindinfer.client.client import capture, replica_verifier, verify_bundle
+from blindinfer.client.client import capture, collateral_source, replica_set_gate, verify_bundle
 from blindinfer.client.replica_gate import KeyGate, attest_first, gated_context
 from blindinfer.client.transport import check_url, pinned_context
 from blindinfer.errors import BlindInferError, ConnectionFailedError
@@ -229,15 +227,14 @@ class AttestedUpstream:
         self.host_header = parts.netloc.rpartition("@")[2].encode("ascii")
         self.gate: KeyGate | None = None
         if config.replicas > 1:
-            self.gate = KeyGate(
+            self.gate = replica_set_gate(
                 self.url,
-                AttestedKeys(max_keys=config.replicas, max_age_seconds=config.max_attestation_age),
-                replica_verifier(
-                    config.policy,
-                    config.simulation,
-                    config.collateral_url,
-                    config.allow_insecure_http,
-                ),
+                config.policy,
+                config.simulation,
+                config.collateral_url,
+                config.allow_insecure_http,
+                replicas=config.replicas,
+                max_attestation_age=config.max_attestation_age,
             )
 
     # -- attestation ---------------------------------------------------------------------
@@ -245,13 +242,7 @@ class AttestedUpstream:
     def _attest_blocking(self) -> VerifiedAttestation:
         if self.gate is not None:  # one replica's key, on a connection of its own
             return attest_first(self.gate, self.config.timeout).attestation
-        source = (
-            PccsCollateral(
-                self.config.collateral_url, allow_insecure_http=self.config.allow_insecure_http
-            )
-            if self.config.collateral_url is not None
-            else None
-        )
+        source = collateral_source(self.config.collateral_url, self.config.allow_insecure_http)
         bundle = capture(self.url, timeout=self.config.timeout, collateral=source)
         return verify_bundle(bundle, policy=self.config.policy, simulation=self.config.simulation)
 
