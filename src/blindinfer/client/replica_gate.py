@@ -113,14 +113,10 @@ class KeyGate:
         exchange = EvidenceExchange(self.url, self._host)
         boot = BootEvidenceExchange(self._host)
         await send(exchange.request.data)
-        body = None
-        while body is None:
-            body = exchange.receive(_closed_check(await receive()))
+        body = await _adrive(exchange.receive, receive)
         _reusable(exchange)
         await send(boot.data)
-        boot_body = None
-        while boot_body is None:
-            boot_body = boot.receive(_closed_check(await receive()))
+        boot_body = await _adrive(boot.receive, receive)
         return self._admit(exchange, body, boot, boot_body, certificate)
 
     def _admit(
@@ -153,6 +149,15 @@ def _closed_check(data: bytes) -> bytes:
 def _drive(feed: Callable[[bytes], bytes | None], receive: Callable[[], bytes]) -> bytes:
     while True:
         body = feed(_closed_check(receive()))
+        if body is not None:
+            return body
+
+
+async def _adrive(
+    feed: Callable[[bytes], bytes | None], receive: Callable[[], Awaitable[bytes]]
+) -> bytes:
+    while True:
+        body = feed(_closed_check(await receive()))
         if body is not None:
             return body
 
