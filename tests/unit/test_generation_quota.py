@@ -25,6 +25,7 @@ from blindinfer.server.generation_quota import (
     TooManyTokensError,
     prompt_token_bound,
 )
+from blindinfer.server.metrics import text_of
 
 
 class Clock:
@@ -207,10 +208,10 @@ def test_metrics_are_counts_without_labels_of_data() -> None:
     q = quotas()
     q.admit("local", tokens=9, kv_bytes=512)
     q.admit("local", tokens=9, kv_bytes=0).end(Usage(prompt_tokens=3, completion_tokens=4))
-    text = q.metrics()
-    assert "blindinfer_generations_running 1" in text
-    assert "blindinfer_generation_kv_cache_reserved_bytes 512" in text
-    assert 'blindinfer_generation_tokens_total{kind="completion"} 4' in text
+    text = text_of(q.metric_families())  # prometheus_client writes values as floats
+    assert "blindinfer_generations_running 1.0" in text
+    assert "blindinfer_generation_kv_cache_reserved_bytes 512.0" in text
+    assert 'blindinfer_generation_tokens_total{kind="completion"} 4.0' in text
     assert "local" not in text
 
 

@@ -10,23 +10,20 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import prometheus_client
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from blindinfer.errors import UsageError
 from blindinfer.server import metrics as server_metrics
 from blindinfer.server.app import build_state, close_state, create_app
 from blindinfer.server.auth import ENV_VARIABLE, generate_api_key
 from blindinfer.server.config import Limits, ServerConfig
-from blindinfer.server.metrics import (
-    CONTENT_TYPE,
-    Counter,
-    Histogram,
-    escape_label,
-    format_value,
-    route_template,
-)
+from blindinfer.server.metrics import CONTENT_TYPE, ServerMetrics, route_template
 from blindinfer.server.tls import make_tls_identity
 from blindinfer.tee.simulation.platform import SimulationPlatform
 
@@ -304,8 +301,9 @@ def test_an_exception_escaping_the_app_counts_as_500() -> None:
     middleware = server_metrics.MetricsMiddleware(broken, metrics)
     client = TestClient(middleware, raise_server_exceptions=False)
     client.get("/anything/at/all")
-    assert metrics.requests.value("unmatched", "GET", "500") == 1
-    assert metrics.in_flight.value() == 0
+    requests = "blindinfer_http_requests_total"
+    assert metrics.value(requests, route="unmatched", method="GET", status="500") == 1
+    assert metrics.value("blindinfer_http_requests_in_flight") == 0
     assert "anything" not in metrics.render()
 
 
@@ -313,39 +311,34 @@ def test_an_exception_escaping_the_app_counts_as_500() -> None:
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
-    histogram = Histogram("h_seconds", "help", ("route",), buckets=(0.1, 1.0))
-    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
-        histogram.observe(value, "/r")
-    samples, types = parse_exposition(histogram.render())
-    assert types == {"h_seconds": "histogram"}
-    r = {"route": "/r"}
-    assert _value(samples, "h_seconds_bucket", **r, le="0.1") == 2
-    assert _value(samples, "h_seconds_bucket", **r, le="1") == 4
-    assert _value(samples, "h_seconds_bucket", **r, le="+Inf") == 5
-    assert _value(samples, "h_seconds_count", **r) == 5
-    assert _value(samples, "h_seconds_sum", **r) == pytest.approx(8.65)
-    with pytest.raises(ValueError, match="increasing"):
-        Histogram("bad", "help", buckets=(1.0, 0.5))
+    metrics = ServerMetrics()
+    for seconds in (0.05, 0.1, 0.5, 1.0, 7.0):
+        metrics.observe_request("/r", "GET", 200, seconds)
+    samples, types = parse_exposition(metrics.render())
+    base = "blindinfer_http_request_duration_seconds"
+    assert types[base] == "histogram"
+    r = {"route": "/r", "method": "GET"}
+    # prometheus_client writes bounds as Go does: "1.0", not "1"
+    assert _value(samples, f"{base}_bucket", **r, le="0.1") == 2
+    assert _value(samples, f"{base}_bucket", **r, le="1.0") == 4
+    assert _value(samples, f"{base}_bucket", **r, le="+Inf") == 5
+    assert _value(samples, f"{base}_count", **r) == 5
+    assert _value(samples, f"{base}_sum", **r) == pytest.approx(8.65)
+    assert _requests(samples) == {("/r", "GET", "200"): 5}
 
 
 def test_label_escaping_round_trips() -> None:
-    counter = Counter("c_total", 'a "help"\nline', ("v",))
+    """The library's escaping, read back by this module's parser (which checks every
+    other test's output)."""
+    registry = prometheus_client.CollectorRegistry()
+    counter = prometheus_client.Counter("c_total", 'a "help"\nline', ("v",), registry=registry)
     odd = 'quote " backslash \\ newline \n end'
-    counter.inc(odd)
-    counter.inc(odd, amount=2)
-    samples, _ = parse_exposition(counter.render())
-    assert samples == {("c_total", frozenset({("v", odd)})): 3}
-    assert escape_label(odd) == 'quote \\" backslash \\\\ newline \\n end'
-    with pytest.raises(ValueError, match="up"):
-        counter.inc(odd, amount=-1)
-
-
-@pytest.mark.parametrize(
-    ("value", "text"),
-    [(3.0, "3"), (0.25, "0.25"), (math.inf, "+Inf"), (-math.inf, "-Inf"), (math.nan, "NaN")],
-)
-def test_format_value(value: float, text: str) -> None:
-    assert format_value(value) == text
+    counter.labels(odd).inc()
+    counter.labels(odd).inc(2)
+    text = prometheus_client.generate_latest(registry).decode()
+    samples, _ = parse_exposition(text)
+    assert samples[("c_total", frozenset({("v", odd)}))] == 3
+    assert 'v="quote \\" backslash \\\\ newline \\n end"' in text
 
 
 def test_route_template_prefers_full_match_then_partial() -> None:
@@ -384,10 +377,103 @@ def test_deleted_model_names_are_forgotten() -> None:
     ] == [({"tenant": "local", "model": "kept-model"}, 1)]
 
 
-def test_counter_retain_forgets_refused_series() -> None:
-    counter = Counter("c_total", "help", ("tenant", "model"))
-    counter.inc("a", "x")
-    counter.inc("a", "y", amount=2)
-    counter.retain(lambda labels: labels == ("a", "y"))
-    assert counter.value("a", "x") == 0 and counter.value("a", "y") == 2
-    assert 'model="x"' not in counter.render()
+def test_forget_models_keeps_the_live_series_only() -> None:
+    metrics = ServerMetrics(model_names=True)
+    assert metrics.model_inferences is not None
+    metrics.model_inferences.labels("a", "x").inc()
+    metrics.model_inferences.labels("a", "y").inc(2)
+    metrics.forget_models([("a", "y"), ("b", "never-counted")])
+    name = "blindinfer_model_inferences_total"
+    assert metrics.value(name, tenant="a", model="x") == 0
+    assert metrics.value(name, tenant="a", model="y") == 2
+    assert 'model="x"' not in metrics.render()
+
+
+def _names(registry: prometheus_client.CollectorRegistry) -> set[str]:
+    return {family.name for family in registry.collect()}
+
+
+def test_each_server_has_its_own_registry_and_nothing_is_global() -> None:
+    """Nothing lands in prometheus_client's global REGISTRY, and two servers in one process
+    count apart."""
+    before = _names(prometheus_client.REGISTRY)
+    first, second = _app(), _app()
+    assert _names(prometheus_client.REGISTRY) == before
+    with (
+        TestClient(first, raise_server_exceptions=False) as one,
+        TestClient(second, raise_server_exceptions=False) as two,
+    ):
+        for _ in range(3):
+            assert one.get("/v2").status_code == 200
+        assert two.get("/v2/health/live").status_code == 200
+        _, samples_one = _scrape(one)
+        _, samples_two = _scrape(two)
+    assert _requests(samples_one) == {("/v2", "GET", "200"): 3}
+    assert _requests(samples_two) == {("/v2/health/live", "GET", "200"): 1}
+    assert first.state.metrics.registry is not second.state.metrics.registry
+    assert _names(prometheus_client.REGISTRY) == before
+
+
+def test_the_format_is_negotiated_as_prometheus_client_does(client: TestClient) -> None:
+    assert client.get("/v2").status_code == 200
+    openmetrics = client.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert openmetrics.status_code == 200
+    assert openmetrics.headers["content-type"].startswith(
+        "application/openmetrics-text; version=1.0.0"
+    )
+    assert openmetrics.text.endswith("# EOF\n")
+    assert 'blindinfer_http_requests_total{method="GET",route="/v2",status="200"} 1.0' in (
+        openmetrics.text
+    )
+    # an Accept the library's version comparison cannot read: the text format 0.0.4
+    for odd in ("text/plain; version=x", "application/openmetrics-text; version=1.x"):
+        reply = client.get("/metrics", headers={"Accept": odd})
+        assert reply.status_code == 200
+        assert reply.headers["content-type"] == CONTENT_TYPE
+        parse_exposition(reply.text)
+
+
+def test_prometheus_client_multiprocess_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its values are files in PROMETHEUS_MULTIPROC_DIR, shared by every server in the
+    process (chosen when prometheus_client is imported): not the per-server registry."""
+    monkeypatch.setattr(prometheus_client.values, "ValueClass", object)
+    with pytest.raises(UsageError, match="PROMETHEUS_MULTIPROC_DIR"):
+        ServerMetrics()
+
+
+_ACCEPT_PART = st.one_of(
+    st.sampled_from(["application/openmetrics-text", "text/plain", "*/*", ""]),
+    st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=20),
+)
+_PARAM = st.tuples(
+    st.sampled_from(["version", "escaping", "q", "charset"]),
+    st.one_of(
+        st.sampled_from(["1.0.0", "0.0.1", "0.0.4", "2", "1.x", "x", "", "allow-utf-8"]),
+        st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=8),
+    ),
+)
+
+
+@given(
+    st.lists(st.tuples(_ACCEPT_PART, st.lists(_PARAM, max_size=3)), max_size=3).map(
+        lambda parts: ",".join(
+            ";".join([kind, *(f"{k}={v}" for k, v in params)]) for kind, params in parts
+        )
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_any_accept_header_gets_a_known_format(accept: str) -> None:
+    """The Accept header is parsed by prometheus_client (`choose_encoder`): whatever an
+    admin's scraper sends, the answer is one of its formats, never an exception."""
+    metrics = _FUZZ_METRICS
+    body, content_type = metrics.exposition(accept)
+    assert content_type == CONTENT_TYPE or content_type.startswith(
+        ("text/plain; version=1.0.0; charset=utf-8", "application/openmetrics-text; version=")
+    )
+    assert b"blindinfer_http_requests_total" in body
+
+
+_FUZZ_METRICS = ServerMetrics()
+_FUZZ_METRICS.observe_request("/v2", "GET", 200, 0.001)

@@ -5,11 +5,15 @@ attempts; and that a retried upload streams its body (and its progress) from the
 from __future__ import annotations
 
 import asyncio
-import io
 import math
+import os
+import pty
+import select
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 import pytest
@@ -236,28 +240,72 @@ def test_a_refused_upload_is_sent_again_whole_with_progress_from_zero() -> None:
 
 
 def test_cli_progress_bar_lines_when_not_a_terminal() -> None:
-    out = io.StringIO()
+    """In a pipe (a CI log): one line per tenth, never a carriage return."""
+    read_end, write_end = os.pipe()
     ticks = iter([0.0, 0.0, 1.0, 2.0, 4.0])
-    bar = ProgressBar("uploading m.onnx", stream=out, interactive=False, clock=lambda: next(ticks))
-    total = 4 * (1 << 20)
-    for done in (0, 1 << 20, 2 << 20, total):
-        bar(done, total)
-    bar.finish()
-    lines = out.getvalue().splitlines()
+    with open(write_end, "w") as pipe:
+        bar = ProgressBar("uploading m.onnx", stream=pipe, clock=lambda: next(ticks))
+        assert not bar.interactive  # detected
+        total = 4 * (1 << 20)
+        for done in (0, 1 << 18, 1 << 20, 2 << 20, total):  # 1/16: still the first tenth
+            bar(done, total)
+        bar.finish()
+    with open(read_end) as pipe:
+        text = pipe.read()
+    assert "\r" not in text
+    lines = text.splitlines()
     assert [line.split("]")[1].split()[0] for line in lines] == ["0%", "25%", "50%", "100%"]
-    assert lines[-1].startswith("uploading m.onnx [" + "#" * 30 + "]")
-    assert "4.0/4.0 MiB" in lines[-1] and "1.0 MiB/s" in lines[-1]
+    assert lines[-1].startswith("uploading m.onnx [" + "#" * 30 + "] 100%")
+    # tqdm's rate format (two decimals): was "1.0 MiB/s" when the bar was our own
+    assert "4.0/4.0 MiB" in lines[-1] and lines[-1].endswith(" 1.00 MiB/s")
+
+
+def _on_a_terminal(draw: Callable[[TextIO], None]) -> str:
+    """What `draw(stream)` shows on a pseudo-terminal (its \r\n turned back into \n)."""
+    controller, terminal = pty.openpty()
+    try:
+        with open(terminal, "w", closefd=False) as stream:
+            draw(stream)
+        chunks = []
+        while select.select([controller], [], [], 0.2)[0]:
+            chunks.append(os.read(controller, 1 << 16))
+        return b"".join(chunks).decode().replace("\r\n", "\n")
+    finally:
+        os.close(terminal)
+        os.close(controller)
 
 
 def test_cli_progress_bar_redraws_in_place_on_a_terminal() -> None:
-    out = io.StringIO()
-    clock = iter([0.0, 0.0, 0.01, 0.5, 0.6])
-    bar = ProgressBar("up", stream=out, interactive=True, interval=0.1, clock=lambda: next(clock))
-    bar(0, 100)
-    bar(10, 100)  # within the interval: not drawn
-    bar(50, 100)
-    bar(100, 100)
-    bar.finish()
-    text = out.getvalue()
-    assert text.count("\r") == 3
-    assert text.endswith("100%  0.0/0.0 MiB  0.0 MiB/s\n")
+    def complete(stream: TextIO) -> None:
+        bar = ProgressBar("up", stream=stream, interval=3600)
+        assert bar.interactive  # detected
+        for done in (0, 10, 50, 100):  # 10 and 50 within the interval: not drawn
+            bar(done, 100)
+        bar.finish()
+
+    text = _on_a_terminal(complete)
+    assert text.count("\r") == 2 and text.count("\n") == 1
+    assert text.split("\r")[-1].startswith("up [" + "#" * 30 + "] 100%  0.0/0.0 MiB")
+    assert text.endswith(" MiB/s\n")
+
+    def broken_off(stream: TextIO) -> None:  # an error at half way: the line is ended
+        bar = ProgressBar("up", stream=stream, interval=0.0)
+        bar(0, 100)
+        bar(50, 100)
+        bar.finish()
+        bar.finish()
+
+    text = _on_a_terminal(broken_off)
+    assert text.count("\n") == 1 and text.endswith(" MiB/s\n")
+    assert text.split("\r")[-1].startswith("up [" + "#" * 15 + "-" * 15 + "]  50%")
+
+    def sent_again(stream: TextIO) -> None:  # a refused upload is sent again from 0
+        bar = ProgressBar("up", stream=stream, interval=3600)
+        for done in (0, 100, 0, 100):
+            bar(done, 100)
+        bar.finish()
+
+    text = _on_a_terminal(sent_again)
+    lines = text.split("\n")[:-1]  # not splitlines(): it splits at every \r too
+    shown = [line.split("\r")[-1].split("]")[1].split()[0] for line in lines]
+    assert shown == ["100%", "100%"]  # two bars, each drawn to its end

@@ -136,6 +136,10 @@ def _upload(app: Any, name: str, data: bytes, headers: Iterable[tuple[str, str]]
     )
 
 
+REQUESTS = "blindinfer_http_requests_total"
+DISCONNECTS = "blindinfer_client_disconnects_total"
+
+
 def _metrics(app: Starlette) -> ServerMetrics:
     metrics: ServerMetrics = app.state.metrics
     return metrics
@@ -169,9 +173,9 @@ def test_a_client_gone_mid_upload_is_a_disconnect_not_a_server_error(
     )
     assert reply.error(499, "client_disconnected")
     metrics = _metrics(app)
-    assert metrics.client_disconnects.value(UPLOAD, "PUT") == 1
-    assert metrics.requests.value(UPLOAD, "PUT", "499") == 1
-    assert metrics.requests.value(UPLOAD, "PUT", "500") == 0
+    assert metrics.value(DISCONNECTS, route=UPLOAD, method="PUT") == 1
+    assert metrics.value(REQUESTS, route=UPLOAD, method="PUT", status="499") == 1
+    assert metrics.value(REQUESTS, route=UPLOAD, method="PUT", status="500") == 0
     assert _stats(app) == before
     assert app.state.blindinfer.registry.records() == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -179,7 +183,8 @@ def test_a_client_gone_mid_upload_is_a_disconnect_not_a_server_error(
     assert lines == [f"a client disconnected before its request body was complete (PUT {UPLOAD})"]
     text = metrics.render()
     assert "half" not in text
-    assert f'blindinfer_client_disconnects_total{{route="{UPLOAD}",method="PUT"}} 1' in text
+    # prometheus_client's format: labels sorted by name, values as floats
+    assert f'{DISCONNECTS}{{method="PUT",route="{UPLOAD}"}} 1.0' in text
 
 
 def test_a_client_gone_mid_inference_request_is_counted_the_same(tmp_path: Path) -> None:
@@ -190,8 +195,9 @@ def test_a_client_gone_mid_inference_request_is_counted_the_same(tmp_path: Path)
     )
     reply.error(499, "client_disconnected")
     metrics = _metrics(app)
-    assert metrics.client_disconnects.value("/v2/models/{ref}/infer", "POST") == 1
-    assert metrics.requests.value("/v2/models/{ref}/infer", "POST", "500") == 0
+    infer = "/v2/models/{ref}/infer"
+    assert metrics.value(DISCONNECTS, route=infer, method="POST") == 1
+    assert metrics.value(REQUESTS, route=infer, method="POST", status="500") == 0
 
 
 # ------------------------------------------------------------------ early refusals
@@ -234,7 +240,7 @@ def test_a_declared_size_over_the_limit_is_refused_before_the_body(tmp_path: Pat
         "(195.3 KiB, --max-model-bytes)"
     )
     assert reply.headers["connection"] == "close"  # a client still sending hears it now
-    assert _metrics(app).requests.value(UPLOAD, "PUT", "413") == 1
+    assert _metrics(app).value(REQUESTS, route=UPLOAD, method="PUT", status="413") == 1
 
 
 @pytest.mark.parametrize(
@@ -407,9 +413,9 @@ def test_whatever_an_app_does_after_the_client_left_is_no_server_error(then: str
             asyncio.run(middleware(scope, receive, send))
     else:
         asyncio.run(middleware(scope, receive, send))
-    assert metrics.requests.value("unmatched", "POST", "499") == 1
-    assert metrics.requests.value("unmatched", "POST", "500") == 0
-    assert metrics.client_disconnects.value("unmatched", "POST") == 1
+    assert metrics.value(REQUESTS, route="unmatched", method="POST", status="499") == 1
+    assert metrics.value(REQUESTS, route="unmatched", method="POST", status="500") == 0
+    assert metrics.value(DISCONNECTS, route="unmatched", method="POST") == 1
 
 
 class _FakeTransport:

@@ -1,8 +1,10 @@
-"""Plain-text progress bars on stderr for the CLI (no dependency).
+"""Progress bars on stderr for the CLI, drawn by tqdm.
 
-On a terminal the bar is redrawn in place (at most every `interval` seconds, and at the
-end); otherwise, e.g. in a CI log, one line per tenth of the way, so logs stay readable.
-Standard output is left alone: it carries the command's result (JSON for `upload`).
+On a terminal tqdm redraws the bar in place (at most every `interval` seconds, and at the
+end). Otherwise, e.g. in a CI log, tqdm would still write a carriage return per redraw;
+there one line per tenth of the way is written instead, formatted by the same tqdm
+function, so logs stay readable. Standard output is left alone: it carries the command's
+result (JSON for `upload`).
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Never, TextIO
+
+from tqdm import tqdm
 
 from blindinfer.client.client import Client
 from blindinfer.client.models import ModelInfo
 
-WIDTH = 30
 MiB = 1 << 20
+ASCII = "-#"  # empty, full: `label [#####-----]`, as readable in a log as on a terminal
+UNIT = " MiB"
+BAR_FORMAT = "{desc} [{bar:30}] {percentage:3.0f}%  {n:.1f}/{total:.1f} MiB  {rate_noinv_fmt}"
+NO_TOTAL_FORMAT = "{desc}  {n:.1f} MiB  {rate_noinv_fmt}"
 
 
 class ProgressBar:
@@ -38,46 +45,51 @@ class ProgressBar:
         self.interval = interval
         self.clock = clock
         self.started = clock()
-        self._drawn_at = -float("inf")
+        self._bar: tqdm[Never] | None = None
         self._tenths = -1
-        self._finished = False
 
     def __call__(self, done: int, total: int | None) -> None:
-        now = self.clock()
-        complete = total is not None and done >= total
         if self.interactive:
-            if complete or now - self._drawn_at >= self.interval:
-                self._drawn_at = now
-                self.stream.write("\r" + self.render(done, total, now))
-                if complete:
-                    self.stream.write("\n")
-                    self._finished = True
-                self.stream.flush()
+            bar = self._bar
+            if bar is None or done < bar.n:  # the first call, or a retry sending it again
+                self.finish()
+                bar = self._bar = tqdm(
+                    total=total,
+                    desc=self.label,
+                    file=self.stream,
+                    mininterval=self.interval,
+                    miniters=0,
+                    smoothing=0,
+                    bar_format=BAR_FORMAT if total else NO_TOTAL_FORMAT,
+                    ascii=ASCII,
+                    unit=UNIT,
+                    unit_scale=1 / MiB,
+                )
+            bar.update(done - bar.n)
+            if total is not None and done >= total:
+                self.finish()
             return
         tenths = 10 * done // total if total else -1
-        if complete or (total and tenths > self._tenths):
+        if (total is not None and done >= total) or (total and tenths > self._tenths):
             self._tenths = tenths
-            self.stream.write(self.render(done, total, now) + "\n")
+            self.stream.write(self.render(done, total, self.clock()) + "\n")
             self.stream.flush()
-            self._finished = complete
 
     def finish(self) -> None:
-        """Ends a bar the transfer never completed (an error), so stderr stays tidy."""
-        if self.interactive and not self._finished and self._drawn_at > -float("inf"):
-            self.stream.write("\n")
-            self.stream.flush()
-        self._finished = True
+        """Ends the bar (drawn as it stands, then a newline), complete or not (an error)."""
+        if self._bar is not None:
+            self._bar.close()
 
     def render(self, done: int, total: int | None, now: float) -> str:
-        elapsed = max(now - self.started, 1e-9)
-        rate = f"{done / MiB / elapsed:.1f} MiB/s"
-        if not total:
-            return f"{self.label}  {done / MiB:.1f} MiB  {rate}"
-        fraction = min(done / total, 1.0)
-        filled = int(WIDTH * fraction)
-        bar = "#" * filled + "-" * (WIDTH - filled)
-        return (
-            f"{self.label} [{bar}] {fraction:4.0%}  {done / MiB:.1f}/{total / MiB:.1f} MiB  {rate}"
+        return tqdm.format_meter(
+            done,
+            total or 0,  # 0 as None: no bar, no percentage
+            max(now - self.started, 1e-9),
+            prefix=self.label,
+            bar_format=BAR_FORMAT if total else NO_TOTAL_FORMAT,
+            ascii=ASCII,
+            unit=UNIT,
+            unit_scale=1 / MiB,
         )
 
 

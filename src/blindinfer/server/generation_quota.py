@@ -51,11 +51,13 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Final
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
 from blindinfer.errors import ProtocolError
 from blindinfer.protocol.generation import SamplingParams, Usage
 from blindinfer.runtime.errors import GenerationRequestError, InvalidTensorError, OverloadedError
 from blindinfer.server.auth import AccessError, AuthConfig, TenantConfig, TryLaterError
-from blindinfer.server.metrics import render_family
 
 if TYPE_CHECKING:
     from blindinfer.server.config import Limits
@@ -303,33 +305,33 @@ class GenerationQuotas:
         with self._lock:
             return {t: u.kv_reserved for t, u in sorted(self._use.items()) if u.kv_reserved}
 
-    def metrics(self) -> str:
+    def metric_families(self) -> list[Metric]:
         """Prometheus families: server-wide, no tenant or model labels."""
         with self._lock:
             running = sum(u.running for u in self._use.values())
             kv = sum(u.kv_reserved for u in self._use.values())
             counted = dict(self._counted)
-        return (
-            render_family(
-                "blindinfer_generations_running",
-                "gauge",
-                "Generations admitted and not yet ended in their worker.",
-                [({}, float(running))],
-            )
-            + render_family(
-                "blindinfer_generation_kv_cache_reserved_bytes",
-                "gauge",
-                "KV cache reserved by the generations running now.",
-                [({}, float(kv))],
-            )
-            + render_family(
-                "blindinfer_generation_tokens_total",
-                "counter",
-                "Tokens read (prompt) and written (completion) by ended generations, "
-                "cancelled ones included, as their workers counted them.",
-                [({"kind": kind}, float(n)) for kind, n in counted.items()],
-            )
+        tokens = CounterMetricFamily(
+            "blindinfer_generation_tokens_total",
+            "Tokens read (prompt) and written (completion) by ended generations, "
+            "cancelled ones included, as their workers counted them.",
+            labels=["kind"],
         )
+        for kind, n in counted.items():
+            tokens.add_metric([kind], float(n))
+        return [
+            GaugeMetricFamily(
+                "blindinfer_generations_running",
+                "Generations admitted and not yet ended in their worker.",
+                value=float(running),
+            ),
+            GaugeMetricFamily(
+                "blindinfer_generation_kv_cache_reserved_bytes",
+                "KV cache reserved by the generations running now.",
+                value=float(kv),
+            ),
+            tokens,
+        ]
 
 
 async def generate(

@@ -1,8 +1,20 @@
-"""Prometheus metrics: a small hand-written registry and the ASGI middleware that feeds it.
+"""Prometheus metrics: the ASGI middleware that records requests, into prometheus_client
+metrics held in a registry of this server's own.
 
-Exposition is the Prometheus text format 0.0.4 (``text/plain; version=0.0.4``), written
-here rather than with ``prometheus_client`` so that nothing global (default registry,
-process collectors) is shared between servers in one process, and no dependency is added.
+The metric types and the exposition are prometheus_client's (the library operators and
+reviewers know), with one `CollectorRegistry` per server: nothing is registered in the
+library's global ``REGISTRY``, so two servers in one process count apart and an embedding
+application's own metrics never mix with ours (tests/unit/test_metrics.py checks both).
+The format is negotiated as the library's own ASGI app does (`choose_encoder`): the text
+format 0.0.4 by default, OpenMetrics when the scraper asks for it (Prometheus does).
+Counters and histograms also expose the library's ``_created`` series (creation times).
+
+Cost on the hot path, per request (in-flight gauge up and down, counter, histogram), old
+hand-written registry against this one, interleaved (bench/bench_metrics.py, 2 shared vCPU,
+2026-12-07): 1.98 against 2.19 us median (3.4 against 3.3 us in a busier run); 4.3 us
+before `observe_request` kept each label set's children (``labels()`` is half the cost).
+A scrape of 60 label sets: 0.7 against 3.3 ms (now with the process collector's /proc
+reads and the ``_created`` series), once per scrape interval.
 
 What is recorded, and what never is:
 
@@ -25,21 +37,22 @@ What is recorded, and what never is:
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import values as prometheus_values
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from blindinfer.errors import BlindInferError
+from blindinfer.errors import BlindInferError, UsageError
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 UNMATCHED = "unmatched"
 OTHER_METHOD = "other"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -67,195 +80,73 @@ CLIENT_CLOSED_REQUEST = 499
 complete; the error handler answers it (to nobody) so that the route's reply says so."""
 INFER_TEMPLATES = frozenset({"/v2/models/{ref}/infer", "/v2/models/{ref}/versions/{version}/infer"})
 
-Labels = tuple[str, ...]
-Sample = tuple[Mapping[str, str], float]
+
+class _Families:
+    """A collector's families followed by families built at scrape time, as one
+    collector: one exposition, whatever its format."""
+
+    def __init__(self, recorded: Collector | None, extra: Sequence[Metric]) -> None:
+        self.recorded = recorded
+        self.extra = extra
+
+    def collect(self) -> Iterator[Metric]:
+        if self.recorded is not None:
+            yield from self.recorded.collect()
+        yield from self.extra
 
 
-# --------------------------------------------------------------------------- exposition
+def encoder_for(accept: str | None) -> tuple[Callable[[Collector], bytes], str]:
+    """prometheus_client's choice of format for an Accept header; the text format 0.0.4
+    for one it cannot read (its version comparison raises on ``version=x``)."""
+    try:
+        return choose_encoder(accept or "")
+    except (TypeError, ValueError):
+        return generate_latest, CONTENT_TYPE
 
 
-def format_value(value: float) -> str:
-    """A sample value as Prometheus writes it: integers without a fraction, +Inf, NaN."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
-
-
-def escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _sample_line(name: str, labels: Mapping[str, str], value: float) -> str:
-    if labels:
-        inner = ",".join(f'{key}="{escape_label(val)}"' for key, val in labels.items())
-        return f"{name}{{{inner}}} {format_value(value)}\n"
-    return f"{name} {format_value(value)}\n"
-
-
-def render_family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> str:
-    """One metric family: HELP, TYPE, then its samples (``name`` plus labels, value)."""
-    lines = [f"# HELP {name} {_escape_help(help_text)}\n", f"# TYPE {name} {kind}\n"]
-    lines.extend(_sample_line(name, labels, value) for labels, value in samples)
-    return "".join(lines)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class Counter:
-    """A monotonically increasing count per label combination."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.labelnames = tuple(labelnames)
-        self._values: dict[Labels, float] = {}
-        self._lock = threading.Lock()
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        if len(labels) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {labels}")
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        with self._lock:
-            self._values[labels] = self._values.get(labels, 0.0) + amount
-
-    def value(self, *labels: str) -> float:
-        with self._lock:
-            return self._values.get(labels, 0.0)
-
-    def retain(self, keep: Callable[[Labels], bool]) -> None:
-        """Forgets every series whose labels `keep` refuses (e.g. a deleted model's)."""
-        with self._lock:
-            self._values = {key: value for key, value in self._values.items() if keep(key)}
-
-    def render(self) -> str:
-        with self._lock:
-            items = sorted(self._values.items())
-        return render_family(
-            self.name,
-            self.kind,
-            self.help,
-            ((dict(zip(self.labelnames, key, strict=True)), value) for key, value in items),
-        )
-
-
-class Gauge(Counter):
-    """A value that goes up and down (e.g. requests in flight)."""
-
-    kind = "gauge"
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        with self._lock:
-            self._values[labels] = self._values.get(labels, 0.0) + amount
-
-    def dec(self, *labels: str, amount: float = 1.0) -> None:
-        self.inc(*labels, amount=-amount)
-
-    def set(self, value: float, *labels: str) -> None:
-        with self._lock:
-            self._values[labels] = value
-
-
-@dataclass(slots=True)
-class _Series:
-    buckets: list[int]
-    count: int = 0
-    total: float = 0.0
-
-
-class Histogram:
-    """Observations counted into fixed cumulative buckets, with their sum and count."""
-
-    kind = "histogram"
-
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labelnames: Sequence[str] = (),
-        buckets: Sequence[float] = LATENCY_BUCKETS,
-    ) -> None:
-        bounds = tuple(float(b) for b in buckets)
-        if not bounds or list(bounds) != sorted(set(bounds)) or math.isinf(bounds[-1]):
-            raise ValueError("buckets must be finite, distinct and increasing")
-        self.name = name
-        self.help = help_text
-        self.labelnames = tuple(labelnames)
-        self.bounds = bounds
-        self._series: dict[Labels, _Series] = {}
-        self._lock = threading.Lock()
-
-    def observe(self, value: float, *labels: str) -> None:
-        if len(labels) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {labels}")
-        with self._lock:
-            series = self._series.get(labels)
-            if series is None:
-                series = self._series[labels] = _Series([0] * len(self.bounds))
-            index = bisect_left(self.bounds, value)  # the first bound >= value
-            if index < len(self.bounds):  # stored non-cumulative; above all: +Inf only
-                series.buckets[index] += 1
-            series.count += 1
-            series.total += value
-
-    def render(self) -> str:
-        with self._lock:
-            items = sorted(
-                (key, list(s.buckets), s.count, s.total) for key, s in self._series.items()
-            )
-        lines = [
-            f"# HELP {self.name} {_escape_help(self.help)}\n",
-            f"# TYPE {self.name} histogram\n",
-        ]
-        for key, buckets, count, total in items:
-            labels = dict(zip(self.labelnames, key, strict=True))
-            cumulative = 0
-            for bound, hits in zip(self.bounds, buckets, strict=True):
-                cumulative += hits
-                le = {**labels, "le": format_value(bound)}
-                lines.append(_sample_line(f"{self.name}_bucket", le, cumulative))
-            lines.append(_sample_line(f"{self.name}_bucket", {**labels, "le": "+Inf"}, count))
-            lines.append(_sample_line(f"{self.name}_sum", labels, total))
-            lines.append(_sample_line(f"{self.name}_count", labels, count))
-        return "".join(lines)
+def text_of(families: Sequence[Metric]) -> str:
+    """Families in the text format 0.0.4 (for tests and logs)."""
+    return generate_latest(_Families(None, families)).decode()
 
 
 class ServerMetrics:
-    """Everything the middleware records; scrape-time gauges are added by the route."""
+    """Everything the middleware records, in this server's own registry; scrape-time
+    families are added by the route (`exposition`)."""
 
     def __init__(self, *, model_names: bool = False) -> None:
+        if prometheus_values.ValueClass is not prometheus_values.MutexValue:
+            raise UsageError(
+                "PROMETHEUS_MULTIPROC_DIR is set: prometheus_client would write the server's "
+                "metrics (model names among them, if enabled) to files there, shared by "
+                "every server in the process; unset it"
+            )
         self.model_names = model_names
+        self.registry = CollectorRegistry()
         self.requests = Counter(
             "blindinfer_http_requests_total",
             "HTTP requests by route template, method and status.",
             ("route", "method", "status"),
+            registry=self.registry,
         )
         self.latency = Histogram(
             "blindinfer_http_request_duration_seconds",
             "Time from request start to the end of the response, by route template and method.",
             ("route", "method"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.in_flight = Gauge(
-            "blindinfer_http_requests_in_flight", "HTTP requests being served now."
+            "blindinfer_http_requests_in_flight",
+            "HTTP requests being served now.",
+            registry=self.registry,
         )
-        self.in_flight.set(0)
         self.client_disconnects = Counter(
             "blindinfer_client_disconnects_total",
             "Requests whose client closed the connection before the request body was "
             'complete (counted with status="499" in blindinfer_http_requests_total), by '
             "route template and method.",
             ("route", "method"),
+            registry=self.registry,
         )
         self.model_inferences: Counter | None = None
         if model_names:
@@ -263,29 +154,53 @@ class ServerMetrics:
                 "blindinfer_model_inferences_total",
                 "Successful inferences per model (enabled by the operator).",
                 ("tenant", "model"),
+                registry=self.registry,
             )
+        # process_resident_memory_bytes, CPU seconds, open files, start time (Linux /proc)
+        ProcessCollector(registry=self.registry)
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def forget_models(self, live: Iterable[tuple[str, str]]) -> None:
         """Keeps the per-model series of the (tenant, name) pairs in `live` only: a
         deleted model's name must not stay in the output for ever."""
-        if self.model_inferences is not None:
-            keep = frozenset(live)
-            self.model_inferences.retain(lambda labels: labels in keep)
+        counter = self.model_inferences
+        if counter is None:
+            return
+        keep = frozenset(live)
+        for family in counter.collect():
+            for sample in family.samples:
+                key = (sample.labels["tenant"], sample.labels["model"])
+                if sample.name.endswith("_total") and key not in keep:
+                    counter.remove(*key)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.inc(route, method, str(status))
-        self.latency.observe(seconds, route, method)
+        key = (route, method, status)
+        series = self._series.get(key)
+        if series is None:  # `labels()` is half of the cost: looked up once per label set
+            series = self._series.setdefault(
+                key,
+                (
+                    self.requests.labels(route, method, str(status)),
+                    self.latency.labels(route, method),
+                ),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
+
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's value, 0 if it was never recorded (for tests and the bench)."""
+        found = self.registry.get_sample_value(name, labels)
+        return 0.0 if found is None else found
 
     def render(self) -> str:
-        parts = [
-            self.requests.render(),
-            self.latency.render(),
-            self.in_flight.render(),
-            self.client_disconnects.render(),
-        ]
-        if self.model_inferences is not None:
-            parts.append(self.model_inferences.render())
-        return "".join(parts)
+        """The recorded families in the text format 0.0.4."""
+        return generate_latest(self.registry).decode()
+
+    def exposition(self, accept: str | None, extra: Sequence[Metric] = ()) -> tuple[bytes, str]:
+        """The recorded families then `extra`, in the format `accept` asks for; and the
+        Content-Type that says which."""
+        encode, content_type = encoder_for(accept)
+        return encode(_Families(self.registry, extra)), content_type
 
 
 # --------------------------------------------------------------------------- middleware
@@ -374,7 +289,7 @@ class MetricsMiddleware:
             template, params = routed_template(getattr(owner, "routes", ()), scope)
             if status == CLIENT_CLOSED_REQUEST or (client_gone and not started):
                 status = CLIENT_CLOSED_REQUEST
-                self.metrics.client_disconnects.inc(template, method)
+                self.metrics.client_disconnects.labels(template, method).inc()
             self.metrics.observe_request(template, method, status, elapsed)
             if (
                 self.metrics.model_inferences is not None
@@ -394,7 +309,7 @@ class MetricsMiddleware:
             record = state.resolve(principal, ref)
         except BlindInferError:  # deleted meanwhile: not counted rather than mislabelled
             return
-        counter.inc(str(record.owner), str(record.name))
+        counter.labels(str(record.owner), str(record.name)).inc()
 
 
 def install(app: Starlette, *, model_names: bool = False) -> ServerMetrics:

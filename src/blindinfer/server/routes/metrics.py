@@ -1,7 +1,9 @@
-"""GET /metrics in the Prometheus text format: request counts and latencies (recorded by
-`blindinfer.server.metrics.MetricsMiddleware`), plus gauges read at scrape time from the
-registry and the worker pool. Admin keys only when authentication is configured; open in
-open mode (where every caller is an administrator anyway).
+"""GET /metrics: request counts and latencies (recorded by
+`blindinfer.server.metrics.MetricsMiddleware` in the server's own prometheus_client
+registry), plus families read at scrape time from the registry and the worker pool, in the
+format the scraper asks for (prometheus_client's negotiation). Admin keys only when
+authentication is configured; open in open mode (where every caller is an administrator
+anyway).
 
 Counts, bytes and worker indexes only: never model names (unless the operator enabled
 them, see `ServerMetrics`), hashes, ids or tensor content.
@@ -12,13 +14,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from blindinfer.server.auth import Action, authorize
-from blindinfer.server.metrics import CONTENT_TYPE, Sample, ServerMetrics, render_family
+from blindinfer.server.metrics import ServerMetrics
 from blindinfer.server.respond import server_state
 
 
@@ -39,9 +43,9 @@ def _int(worker: Mapping[str, object], key: str) -> int:
 
 def _scrape_time_families(
     registry_stats: Mapping[str, int], workers: list[dict[str, object]], open_mode: bool
-) -> str:
-    parts = [
-        render_family(f"blindinfer_{name}", "gauge", help_text, [({}, float(registry_stats[key]))])
+) -> list[Metric]:
+    families: list[Metric] = [
+        GaugeMetricFamily(f"blindinfer_{name}", help_text, value=float(registry_stats[key]))
         for name, key, help_text in (
             ("models", "models", "Models in the registry."),
             ("models_loaded", "loaded", "Models with a session in memory now."),
@@ -50,71 +54,46 @@ def _scrape_time_families(
             ("stored_bytes", "stored_bytes", "Bytes of sealed model storage in use."),
         )
     ]
-    index = [{"worker": str(_int(w, "index"))} for w in workers]
-    worker_rss: list[Sample] = []
-    for labels, worker in zip(index, workers, strict=True):
-        pid = worker.get("pid")
-        rss = resident_bytes(pid) if isinstance(pid, int) and worker.get("alive") else None
+    worker = ["worker"]
+    up = GaugeMetricFamily(
+        "blindinfer_worker_up", "1 if the inference worker process is alive.", labels=worker
+    )
+    restarts = CounterMetricFamily(
+        "blindinfer_worker_restarts_total",
+        "Times the inference worker process was restarted.",
+        labels=worker,
+    )
+    pending = GaugeMetricFamily(
+        "blindinfer_worker_pending_requests",
+        "Requests being served by or waiting for the worker.",
+        labels=worker,
+    )
+    memory = GaugeMetricFamily(
+        "blindinfer_worker_model_memory_bytes",
+        "Measured session memory of the models placed on the worker.",
+        labels=worker,
+    )
+    resident = GaugeMetricFamily(
+        "blindinfer_worker_resident_memory_bytes",
+        "Resident set size of the worker process.",
+        labels=worker,
+    )
+    for w in workers:
+        index = [str(_int(w, "index"))]
+        up.add_metric(index, float(bool(w.get("alive"))))
+        restarts.add_metric(index, float(_int(w, "restarts")))
+        pending.add_metric(index, float(_int(w, "pending")))
+        memory.add_metric(index, float(_int(w, "memory_bytes")))
+        pid = w.get("pid")
+        rss = resident_bytes(pid) if isinstance(pid, int) and w.get("alive") else None
         if rss is not None:
-            worker_rss.append((labels, float(rss)))
-    parts += [
-        render_family(
-            "blindinfer_worker_up",
-            "gauge",
-            "1 if the inference worker process is alive.",
-            [
-                (labels, float(bool(w.get("alive"))))
-                for labels, w in zip(index, workers, strict=True)
-            ],
-        ),
-        render_family(
-            "blindinfer_worker_restarts_total",
-            "counter",
-            "Times the inference worker process was restarted.",
-            [
-                (labels, float(_int(w, "restarts")))
-                for labels, w in zip(index, workers, strict=True)
-            ],
-        ),
-        render_family(
-            "blindinfer_worker_pending_requests",
-            "gauge",
-            "Requests being served by or waiting for the worker.",
-            [(labels, float(_int(w, "pending"))) for labels, w in zip(index, workers, strict=True)],
-        ),
-        render_family(
-            "blindinfer_worker_model_memory_bytes",
-            "gauge",
-            "Measured session memory of the models placed on the worker.",
-            [
-                (labels, float(_int(w, "memory_bytes")))
-                for labels, w in zip(index, workers, strict=True)
-            ],
-        ),
-        render_family(
-            "blindinfer_worker_resident_memory_bytes",
-            "gauge",
-            "Resident set size of the worker process.",
-            worker_rss,
-        ),
-        render_family(
-            "blindinfer_open_mode",
-            "gauge",
-            "1 if the server runs without API keys (every caller is an administrator).",
-            [({}, float(open_mode))],
-        ),
-    ]
-    own = resident_bytes()
-    if own is not None:
-        parts.append(
-            render_family(
-                "process_resident_memory_bytes",
-                "gauge",
-                "Resident memory size of the server process in bytes.",
-                [({}, float(own))],
-            )
-        )
-    return "".join(parts)
+            resident.add_metric(index, float(rss))
+    open_gauge = GaugeMetricFamily(
+        "blindinfer_open_mode",
+        "1 if the server runs without API keys (every caller is an administrator).",
+        value=float(open_mode),
+    )
+    return [*families, up, restarts, pending, memory, resident, open_gauge]
 
 
 async def metrics(request: Request) -> Response:
@@ -122,10 +101,7 @@ async def metrics(request: Request) -> Response:
     authorize(state.principal(request), Action.ADMIN)
     stats = state.registry.stats()
     workers = await run_in_threadpool(state.registry.pool_stats)
-    recorded: ServerMetrics | None = getattr(request.app.state, "metrics", None)
-    if recorded is not None:
-        recorded.forget_models((r.owner, r.name) for r in state.registry.records())
-    text = (recorded.render() if recorded is not None else "") + _scrape_time_families(
+    families = _scrape_time_families(
         {
             "models": stats.models,
             "loaded": stats.loaded,
@@ -136,8 +112,11 @@ async def metrics(request: Request) -> Response:
         workers,
         state.authenticator.open_mode,
     )
-    text += state.quotas.generations.metrics()  # generations running, KV reserved, tokens
-    return Response(text, headers={"Content-Type": CONTENT_TYPE})
+    families += state.quotas.generations.metric_families()  # generations, KV, tokens
+    recorded: ServerMetrics = request.app.state.metrics
+    recorded.forget_models((r.owner, r.name) for r in state.registry.records())
+    body, content_type = recorded.exposition(request.headers.get("accept"), families)
+    return Response(body, headers={"Content-Type": content_type})
 
 
 routes = [Route("/metrics", metrics, methods=["GET"])]
