@@ -451,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="9923,9924,9925",
         help="with --blindai-compat: its attestation,run,management ports",
     )
+    serve.add_argument(
+        "--grpc-port",
+        type=port,
+        default=0,
+        help="also serve the OIP v2 gRPC API on this TCP port, over TLS with the attested "
+        "key (default 0: no gRPC; docs/grpc.md)",
+    )
     _server_options(serve)
 
     convert_cli.add_command(commands, _command)
@@ -853,9 +860,16 @@ def _serve(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, blindai_compat=True, blindai_ports=ports)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+    if args.grpc_port:
+        try:
+            config = dataclasses.replace(config, grpc_port=args.grpc_port)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
     if config.simulate_debug_enclave and config.platform_choice != "simulation":
         raise UsageError("--simulate-debug-enclave needs --simulation")
     check_listen(config.host, config.port)
+    if config.grpc_port:
+        check_listen(config.host, config.grpc_port, "--grpc-port")
     if config.blindai_compat:
         for number in config.blindai_ports:
             check_listen(config.host, number, "--blindai-ports")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -172,6 +173,7 @@ def build_state(config: ServerConfig, platform: Platform, identity: TlsIdentity)
 
 
 def close_state(state: ServerState) -> None:
+    state.stop_listeners()
     state.registry.close()
     state.offload.close()
     try:
@@ -187,6 +189,8 @@ def create_app(state: ServerState) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
+        # on a thread: a listener still finishing a call may need this loop meanwhile
+        await asyncio.to_thread(state.stop_listeners)
         close_state(state)
 
     app = Starlette(

@@ -113,6 +113,8 @@ class ServerConfig:
     metrics_model_names: bool = False  # label per-model inference counts in /metrics by name
     blindai_compat: bool = False  # also listen the way BlindAI Core 0.6.3 did
     blindai_ports: tuple[int, int, int] = (9923, 9924, 9925)
+    # the OIP v2 gRPC service's port (server/grpc/, docs/grpc.md); 0 = no gRPC listener
+    grpc_port: int = 0
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     # where models run: cpu | cuda (onnxruntime-gpu; runtime/device.py, docs/cli.md)
     device: Device = "cpu"
@@ -129,6 +131,11 @@ class ServerConfig:
             )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.grpc_port and self.grpc_port in (self.port, *self._blindai_ports_in_use()):
+            raise ValueError(
+                f"--grpc-port {self.grpc_port} is also the port of another API; give gRPC "
+                "a port of its own"
+            )
         if self.blindai_compat and self.port != 0 and self.port in self.blindai_ports:
             # Two sockets on one port would not fail: the kernel would hand every
             # connection to one of them, and the other API would be silently unreachable.
@@ -137,6 +144,9 @@ class ServerConfig:
                 f"--port {self.port} is also one of the BlindAI ports ({ports}); "
                 "give blindinfer's own API another port, e.g. --port 9926"
             )
+
+    def _blindai_ports_in_use(self) -> tuple[int, ...]:
+        return self.blindai_ports if self.blindai_compat else ()
 
     @property
     def platform_choice(self) -> str:

@@ -122,7 +122,6 @@ def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -
             on_ready(port)
 
         threading.Thread(target=notify, daemon=True).start()
-    compat = None
     if config.blindai_compat:
         from blindinfer.server.blindai import serve_blindai
 
@@ -130,8 +129,12 @@ def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -
         app_state = getattr(server.config.app, "state", None)
         budget: BodyBudget | None = getattr(app_state, "body_budget", None)
         compat = serve_blindai(state, config.host, config.blindai_ports, budget=budget)
+        state.add_listener_stop(compat.stop)
+    if config.grpc_port:
+        from blindinfer.server.grpc import serve_grpc
+
+        state.add_listener_stop(serve_grpc(state, config.host, config.grpc_port).stop)
     try:
         server.run(sockets=[sock])
     finally:
-        if compat is not None:
-            compat.stop()
+        state.stop_listeners()  # when uvicorn ended without its lifespan's shutdown

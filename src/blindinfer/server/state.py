@@ -43,6 +43,16 @@ class ServerState:
     offload: Offload = field(default_factory=Offload, repr=False)  # threads per purpose
     _boot: list[EvidenceDocument] = field(default_factory=list, repr=False)
     _boot_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def add_listener_stop(self, stop: Callable[[], None]) -> None:
+        """`stop` ends a listener beside the native one (gRPC, BlindAI's); shutdown calls it
+        before the registry and the audit log close, so no late call finds them closed."""
+        self._listeners.append(stop)
+
+    def stop_listeners(self) -> None:
+        while self._listeners:
+            self._listeners.pop()()
 
     def boot_evidence(self) -> EvidenceDocument:
         """Evidence over an all-zero nonce, made once: receipts name its quote's digest."""
@@ -92,21 +102,32 @@ class ServerState:
         try:
             principal = self.authenticator.authenticate(request.headers.get("authorization"))
         except Exception:
-            suppressed = self.auth_failures.admit()
-            if suppressed is not None:  # at most one entry a second: an fsync each
-                detail: dict[str, str | int] = {
-                    "surface": _route_kind(request),
-                    "since_last": suppressed,
-                }
-                try:
-                    self.audit.record("auth_failure", detail=detail)
-                except AuditLogError:
-                    # Still a 401: a full disk must not turn an unauthenticated caller's
-                    # answer into a 507 that tells it about the server's storage.
-                    log.warning("audit log unavailable: an authentication failure went unrecorded")
+            self._auth_failed(_route_kind(request))
             raise
         self.quotas.check_rate(principal.tenant)
         return principal
+
+    def principal_for(self, authorization: str | None, surface: str) -> Principal:
+        """`principal` for a caller outside HTTP (gRPC metadata): the same key, audit and
+        rate rules; `surface` names the API in the audit entry (never a model name)."""
+        try:
+            principal = self.authenticator.authenticate(authorization)
+        except Exception:
+            self._auth_failed(surface)
+            raise
+        self.quotas.check_rate(principal.tenant)
+        return principal
+
+    def _auth_failed(self, surface: str) -> None:
+        suppressed = self.auth_failures.admit()
+        if suppressed is not None:  # at most one entry a second: an fsync each
+            detail: dict[str, str | int] = {"surface": surface, "since_last": suppressed}
+            try:
+                self.audit.record("auth_failure", detail=detail)
+            except AuditLogError:
+                # Still a 401: a full disk must not turn an unauthenticated caller's
+                # answer into a 507 that tells it about the server's storage.
+                log.warning("audit log unavailable: an authentication failure went unrecorded")
 
     def resolve(self, principal: Principal, ref: str) -> ModelRecord:
         """The model `ref` names among those the principal may see: another tenant's

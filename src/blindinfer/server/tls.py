@@ -38,6 +38,17 @@ class TlsIdentity:
         """ES256 (r || s) over `message` with the TLS key, which never leaves memory."""
         return es256_sign(self._key, message)
 
+    def pem_key_and_certificate(self) -> tuple[bytes, bytes]:
+        """The key (PKCS#8) and certificate as PEM, for a TLS stack that takes bytes rather
+        than an ssl.SSLContext (gRPC's server credentials). In memory, never written out."""
+        key_pem = self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        certificate = x509.load_der_x509_certificate(self.certificate_der)
+        return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+
     @property
     def key_id(self) -> str:
         """Hex SHA-256 of the key's SubjectPublicKeyInfo (= report_data[0:32])."""

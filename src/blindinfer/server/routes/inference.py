@@ -48,9 +48,15 @@ def _viewed_model(request: Request, action: Action) -> tuple[Principal, ModelRec
 
 
 async def server_metadata(request: Request) -> Response:
-    return _json(
-        {"name": "blindinfer", "version": blindinfer.__version__, "extensions": EXTENSIONS}
-    )
+    document: dict[str, object] = {
+        "name": "blindinfer",
+        "version": blindinfer.__version__,
+        "extensions": EXTENSIONS,
+    }
+    grpc_port = _state(request).config.grpc_port
+    if grpc_port:  # a hint for clients; gRPC's TLS key is the attested one, pinned
+        document["grpc_port"] = grpc_port
+    return _json(document)
 
 
 async def live(request: Request) -> Response:
