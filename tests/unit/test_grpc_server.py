@@ -304,3 +304,35 @@ def test_the_grpc_port_is_its_own() -> None:
         ServerConfig(port=9924, grpc_port=9924)
     with pytest.raises(ValueError, match="--grpc-port 9925"):
         ServerConfig(port=9926, grpc_port=9925, blindai_compat=True)
+
+
+def _servicer_and_state(**connections: int) -> tuple[Any, Any]:
+    from types import SimpleNamespace
+
+    from blindinfer.server.config import ConnectionLimits, Limits
+    from blindinfer.server.grpc.servicer import OipServicer
+
+    config = ServerConfig(
+        limits=Limits(max_model_bytes=512 << 20, max_request_bytes=64 << 20),
+        connections=ConnectionLimits(**connections),
+    )
+    state: Any = SimpleNamespace(config=config)  # the two read only its configuration
+    servicer = OipServicer(state)
+    servicer.close()
+    return servicer, state
+
+
+def test_grpc_messages_stay_within_the_body_buffer_budget() -> None:
+    """BlindAI's audit: memory exhausted by mass uploads. grpc holds each message whole,
+    so the calls at once times the largest message must fit REST's body budget."""
+    from blindinfer.server.grpc.listener import max_concurrent_calls, max_message_bytes
+
+    servicer, state = _servicer_and_state(max_body_buffer_bytes=2 << 30)
+    assert servicer.max_load_bytes == (64 << 20) + 64 * 1024  # not the 512 MiB model limit
+    assert max_message_bytes(servicer) == servicer.max_load_bytes
+    assert max_concurrent_calls(state, servicer) == 31  # 2 GiB // (64 MiB + 64 KiB)
+    assert max_concurrent_calls(state, servicer) * max_message_bytes(servicer) <= 2 << 30
+    servicer, state = _servicer_and_state(max_body_buffer_bytes=1 << 20)
+    assert max_concurrent_calls(state, servicer) == 1
+    servicer, state = _servicer_and_state(max_concurrent_bodies=8)
+    assert max_concurrent_calls(state, servicer) == 8

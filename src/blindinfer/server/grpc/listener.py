@@ -7,11 +7,12 @@ the attestation evidence binds, handed to grpc as in-memory PEM: a client that p
 attested certificate (docs/grpc.md) knows it talks to the attested server.
 
 Bounds: grpc reads a whole message before the handler runs, so the message size limit is
-the request limit (infer) or the model limit plus a little (load), whichever is larger,
-and the servicer checks each call's own limit; at most `max_concurrent_bodies` calls run
-at once (more are refused RESOURCE_EXHAUSTED by grpc); metadata is bounded like HTTP
-heads; idle connections close after the keep-alive time. TLS version: grpcio's Python API
-sets no minimum, so grpc's defaults apply (TLS 1.2 with ECDHE-AES-GCM suites, or 1.3).
+the request limit (a load too: larger models go over REST's streaming upload), and the
+servicer checks each call's own limit; at most `max_concurrent_calls` run at once, as many
+as fit the body buffer budget (more are refused RESOURCE_EXHAUSTED by grpc); metadata is
+bounded like HTTP heads; idle connections close after the keep-alive time. TLS version:
+grpcio's Python API sets no minimum, so grpc's defaults apply (TLS 1.2 with ECDHE-AES-GCM
+suites, or 1.3).
 """
 
 from __future__ import annotations
@@ -42,11 +43,24 @@ def server_credentials(identity: TlsIdentity) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key_pem, certificate_pem)])
 
 
+def max_message_bytes(servicer: OipServicer) -> int:
+    return max(servicer.max_infer_bytes, servicer.max_load_bytes)
+
+
+def max_concurrent_calls(state: ServerState, servicer: OipServicer) -> int:
+    """Calls at once, so that the messages grpc holds stay within the body buffer budget
+    REST has (--max-body-buffer-bytes): the memory exhaustion by mass uploads that
+    BlindAI's audit found stays closed on this port too."""
+    connections = state.config.connections
+    fitting = connections.max_body_buffer_bytes // max_message_bytes(servicer)
+    return max(1, min(connections.max_concurrent_bodies, fitting))
+
+
 def server_options(state: ServerState, servicer: OipServicer) -> list[tuple[str, int]]:
     limits = state.config.limits
     connections = state.config.connections
     return [
-        ("grpc.max_receive_message_length", max(servicer.max_infer_bytes, servicer.max_load_bytes)),
+        ("grpc.max_receive_message_length", max_message_bytes(servicer)),
         ("grpc.max_send_message_length", limits.max_response_bytes + SEND_MARGIN_BYTES),
         ("grpc.max_metadata_size", connections.max_header_bytes),
         ("grpc.max_connection_idle_ms", int(connections.keep_alive_s * 1000)),
@@ -101,7 +115,7 @@ class GrpcListener:
         servicer = OipServicer(self.state)
         server = grpc.aio.server(
             options=server_options(self.state, servicer),
-            maximum_concurrent_rpcs=self.state.config.connections.max_concurrent_bodies,
+            maximum_concurrent_rpcs=max_concurrent_calls(self.state, servicer),
         )
         server.add_generic_rpc_handlers((servicer.handlers(),))
         target = _target(self.host, self.requested_port)

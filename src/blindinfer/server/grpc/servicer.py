@@ -61,7 +61,12 @@ class OipServicer:
         self.state = state
         limits = state.config.limits
         self.max_infer_bytes = limits.max_request_bytes
-        self.max_load_bytes = limits.max_model_bytes + LOAD_ENVELOPE_BYTES
+        # grpc holds a whole message in memory before a handler sees it, so a load is
+        # bounded by the request limit too: larger models go through REST's upload, which
+        # streams into the sealed store (docs/grpc.md, "Limits")
+        self.max_load_bytes = (
+            min(limits.max_model_bytes, limits.max_request_bytes) + LOAD_ENVELOPE_BYTES
+        )
         self._parsing = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="blindinfer-grpc")
 
     def close(self) -> None:
@@ -195,7 +200,9 @@ class OipServicer:
         if len(data) > self.max_load_bytes:
             raise PayloadTooLargeError(
                 too_large_message(
-                    "the model", state.config.limits.max_model_bytes, "--max-model-bytes"
+                    "a model loaded over gRPC",
+                    self.max_load_bytes - LOAD_ENVELOPE_BYTES,
+                    "--max-request-bytes; upload larger models over REST",
                 )
             )
         request = parse_message(pb.RepositoryModelLoadRequest, data)
