@@ -55,7 +55,7 @@ def test_exported_names() -> None:
 def test_client_side_does_not_import_the_server_side() -> None:
     code = (
         "import json, sys, blindinfer, blindinfer.client.client, blindinfer.attestation.verifier,"
-        " blindinfer.proxy.forward;"
+        " blindinfer.proxy.forward, blindinfer.proxy.grpc_forward;"
         "print(json.dumps(sorted(sys.modules)))"
     )
     result = subprocess.run(

@@ -3,6 +3,7 @@
     blindinfer proxy --policy P --upstream https://host:9924 --listen 127.0.0.1:8000 \\
         [--simulation] [--api-key K] [--reattest-seconds N] [--allow-host NAME[:PORT]]
         [--allow-origin URL] [--unix-socket PATH] [--access-token-file PATH]
+        [--grpc-listen HOST:PORT [--upstream-grpc-port N]]
 
 Point tritonclient, KServe's SDK or curl at http://127.0.0.1:8000: the proxy forwards to
 the upstream only while its attestation verifies against the policy, over TLS pinned to
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from blindinfer.cli.args import SIZE_HELP, https_url, size
 
 READY_PREFIX = "blindinfer proxy: listening on "
+READY_GRPC_PREFIX = "blindinfer proxy: gRPC listening on "
 
 
 PROXY_DESCRIPTION = (
@@ -57,6 +59,20 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="local plain-HTTP address, loopback only without --allow-remote "
         "(default: 127.0.0.1:8000)",
+    )
+    parser.add_argument(
+        "--grpc-listen",
+        type=listen_address,
+        metavar="HOST:PORT",
+        help="also serve the Open Inference Protocol over gRPC (plaintext, for "
+        "tritonclient.grpc) here, forwarded to the upstream's gRPC port under the same "
+        "attestation; loopback only without --allow-remote; not with --replicas > 1",
+    )
+    parser.add_argument(
+        "--upstream-grpc-port",
+        type=int,
+        metavar="N",
+        help="the upstream's gRPC port (default: the grpc_port its GET /v2 announces)",
     )
     parser.add_argument(
         "--allow-remote",
@@ -182,6 +198,7 @@ def run_proxy(args: argparse.Namespace) -> int:
     from blindinfer.client.client import SIMULATION_BANNER, attest_unwarned
     from blindinfer.errors import SimulationWarning, UsageError
     from blindinfer.proxy.forward import (
+        GRPC_REMOTE_REFUSAL,
         REMOTE_REFUSAL,
         AttestingProxy,
         ProxyConfig,
@@ -195,6 +212,19 @@ def run_proxy(args: argparse.Namespace) -> int:
     unix_socket: str | None = getattr(args, "unix_socket", None)
     if not unix_socket and not is_loopback(host) and not args.allow_remote:
         raise UsageError(REMOTE_REFUSAL.format(host=host))
+    grpc_listen: tuple[str, int] | None = getattr(args, "grpc_listen", None)
+    if grpc_listen is None and getattr(args, "upstream_grpc_port", None) is not None:
+        raise UsageError("--upstream-grpc-port needs --grpc-listen")
+    if grpc_listen is not None and not is_loopback(grpc_listen[0]) and not args.allow_remote:
+        raise UsageError(GRPC_REMOTE_REFUSAL.format(host=grpc_listen[0]))
+    if grpc_listen is not None:
+        try:
+            import blindinfer.proxy.grpc_forward  # noqa: F401 - grpcio and protobuf present?
+        except ImportError as exc:
+            raise UsageError(
+                f"--grpc-listen needs grpcio and protobuf ({exc}): "
+                "pip install 'blindinfer[proxy,grpc]'"
+            ) from exc
     token_file: str | None = getattr(args, "access_token_file", None)
     try:
         token = load_or_create_token(token_file) if token_file else None
@@ -219,11 +249,15 @@ def run_proxy(args: argparse.Namespace) -> int:
             allow_hosts=tuple(getattr(args, "allow_host", ())),
             allow_origins=tuple(getattr(args, "allow_origin", ())),
             access_token=token,
+            grpc_listen=grpc_listen,
+            upstream_grpc_port=getattr(args, "upstream_grpc_port", None),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if not unix_socket:
         check_listen(host, port, "--listen")
+    if grpc_listen is not None:
+        check_listen(*grpc_listen, "--grpc-listen")
     if args.simulation:
         warnings.warn(SIMULATION_BANNER, SimulationWarning, stacklevel=1)
     if not args.start_unattested:  # a wrong --upstream or policy is an error, not a 503
@@ -244,6 +278,9 @@ def run_proxy(args: argparse.Namespace) -> int:
         )
         where = f"unix:{unix_socket}" if unix_socket else f"http://{shown}:{bound}"
         print(f"{READY_PREFIX}{where} -> {config.upstream} ({state})", flush=True)
+        if app.grpc is not None:
+            grpc_host = f"[{app.grpc.host}]" if ":" in app.grpc.host else app.grpc.host
+            print(f"{READY_GRPC_PREFIX}{grpc_host}:{app.grpc.port} (plaintext gRPC)", flush=True)
         if token_file:
             print(
                 f"blindinfer proxy: every request needs the {TOKEN_HEADER} header, "
@@ -255,6 +292,12 @@ def run_proxy(args: argparse.Namespace) -> int:
         serve_proxy(config, host, port, on_ready=ready, unix_socket=unix_socket)
     except ValueError as exc:  # an unusable --unix-socket path
         raise UsageError(f"--unix-socket: {exc}") from exc
+    except OSError as exc:
+        from blindinfer.proxy.grpc_forward import GrpcListenError
+
+        if isinstance(exc, GrpcListenError):
+            raise UsageError(f"--grpc-listen: {exc}") from exc
+        raise
     return 0
 
 

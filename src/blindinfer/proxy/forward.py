@@ -43,6 +43,8 @@ connections on this event loop, HTTP/1.1 by h11, the pin checked on each new con
 before its first request byte. httpx serves only the attestation (`capture`).
 
 `uvicorn` (the local listener) is imported only by the runners below, not by the app.
+With `grpc_listen`, the lifespan also starts a plaintext gRPC listener on the same loop
+(proxy/grpc_forward.py) that forwards the OIP gRPC service under this same attestation.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import h11
@@ -78,10 +80,14 @@ from blindinfer.client.attested_keys import (
 from blindinfer.client.client import capture, collateral_source, replica_set_gate, verify_bundle
 from blindinfer.client.replica_gate import KeyGate, attest_first, gated_context
 from blindinfer.client.transport import check_url, pinned_context
-from blindinfer.errors import BlindInferError, ConnectionFailedError
+from blindinfer.errors import BlindInferError
 from blindinfer.protocol.error_shapes import error_document, speaks_openai
 from blindinfer.proxy import upstream as wire
 from blindinfer.proxy.guard import TOKEN_HEADER, LocalGuard, is_preflight
+from blindinfer.proxy.refusal import NotAttested, refusal
+
+if TYPE_CHECKING:
+    from blindinfer.proxy.grpc_forward import GrpcListener
 
 log = logging.getLogger("blindinfer.proxy")
 
@@ -140,6 +146,10 @@ class ProxyConfig:
     """Up to this many replicas behind the upstream address, each attested on its own."""
     max_attestation_age: float = DEFAULT_MAX_AGE_SECONDS
     """With replicas > 1: seconds a replica's attestation is trusted for new connections."""
+    grpc_listen: tuple[str, int] | None = None
+    """Also serve the OIP gRPC service here, plaintext (proxy/grpc_forward.py)."""
+    upstream_grpc_port: int | None = None
+    """The upstream's gRPC port; by default the `grpc_port` of its `GET /v2`."""
 
     def __post_init__(self) -> None:
         check_url(self.upstream)
@@ -153,6 +163,13 @@ class ProxyConfig:
         check_replicas(self.replicas)
         if not self.max_attestation_age > 0:
             raise ValueError("max_attestation_age must be positive")
+        if self.grpc_listen is not None and self.replicas > 1:
+            raise ValueError(
+                "the gRPC listener needs exactly one upstream key (--replicas 1): a gRPC "
+                "channel cannot attest a replica's key on the connection that presents it"
+            )
+        if self.upstream_grpc_port is not None and not 0 < self.upstream_grpc_port < 65536:
+            raise ValueError("upstream_grpc_port must be a port from 1 to 65535")
 
     def guard(self) -> LocalGuard:
         return LocalGuard.build(self.allow_hosts, self.allow_origins, self.access_token)
@@ -171,41 +188,8 @@ class ProxyStats:
     new_connections: int = 0
 
 
-class NotAttested(Exception):
-    """No valid attestation: carries the reason, as a status and a JSON document."""
-
-    def __init__(self, status: int, document: dict[str, object]) -> None:
-        super().__init__(str(document.get("error")))
-        self.status = status
-        self.document = document
-
-
 class _PinChanged(Exception):
     """A new connection was refused by the pin check; retry on the current client."""
-
-
-def refusal(exc: BaseException, upstream: str) -> NotAttested:
-    """The 502/503 answer for an attestation that failed with `exc`."""
-    if isinstance(exc, NotAttested):
-        return exc
-    unreachable = isinstance(exc, ConnectionFailedError | httpx.TransportError | OSError)
-    status = 503 if unreachable else 502
-    code = "upstream_unavailable" if unreachable else "attestation_failed"
-    kind = type(exc).__name__
-    message = str(exc) or kind
-    return NotAttested(
-        status,
-        {
-            "error": (
-                f"the upstream {upstream} could not be attested, nothing was forwarded: "
-                f"{kind}: {message}"
-            ),
-            "code": code,
-            "attestation_error": kind,
-            "message": message,
-            "upstream": upstream,
-        },
-    )
 
 
 class AttestedUpstream:
@@ -221,6 +205,7 @@ class AttestedUpstream:
         self._failed_at = float("-inf")
         self._client: wire.PinnedPool | None = None
         self._lock = asyncio.Lock()
+        self._certificate_listeners: list[Callable[[bytes | None], None]] = []
         parts = urlsplit(self.url)
         self.host = parts.hostname or ""
         self.port = parts.port or 443
@@ -288,7 +273,14 @@ class AttestedUpstream:
         await self._replace_client(None)
         log.warning("attestation of %s failed (%s): %s", self.url, reason, self.failure)
 
+    def on_certificate(self, listener: Callable[[bytes | None], None]) -> None:
+        """`listener(der)` on each newly attested certificate, `listener(None)` on each
+        failed attestation (the gRPC side drops its channel pinned to the old one)."""
+        self._certificate_listeners.append(listener)
+
     async def _replace_client(self, certificate_der: bytes | None) -> None:
+        for listener in self._certificate_listeners:
+            listener(certificate_der)
         old, self._client = self._client, None
         if certificate_der is not None:
             self._client = wire.PinnedPool(
@@ -439,6 +431,9 @@ class AttestingProxy:
         self.upstream = AttestedUpstream(config)
         self.guard = config.guard()
         self._periodic: asyncio.Task[None] | None = None
+        self.grpc: GrpcListener | None = None
+        """The gRPC side, once started (with `config.grpc_listen`); `.port` is its port."""
+        self.startup_error: OSError | None = None
         self._api_key = (
             None if not config.api_key else (b"authorization", f"Bearer {config.api_key}".encode())
         )
@@ -456,9 +451,17 @@ class AttestingProxy:
             if message["type"] == "lifespan.startup":
                 with contextlib.suppress(NotAttested):  # recorded; requests get the reason
                     await self.upstream.attest("startup")
+                try:
+                    await self._start_grpc()
+                except OSError as exc:
+                    self.startup_error = exc
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 self._periodic = asyncio.create_task(self.upstream.periodic())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.grpc is not None:
+                    await self.grpc.stop()
                 if self._periodic is not None:
                     self._periodic.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -466,6 +469,15 @@ class AttestingProxy:
                 await self.upstream.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _start_grpc(self) -> None:
+        if self.config.grpc_listen is None:
+            return
+        from blindinfer.proxy.grpc_forward import GrpcListener  # grpc only when asked
+
+        listener = GrpcListener(self.config, self.upstream)
+        await listener.start()
+        self.grpc = listener
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -721,6 +733,12 @@ REMOTE_REFUSAL = (
     "tensors would cross the network unencrypted before reaching the attested channel. "
     "Pass --allow-remote only on a network you control end to end."
 )
+GRPC_REMOTE_REFUSAL = (
+    "refusing to listen for gRPC on {host}: the proxy's gRPC side is plaintext, and it adds "
+    "its API key to whatever it forwards. On a non-loopback address anyone who can reach "
+    "it would use the upstream under your key, and your tensors would cross the network "
+    "unencrypted. Pass --allow-remote only on a network you control end to end."
+)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -730,6 +748,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
     # written separately waits for a delayed ACK (+40 ms per request).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
+    # Listening now (uvicorn only raises the backlog later): two SO_REUSEADDR sockets that
+    # are bound but not yet listening may share a port, so the gRPC listener, bound during
+    # startup, would otherwise land on this very port without an error.
+    sock.listen(2048)
     return sock
 
 
@@ -810,7 +832,7 @@ def serve_proxy(
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
-        server.run(sockets=[sock])
+        _run_server(app, server, sock)
     finally:
         sock.close()
         if unix_socket:
@@ -818,6 +840,17 @@ def serve_proxy(
                 os.unlink(unix_socket)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _run_server(app: AttestingProxy, server: Any, sock: socket.socket) -> None:
+    """uvicorn exits (SystemExit 3) when the app's startup fails: raise why instead."""
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:
+        if app.startup_error is None:
+            raise
+    if app.startup_error is not None:
+        raise app.startup_error
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -847,8 +880,7 @@ class RunningProxy:
             shown = f"[{host}]" if ":" in host else host
             self.url = f"http://{shown}:{self.port}"
         self._thread = threading.Thread(
-            target=self._server.run,
-            kwargs={"sockets": [self._sock]},
+            target=self._run,
             name=f"blindinfer-proxy-{secrets.token_hex(2)}",
             daemon=True,
         )
@@ -857,12 +889,25 @@ class RunningProxy:
     def upstream(self) -> AttestedUpstream:
         return self.app.upstream
 
+    @property
+    def grpc_port(self) -> int:
+        """The gRPC listener's port (after start, with `config.grpc_listen`)."""
+        if self.app.grpc is None:
+            raise RuntimeError("this proxy has no gRPC listener")
+        return self.app.grpc.port
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):  # a failed startup: start() raises it
+            _run_server(self.app, self._server, self._sock)
+
     def start(self, timeout: float = 30.0) -> RunningProxy:
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 self.stop()
+                if self.app.startup_error is not None:
+                    raise self.app.startup_error
                 raise RuntimeError("the proxy did not start")
             time.sleep(0.01)
         return self
