@@ -12,6 +12,24 @@ Header: `{"alg": "ES256", "typ": "blindinfer-receipt+jwt", "kid": hex SHA-256 of
 signing key's DER SubjectPublicKeyInfo}`, the same hash the TEE evidence carries in
 report_data[0:32].
 
+JOSE library: joserfc (pinned in pyproject.toml) signs (`es256_sign`: its ES256) and
+verifies (`parse_and_verify_jws`: `joserfc.jws.deserialize_json`, i.e. the signing input,
+r || s to DER, ECDSA P-256/SHA-256) against a registry that holds ES256 alone, with the one
+key given: the header's `alg` never selects an algorithm and no header names a key.
+Hand-written, because joserfc does not do it:
+- low S, when signing and verifying (`_LowSES256`): joserfc keeps the S OpenSSL returns and
+  accepts both (r, s) and (r, n - s), so a receipt would have two spellings;
+- the receipt profile, checked on bounded text before joserfc sees it: each part one
+  canonical base64url spelling (header and signature decoded here, to be checked; the
+  payload decoded by joserfc alone, whose decoder is as strict); the header exactly `alg`,
+  `typ`, `kid` (joserfc accepts the registered `jwk`, `jku`, `x5u`, `x5c`, `crit` and
+  honours `b64: false`); `kid` the pinned key's hash; each refusal a `ProtocolError`
+  naming the broken rule (joserfc's errors say "Invalid payload");
+- `sign_receipt` joining the two segments: `serialize_json` needs the private key, which never
+  leaves `TlsIdentity` (only its `sign` = `es256_sign` does), and would not sort the keys
+  of the header and payload JSON, whose bytes are part of the format (docs/receipts.md).
+Cost: docs/receipts.md, "Library".
+
 Tensor digest (`inputs_digest`, `outputs_digest`): lowercase hex SHA-256 over, for each
 tensor sorted by name (by Python string order, i.e. by code point):
 
@@ -46,13 +64,13 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
+from joserfc import jws as jose
+from joserfc.errors import BadSignatureError, DecodeError, JoseError
+from joserfc.jwa import ESAlgorithm, JWSAlgModel
+from joserfc.jwk import ECKey
+from joserfc.jws import FlattenedJSONSerialization, JWSRegistry
 
 from blindinfer.errors import ProtocolError
 from blindinfer.protocol.datatypes import DATATYPES, dtype_to_datatype
@@ -217,25 +235,98 @@ def _b64(data: bytes) -> str:
 _B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
 _KID: Final = re.compile(r"[0-9a-f]{64}")
 _P256_ORDER: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_HEADER_NAMES: Final = frozenset({"alg", "typ", "kid"})
+_MAX_SEGMENT: Final = 2 * MAX_JWS_BYTES
+"""Longest base64url text accepted for one part, checked before anything decodes it."""
 
 
-def _unb64(text: object, what: str) -> bytes:
-    """The bytes of `text` if it is their one canonical base64url spelling, else refused.
+def _high_s(signature: bytes) -> bool:
+    return int.from_bytes(signature[32:], "big") > _P256_ORDER // 2
 
-    Why so strict: a receipt is evidence that something happened, so one receipt must have
-    one spelling. `urlsafe_b64decode` skips characters outside the alphabet and accepts
-    padding and non-zero trailing bits, which lets anyone mint many distinct texts that
-    verify as "the same" receipt. Only the unpadded alphabet is accepted, and the decoded
-    bytes must encode back to exactly `text`.
-    """
-    if not isinstance(text, str) or len(text) > 2 * MAX_JWS_BYTES:
+
+class _LowSES256(ESAlgorithm):
+    """joserfc's ES256 (P-256 keys only, r || s), with the one spelling receipts allow.
+
+    ECDSA's (r, n - s) verifies as well as (r, s): joserfc signs with the S that OpenSSL
+    returns and accepts both, which would give every receipt a second spelling. Here S is
+    folded low when signing and a high S never verifies."""
+
+    def __init__(self) -> None:
+        super().__init__(ALGORITHM, "P-256", 256, recommended=True)
+
+    def sign(self, msg: bytes, key: ECKey) -> bytes:
+        raw = super().sign(msg, key)
+        if _high_s(raw):
+            raw = raw[:32] + (_P256_ORDER - int.from_bytes(raw[32:], "big")).to_bytes(32, "big")
+        return raw
+
+    def verify(self, msg: bytes, sig: bytes, key: ECKey) -> bool:
+        return len(sig) == 64 and not _high_s(sig) and super().verify(msg, sig, key)
+
+
+_ES256: Final = _LowSES256()
+
+
+class _ReceiptRegistry(JWSRegistry):
+    """What joserfc may use on a receipt: ES256, nothing else, whatever `alg` says.
+
+    A table of its own: joserfc's class-wide one also holds `none`, HS256, RS256, ... The
+    size bounds are this module's (joserfc's payload bound, 128000, is not)."""
+
+    # joserfc reads both as class attributes, typed as instance ones (so no ClassVar)
+    algorithms: dict[str, JWSAlgModel] = {ALGORITHM: _ES256}  # noqa: RUF012
+    recommended: list[str] = [ALGORITHM]  # noqa: RUF012
+    max_payload_length = _MAX_SEGMENT
+
+
+_REGISTRY: Final = _ReceiptRegistry(algorithms=[ALGORITHM])
+_KEYS: Final[dict[int, tuple[object, ECKey, str]]] = {}
+
+
+def _jwk(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> tuple[ECKey, str]:
+    """joserfc's ES256-checked view of `key` and its `key_id`, made once per key object:
+    each costs ~10 us (a sixth of an ECDSA operation), and the server signs, and a
+    connection verifies, with one key object. Keyed by identity (public keys are not
+    hashable); an entry holds its key, so the id cannot be reused while cached."""
+    cached = _KEYS.get(id(key))
+    if cached is not None and cached[0] is key:
+        return cached[1], cached[2]
+    jwk = ECKey.import_key(key)
+    _ES256.check_key(jwk)
+    kid = key_id(key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key)
+    if len(_KEYS) >= 16:
+        _KEYS.clear()
+    _KEYS[id(key)] = (key, jwk, kid)  # one assignment: safe from any thread under the GIL
+    return jwk, kid
+
+
+def _text(jws: Mapping[str, object], part: str, what: str) -> str:
+    text = jws[part]
+    if not isinstance(text, str) or len(text) > _MAX_SEGMENT:
         raise ProtocolError("invalid_receipt", f"the receipt's {what} is not base64url text")
+    return text
+
+
+def _check_alphabet(text: str, what: str) -> None:
     if _B64URL.fullmatch(text) is None or len(text) % 4 == 1:
         raise ProtocolError(
             "invalid_receipt",
             f"the receipt's {what} is not canonical base64url (only A-Z a-z 0-9 - _, no "
             "padding, no other characters)",
         )
+
+
+def _unb64(text: str, what: str) -> bytes:
+    """The bytes of `text` if it is their one canonical base64url spelling, else refused.
+
+    Why so strict: a receipt is evidence that something happened, so one receipt must have
+    one spelling. `urlsafe_b64decode` skips characters outside the alphabet and accepts
+    padding and non-zero trailing bits, which lets anyone mint many distinct texts that
+    verify as "the same" receipt. Only the unpadded alphabet is accepted, and the decoded
+    bytes must encode back to exactly `text`. (The payload is decoded by joserfc, whose
+    decoder is as strict: it gets `_check_alphabet` alone, for a precise refusal.)
+    """
+    _check_alphabet(text, what)
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except ValueError as exc:
@@ -252,7 +343,12 @@ def _canonical_json(document: Mapping[str, Any]) -> bytes:
 
 
 def sign_receipt(payload: Mapping[str, Any], sign: Signer, kid: str) -> dict[str, str]:
-    """The JWS (flattened JSON serialization) of `payload`, signed by `sign`."""
+    """The JWS (flattened JSON serialization) of `payload`, signed by `sign`.
+
+    The two segments are formed here, not by `joserfc.jws.serialize_json`: it needs the
+    private key, and the TLS key never leaves `TlsIdentity` (only its `sign`, which is
+    `es256_sign`, does); and header and payload must be the documented bytes (sorted keys),
+    which joserfc does not sort."""
     header = _b64(_canonical_json({"alg": ALGORITHM, "typ": RECEIPT_TYPE, "kid": kid}))
     body = _b64(_canonical_json(payload))
     signature = sign(f"{header}.{body}".encode("ascii"))
@@ -260,45 +356,60 @@ def sign_receipt(payload: Mapping[str, Any], sign: Signer, kid: str) -> dict[str
 
 
 def es256_sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
-    """ES256 as JWS wants it: r || s, 32 bytes each."""
-    r, s = decode_dss_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
-    if s > _P256_ORDER // 2:  # low-S: the one spelling verifiers accept (see parse_and_verify_jws)
-        s = _P256_ORDER - s
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    """ES256 as JWS wants it: r || s, 32 bytes each, low S (joserfc's, see _LowSES256)."""
+    return _ES256.sign(message, _jwk(key)[0])
 
 
 def parse_and_verify_jws(jws: object, public_key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
-    """The payload of `jws` if `public_key` signed it as a receipt; raises ProtocolError."""
+    """The payload of `jws` if `public_key` signed it as a receipt; raises ProtocolError.
+
+    The receipt profile is checked first, on bounded text (the module docstring says why
+    joserfc does not); joserfc then verifies the signature with ES256 and `public_key`, the
+    only algorithm and the only key it is given."""
     if not isinstance(jws, Mapping) or set(jws) != {"protected", "payload", "signature"}:
         raise ProtocolError("invalid_receipt", "a receipt is a flattened JWS JSON object")
-    protected, body = jws["protected"], jws["payload"]
+    protected = _text(jws, "protected", "protected header")
+    body = _text(jws, "payload", "payload")
+    signature = _text(jws, "signature", "signature")
     header = _json_object(_unb64(protected, "protected header"), "protected header")
-    payload_bytes = _unb64(body, "payload")  # before signing input: only ASCII reaches it
+    _check_alphabet(body, "payload")  # joserfc decodes it, as strictly as _unb64
     if header.get("alg") != ALGORITHM or header.get("typ") != RECEIPT_TYPE:
         raise ProtocolError("invalid_receipt", f"the receipt is not an {ALGORITHM} receipt")
-    if set(header) - {"alg", "typ", "kid"}:
+    if set(header) - _HEADER_NAMES:
         raise ProtocolError("invalid_receipt", "the receipt header has unknown parameters")
     kid = header.get("kid")
     if not isinstance(kid, str) or _KID.fullmatch(kid) is None:
         raise ProtocolError(
             "invalid_receipt", "the receipt's kid is not a key id (64 lower-case hex digits)"
         )
-    if not hmac.compare_digest(kid.encode("ascii"), key_id(public_key).encode("ascii")):
-        raise ProtocolError("invalid_receipt", "the receipt was signed by another key (kid)")
-    signature = _unb64(jws["signature"], "signature")
-    if len(signature) != 64 or not isinstance(public_key.curve, ec.SECP256R1):
+    if not isinstance(public_key.curve, ec.SECP256R1):
         raise ProtocolError("invalid_receipt", "the receipt's signature is not ES256")
-    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-    if s > _P256_ORDER // 2:
+    jwk, pinned_kid = _jwk(public_key)
+    if not hmac.compare_digest(kid.encode("ascii"), pinned_kid.encode("ascii")):
+        raise ProtocolError("invalid_receipt", "the receipt was signed by another key (kid)")
+    raw_signature = _unb64(signature, "signature")
+    if len(raw_signature) != 64:
+        raise ProtocolError("invalid_receipt", "the receipt's signature is not ES256")
+    if _high_s(raw_signature):
         # (r, n - s) verifies too: accepting both would give each receipt a second
         # spelling. Signers emit low S (es256_sign), so a high S is refused.
         raise ProtocolError("invalid_receipt", "the receipt's signature is not low-S (s > n/2)")
-    der = encode_dss_signature(r, s)
+    value: FlattenedJSONSerialization = {
+        "protected": protected,
+        "payload": body,
+        "signature": signature,
+    }
     try:
-        public_key.verify(der, f"{protected}.{body}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature as exc:
+        verified = jose.deserialize_json(value, jwk, registry=_REGISTRY)
+    except BadSignatureError as exc:
         raise ProtocolError("invalid_receipt", "the receipt's signature does not verify") from exc
-    payload = _json_object(payload_bytes, "payload")
+    except DecodeError as exc:  # the header and signature passed _unb64: the payload
+        raise ProtocolError(
+            "invalid_receipt", "the receipt's payload is not canonical base64url (trailing bits)"
+        ) from exc
+    except (JoseError, ValueError) as exc:
+        raise ProtocolError("invalid_receipt", "the receipt is not a valid ES256 JWS") from exc
+    payload = _json_object(verified.payload, "payload")
     if payload.get("v") != RECEIPT_VERSION:
         raise ProtocolError("invalid_receipt", "unknown receipt version")
     return payload
