@@ -53,6 +53,12 @@ from blindinfer.client.common import (
     share_call,
     upload_call,
 )
+from blindinfer.client.grpc_transport import (
+    GrpcTransport,
+    announced_port,
+    check_options,
+    open_channel,
+)
 from blindinfer.client.models import ModelInfo, ModelMetadata
 from blindinfer.client.openai_sdk import openai_client
 from blindinfer.client.replica_gate import KeyGate, attest_first
@@ -76,10 +82,14 @@ async def connect_async(
     allow_insecure_http: bool = False,
     replicas: int = 1,
     max_attestation_age: float = DEFAULT_MAX_AGE_SECONDS,
+    transport: str = "https",
+    grpc_port: int | None = None,
 ) -> AsyncClient:
     """`connect()` for asyncio: returns only once the evidence verified against `policy`;
     raises the same `blindinfer.BlindInferError`s as `connect()`. `replicas`,
-    `max_attestation_age`: as in `connect()` (several replicas behind one address)."""
+    `max_attestation_age`: as in `connect()` (several replicas behind one address).
+    `transport`, `grpc_port`: as in `connect()`; with "grpc", `run_model` and
+    `model_metadata` run the sync gRPC channel's calls in a worker thread."""
     return await _connect(
         url,
         policy=policy,
@@ -93,6 +103,8 @@ async def connect_async(
         allow_insecure_http=allow_insecure_http,
         replicas=replicas,
         max_attestation_age=max_attestation_age,
+        transport=transport,
+        grpc_port=grpc_port,
     )
 
 
@@ -110,11 +122,14 @@ async def _connect(
     allow_insecure_http: bool = False,
     replicas: int = 1,
     max_attestation_age: float = DEFAULT_MAX_AGE_SECONDS,
+    transport: str = "https",
+    grpc_port: int | None = None,
 ) -> AsyncClient:
     allow_simulation = simulation_flag(simulation)
     base = check_url(url)
     loaded = policy_of(policy)
     check_replicas(replicas)
+    check_options(transport, grpc_port, replicas)
     if allow_simulation:
         warn_simulation(stacklevel=stacklevel)
     if replicas > 1:
@@ -146,7 +161,7 @@ async def _connect(
         collateral_url=collateral_url,
         allow_insecure_http=allow_insecure_http,
     )
-    return AsyncClient(
+    client = AsyncClient(
         base,
         verified,
         timeout=timeout,
@@ -154,6 +169,13 @@ async def _connect(
         retry=retry,
         max_connections=max_connections,
     )
+    if transport == "grpc":
+        try:
+            await client._open_grpc(grpc_port)
+        except BaseException:
+            await client.close()
+            raise
+    return client
 
 
 class _Connecting:
@@ -215,6 +237,27 @@ class AsyncClient:
         )
         self._metadata: dict[str, ModelMetadata] = {}
         self._limits = TensorLimits()
+        self._grpc: GrpcTransport | None = None
+        self.transport = "https"
+        """"https", or "grpc" (`connect(..., transport="grpc")`)."""
+
+    async def _open_grpc(self, port: int | None) -> None:
+        """As `Client`'s: the pinned channel to the attested key (client/grpc_transport.py);
+        its calls are the sync channel's, run in a worker thread."""
+        if port is None:
+            response = await self._send(Call("GET", "/v2", idempotent=True))
+            port = json_answer(response, announced_port)
+        self._grpc = await asyncio.to_thread(
+            open_channel,
+            self.url,
+            port,
+            self.attestation.certificate_der,
+            api_key=self._api_key,
+            timeout=self._timeout,
+            retry=self.retry,
+            limits=self._limits,
+        )
+        self.transport = "grpc"
 
     def async_openai(self) -> Any:
         """An `openai.AsyncOpenAI` for this server's `/v1` API on the pinned, attested
@@ -249,6 +292,8 @@ class AsyncClient:
         allow_insecure_http: bool = False,
         replicas: int = 1,
         max_attestation_age: float = DEFAULT_MAX_AGE_SECONDS,
+        transport: str = "https",
+        grpc_port: int | None = None,
     ) -> _Connecting:
         """`await AsyncClient.connect(...)` or `async with AsyncClient.connect(...) as c`."""
         return _Connecting(
@@ -264,6 +309,8 @@ class AsyncClient:
                 "allow_insecure_http": allow_insecure_http,
                 "replicas": replicas,
                 "max_attestation_age": max_attestation_age,
+                "transport": transport,
+                "grpc_port": grpc_port,
             },
         )
 
@@ -280,6 +327,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         await self._http.aclose()
+        if self._grpc is not None:
+            self._grpc.close()
 
     async def upload_model(
         self,
@@ -307,8 +356,11 @@ class AsyncClient:
 
     async def model_metadata(self, model: str) -> ModelMetadata:
         if model not in self._metadata:
-            response = await self._send(metadata_call(model))
-            self._metadata[model] = json_answer(response, ModelMetadata.from_json)
+            if self._grpc is not None:
+                found = await asyncio.to_thread(self._grpc.model_metadata, model)
+            else:
+                found = json_answer(await self._send(metadata_call(model)), ModelMetadata.from_json)
+            self._metadata[model] = found
         return self._metadata[model]
 
     async def run_model(
@@ -318,7 +370,11 @@ class AsyncClient:
         names: list[str] = []
         if needs_input_names(inputs):
             names = [i.name for i in (await self.model_metadata(model)).inputs]
-        response = await self._send(infer_call(model, to_arrays(inputs, names), outputs))
+        arrays = to_arrays(inputs, names)
+        if self._grpc is not None:
+            results, _ = await asyncio.to_thread(self._grpc.infer, model, arrays, outputs)
+            return results
+        response = await self._send(infer_call(model, arrays, outputs))
         return infer_outputs(response, self._limits)
 
     async def _send(self, call: Call) -> httpx.Response:

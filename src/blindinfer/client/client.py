@@ -54,6 +54,14 @@ from blindinfer.client.common import (
     share_call,
     upload_call,
 )
+from blindinfer.client.grpc_transport import (
+    GrpcTransport,
+    announced_port,
+    check_grpc_port,
+    check_options,
+    check_transport,
+    open_channel,
+)
 from blindinfer.client.models import ModelInfo, ModelMetadata
 from blindinfer.client.openai_sdk import openai_client
 from blindinfer.client.pinned_http import PinnedConnectionPool
@@ -258,6 +266,8 @@ def connect(
     allow_insecure_http: bool = False,
     replicas: int = 1,
     max_attestation_age: float = DEFAULT_MAX_AGE_SECONDS,
+    transport: str = "https",
+    grpc_port: int | None = None,
 ) -> Client:
     """An attested connection: returns only once the evidence verified against `policy`.
 
@@ -279,6 +289,14 @@ def connect(
     `simulation`: True trusts the simulation root (no TEE: for tests only) and shows a
     `SimulationWarning` on every call; anything but True or False is a `UsageError`.
 
+    `transport`: "https" (the default) sends everything over the pinned HTTPS connection.
+    "grpc" attests over HTTPS exactly the same way, then runs `run_model` and
+    `model_metadata` over the server's OIP v2 gRPC port (`grpc_port=`, else the port the
+    attested server announces in `GET /v2`) on a TLS channel that trusts exactly the
+    attested certificate (client/grpc_transport.py); the other calls stay on HTTPS. It
+    needs the `grpc` extra and refuses `replicas` > 1 (`UsageError`). Errors, receipts
+    and outputs are the same on both transports.
+
     Every failure is a `blindinfer.BlindInferError`: `UsageError` for a URL that is not
     `https://host:port`, a policy path that is missing or a non-bool `simulation`,
     `PolicyError` for a malformed policy, `ConnectionFailedError` when the server cannot be
@@ -288,6 +306,7 @@ def connect(
     base = check_url(url)
     loaded = policy_of(policy)
     check_replicas(replicas)
+    check_options(transport, grpc_port, replicas)
     if allow_simulation:
         warn_simulation(stacklevel=2)
     if replicas > 1:
@@ -322,6 +341,8 @@ def connect(
         retry=retry,
         max_connections=max_connections,
         bundle=bundle,
+        transport=transport,
+        grpc_port=grpc_port,
     )
 
 
@@ -344,8 +365,12 @@ class Client:
         max_connections: int | None = None,
         bundle: EvidenceBundle | None = None,
         gate: KeyGate | None = None,
+        transport: str = "https",
+        grpc_port: int | None = None,
     ) -> None:
         self.url = check_url(url)
+        self.transport = check_transport(transport)
+        """"https", or "grpc": `run_model` and `model_metadata` go over gRPC."""
         self.attestation = attestation
         self.bundle = bundle
         """The evidence verified at connect (what receipts' proofs carry)."""
@@ -393,6 +418,30 @@ class Client:
             max_keepalive=20 if max_connections is None else max_connections,
             gate=gate,
         )
+        self._grpc: GrpcTransport | None = None
+        if transport == "grpc":
+            try:
+                self._grpc = self._grpc_channel(check_grpc_port(grpc_port))
+            except BaseException:
+                self.close()
+                raise
+
+    def _grpc_channel(self, port: int | None) -> GrpcTransport:
+        """The gRPC channel to the attested key: on `port`, else the one the attested server
+        announces (asked on the pinned HTTPS connection: no security input either way)."""
+        if self._gate is not None:
+            raise UsageError("transport='grpc' cannot be combined with replicas > 1")
+        if port is None:
+            port = json_answer(self._send(Call("GET", "/v2", idempotent=True)), announced_port)
+        return open_channel(
+            self.url,
+            port,
+            self.attestation.certificate_der,
+            api_key=self._api_key,
+            timeout=self._timeout,
+            retry=self.retry,
+            limits=self._limits,
+        )
 
     @property
     def attested_keys(self) -> list[AttestedKey]:
@@ -415,6 +464,8 @@ class Client:
     def close(self) -> None:
         self._http.close()
         self._pinned.close()
+        if self._grpc is not None:
+            self._grpc.close()
 
     def upload_model(
         self,
@@ -588,8 +639,11 @@ class Client:
 
     def model_metadata(self, model: str) -> ModelMetadata:
         if model not in self._metadata:
-            response = self._send(metadata_call(model))
-            self._metadata[model] = json_answer(response, ModelMetadata.from_json)
+            if self._grpc is not None:
+                self._metadata[model] = self._grpc.model_metadata(model)
+            else:
+                response = self._send(metadata_call(model))
+                self._metadata[model] = json_answer(response, ModelMetadata.from_json)
         return self._metadata[model]
 
     def run_model(
@@ -604,24 +658,25 @@ class Client:
 
         `receipt`: returns `ReceiptedOutputs` whose `.receipt` was verified (signature by
         the pinned key, digests of these inputs and outputs); `.receipt.save(path)` writes
-        a proof that `blindinfer verify-receipt` checks offline.
+        a proof that `blindinfer verify-receipt` checks offline (on both transports).
         """
         names: list[str] = []
         if needs_input_names(inputs):
             names = [i.name for i in self.model_metadata(model).inputs]
         arrays = to_arrays(inputs, names)
-        response = self._send(infer_call(model, arrays, outputs, receipt), fast=True)
-        if not receipt:
-            return infer_outputs(response, self._limits)
-        parsed = infer_response(response, self._limits)
-        results = dict(parsed.outputs)
-        checked = self._check_receipt(
-            parsed.parameters.get("receipt"),
-            "inference",
-            arrays,
-            results,
-            key=attested_key_of(response),
-        )
+        key: AttestedKey | None = None
+        if self._grpc is not None:
+            results, jws = self._grpc.infer(model, arrays, outputs, receipt)
+            if not receipt:
+                return results
+        else:
+            response = self._send(infer_call(model, arrays, outputs, receipt), fast=True)
+            if not receipt:
+                return infer_outputs(response, self._limits)
+            parsed = infer_response(response, self._limits)
+            results, jws = dict(parsed.outputs), parsed.parameters.get("receipt")
+            key = attested_key_of(response)
+        checked = self._check_receipt(jws, "inference", arrays, results, key=key)
         if len(model) == 64 and checked.payload["model"].get("sha256") != model.lower():
             raise ProtocolError("invalid_receipt", "the receipt names another model")
         return ReceiptedOutputs(results, checked)
