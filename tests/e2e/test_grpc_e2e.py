@@ -31,6 +31,7 @@ from blindinfer.client.transport import pinned_context
 from blindinfer.protocol.oip_grpc import oip_v2_pb2 as pb
 from blindinfer.protocol.oip_grpc import service
 from blindinfer.protocol.receipts import parse_and_verify_jws, tensor_digest
+from blindinfer.server.auth import generate_api_key
 from blindinfer.server.config import Limits, ServerConfig
 from blindinfer.server.process import ServerProcess, start_server
 from blindinfer.server.tls import CERTIFICATE_COMMON_NAME
@@ -73,6 +74,12 @@ class Running:
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     folder = tmp_path_factory.mktemp("grpc")
     auth, keys = owner_keys(folder)
+    admin_key, admin_sha = generate_api_key()  # reads /metrics
+    keys["ops"] = admin_key
+    auth.write_text(
+        auth.read_text() + '[[tenant]]\nname = "ops"\n'
+        f'[[tenant.key]]\nid = "ops-key"\nrole = "admin"\nsha256 = "{admin_sha}"\n'
+    )
     port = free_port()
     args = [
         "--simulation",
@@ -293,3 +300,26 @@ def test_a_client_pinning_another_certificate_gets_nothing(
     client = running.triton(_other_certificate(tmp_path / "other.pem"))
     error = error_of(lambda: client.get_server_metadata())
     assert error.status() == "StatusCode.UNAVAILABLE"
+
+
+def test_calls_are_counted_in_metrics_by_method_and_status(running: Running) -> None:
+    """/metrics counts gRPC calls by method and status code, never by model name."""
+
+    def count(method: str, code: str) -> float:
+        with httpx.Client(
+            base_url=running.server.url, verify=pinned_context(running.certificate_der)
+        ) as rest:
+            answer = rest.get(
+                "/metrics", headers={"authorization": f"Bearer {running.keys['ops']}"}
+            )
+        assert answer.status_code == 200
+        wanted = f'blindinfer_grpc_calls_total{{code="{code}",method="{method}"}} '
+        lines = [line for line in answer.text.splitlines() if line.startswith(wanted)]
+        return float(lines[0].split(" ")[1]) if lines else 0.0
+
+    live, missing = count("ServerLive", "OK"), count("ModelMetadata", "NOT_FOUND")
+    client = running.triton()
+    assert client.is_server_live()
+    error_of(lambda: client.get_model_metadata("no-such-model", headers=running.headers()))
+    assert count("ServerLive", "OK") == live + 1
+    assert count("ModelMetadata", "NOT_FOUND") == missing + 1

@@ -148,6 +148,21 @@ class ServerMetrics:
             ("route", "method"),
             registry=self.registry,
         )
+        # the gRPC listener's calls (server/grpc/): by method, one of the service's eight
+        # (grpc answers any other itself), and status code name: a bounded label space
+        self.grpc_calls = Counter(
+            "blindinfer_grpc_calls_total",
+            "OIP v2 gRPC calls by method and status code.",
+            ("method", "code"),
+            registry=self.registry,
+        )
+        self.grpc_latency = Histogram(
+            "blindinfer_grpc_call_duration_seconds",
+            "Time from a gRPC call's message to its answer, by method.",
+            ("method",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.model_inferences: Counter | None = None
         if model_names:
             self.model_inferences = Counter(
@@ -186,6 +201,10 @@ class ServerMetrics:
             )
         series[0].inc()
         series[1].observe(seconds)
+
+    def observe_grpc_call(self, method: str, code: str, seconds: float) -> None:
+        self.grpc_calls.labels(method, code).inc()
+        self.grpc_latency.labels(method).observe(seconds)
 
     def value(self, name: str, **labels: str) -> float:
         """One sample's value, 0 if it was never recorded (for tests and the bench)."""

@@ -18,6 +18,7 @@ from blindinfer.server.body_guard import BodyBudget
 from blindinfer.server.config import ConnectionLimits, ServerConfig
 from blindinfer.server.connection import abort_unread_bodies
 from blindinfer.server.connection_guard import ConnectionGuard, guard_connections
+from blindinfer.server.metrics import ServerMetrics
 from blindinfer.server.platforms import select_platform
 from blindinfer.server.state import ServerState
 from blindinfer.server.tls import make_tls_identity
@@ -122,18 +123,21 @@ def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -
             on_ready(port)
 
         threading.Thread(target=notify, daemon=True).start()
+    app_state = getattr(server.config.app, "state", None)
     if config.blindai_compat:
         from blindinfer.server.blindai import serve_blindai
 
         # one body budget for the process: the BlindAI apps share the native app's
-        app_state = getattr(server.config.app, "state", None)
         budget: BodyBudget | None = getattr(app_state, "body_budget", None)
         compat = serve_blindai(state, config.host, config.blindai_ports, budget=budget)
         state.add_listener_stop(compat.stop)
     if config.grpc_port:
         from blindinfer.server.grpc import serve_grpc
 
-        state.add_listener_stop(serve_grpc(state, config.host, config.grpc_port).stop)
+        metrics: ServerMetrics | None = getattr(app_state, "metrics", None)
+        observe = None if metrics is None else metrics.observe_grpc_call
+        listener = serve_grpc(state, config.host, config.grpc_port, observe)
+        state.add_listener_stop(listener.stop)
     try:
         server.run(sockets=[sock])
     finally:

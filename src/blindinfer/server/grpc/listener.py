@@ -26,7 +26,7 @@ from typing import Final
 
 import grpc
 
-from blindinfer.server.grpc.servicer import OipServicer
+from blindinfer.server.grpc.servicer import Observe, OipServicer
 from blindinfer.server.state import ServerState
 from blindinfer.server.tls import TlsIdentity
 
@@ -78,8 +78,11 @@ class GrpcListener:
     """One grpc.aio server on a background thread; `start()` binds and serves (raising if
     the port cannot be bound), `stop()` ends it. `port` is the bound port."""
 
-    def __init__(self, state: ServerState, host: str, port: int) -> None:
+    def __init__(
+        self, state: ServerState, host: str, port: int, observe: Observe | None = None
+    ) -> None:
         self.state = state
+        self.observe = observe
         self.host = host
         self.requested_port = port
         self.port = 0
@@ -112,7 +115,7 @@ class GrpcListener:
             loop.close()
 
     async def _serve(self, ready: Future[int]) -> None:
-        servicer = OipServicer(self.state)
+        servicer = OipServicer(self.state, self.observe)
         server = grpc.aio.server(
             options=server_options(self.state, servicer),
             maximum_concurrent_rpcs=max_concurrent_calls(self.state, servicer),
@@ -144,9 +147,12 @@ class GrpcListener:
             self._thread.join(timeout_s)
 
 
-def serve_grpc(state: ServerState, host: str, port: int) -> GrpcListener:
-    """Starts the gRPC listener; call `.stop()` when the native server ends."""
-    listener = GrpcListener(state, host, port)
+def serve_grpc(
+    state: ServerState, host: str, port: int, observe: Observe | None = None
+) -> GrpcListener:
+    """Starts the gRPC listener; call `.stop()` when the native server ends. `observe`
+    records each call (the native app's ServerMetrics.observe_grpc_call)."""
+    listener = GrpcListener(state, host, port, observe)
     listener.start()
     log.warning("OIP v2 gRPC on %s (TLS with the attested key)", _target(host, listener.port))
     return listener

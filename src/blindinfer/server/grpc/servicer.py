@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeAlias
@@ -42,6 +43,8 @@ from blindinfer.store.sealed import ModelRecord
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs
 Handler = Callable[[bytes, Context], Awaitable[bytes]]
+Observe = Callable[[str, str, float], None]
+"""Records one call: method, status code name, seconds (ServerMetrics.observe_grpc_call)."""
 
 FILE_PREFIX: Final = "file:"
 MAX_CONFIG_CHARS: Final = 64 * 1024
@@ -57,8 +60,9 @@ PARSE_THREADS: Final = 2
 class OipServicer:
     """The handlers of `service.METHODS`, bound to one server's state."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, observe: Observe | None = None) -> None:
         self.state = state
+        self.observe = observe
         limits = state.config.limits
         self.max_infer_bytes = limits.max_request_bytes
         # grpc holds a whole message in memory before a handler sees it, so a load is
@@ -88,7 +92,7 @@ class OipServicer:
         return grpc.method_handlers_generic_handler(
             service.SERVICE_NAME,
             {
-                name: grpc.unary_unary_rpc_method_handler(_answering(name, call))
+                name: grpc.unary_unary_rpc_method_handler(_answering(name, call, self.observe))
                 for name, call in calls.items()
             },
         )
@@ -272,17 +276,27 @@ def _model_file(parameters: Any) -> bytes | None:
     return model
 
 
-def _answering(method: str, call: Handler) -> Handler:
+def _answering(method: str, call: Handler, observe: Observe | None) -> Handler:
     """`call` with every exception answered as a gRPC status (status.py), never raised
-    to grpc, which would log it and answer UNKNOWN with the exception's text."""
+    to grpc, which would log it and answer UNKNOWN with the exception's text; each call
+    recorded by `observe` (the /metrics families), its status included."""
 
     async def answer(data: bytes, context: Context) -> bytes:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
             return await call(data, context)
         except Exception as exc:
             error = grpc_error(exc, method)
+            code = error.status
             context.set_trailing_metadata(error.trailing_metadata)
             await context.abort(error.status, error.details)
             raise AssertionError("abort returned") from None  # pragma: no cover
+        except BaseException:  # the caller went away (cancelled) or the server stops
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            if observe is not None:
+                observe(method, code.name, time.perf_counter() - started)
 
     return answer
