@@ -4,6 +4,7 @@ against the server's own REST and gRPC mappings), its arguments, and the answer 
 
 from __future__ import annotations
 
+import json
 import socket
 import string
 import sys
@@ -24,14 +25,12 @@ from blindinfer.client.grpc_errors import (
     http_status,
     rpc_error,
 )
+from blindinfer.client.grpc_pin import announced_port, certificate_name, grpc_target
 from blindinfer.client.grpc_transport import (
     INSTALL_HINT,
     GrpcTransport,
-    announced_port,
-    certificate_name,
     check_grpc_port,
     check_transport,
-    grpc_target,
 )
 from blindinfer.client.retry import RetryPolicy
 from blindinfer.errors import (
@@ -219,10 +218,26 @@ def test_transport_and_port_arguments() -> None:
             announced_port({"grpc_port": announced} if announced is not None else [])
 
 
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+        max_leaves=8,
+    )
+)
+def test_any_announced_port_is_a_port_or_a_protocol_error(value: object) -> None:
+    """The client and the proxy both read `grpc_port` from GET /v2 with announced_port."""
+    document = json.loads(json.dumps({"grpc_port": value}))
+    if type(value) is int and 1 <= value <= 65535:
+        assert announced_port(document) == value
+    else:
+        with pytest.raises(ProtocolError):
+            announced_port(document)
+
+
 def test_the_target_and_the_name_the_handshake_checks() -> None:
-    assert grpc_target("https://127.0.0.1:9924", 9925) == "127.0.0.1:9925"
-    assert grpc_target("https://[::1]:9924/prefix", 9925) == "[::1]:9925"
-    assert grpc_target("https://Example.org", 443) == "example.org:443"
+    assert grpc_target("127.0.0.1", 9925) == "127.0.0.1:9925"
+    assert grpc_target("::1", 9925) == "[::1]:9925"
     identity = make_tls_identity("server.example")
     assert certificate_name(identity.certificate_der) == "server.example"
 

@@ -9,7 +9,6 @@ call that got past the local checks would have to attest first, and cannot.
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 
 import blindinfer
 from blindinfer.cli.proxy import main as proxy_main
+from blindinfer.client.grpc_pin import certificate_name
 from blindinfer.protocol.oip_grpc.service import METHODS, SERVICE_NAME
 from blindinfer.proxy.forward import ProxyConfig, RunningProxy
 from blindinfer.proxy.grpc_forward import (
@@ -28,11 +28,9 @@ from blindinfer.proxy.grpc_forward import (
     ATTESTATION_ERROR_KEY,
     ERROR_CODE_KEY,
     GrpcListenError,
-    grpc_port_of,
     is_allowed,
     refusal_status,
     relayed_metadata,
-    target_name,
     token_matches,
     upstream_metadata,
 )
@@ -157,41 +155,8 @@ def test_the_token_must_be_given_once_and_exactly() -> None:
 # -- what the upstream tells us ---------------------------------------------------------------
 
 
-def test_the_grpc_port_from_get_v2() -> None:
-    assert grpc_port_of({"name": "blindinfer", "grpc_port": 9925}) == 9925
-    for document in (
-        {"name": "blindinfer"},
-        {"grpc_port": 0},
-        {"grpc_port": 65536},
-        {"grpc_port": True},
-        {"grpc_port": "9925"},
-        {"grpc_port": 9925.0},
-        [9925],
-        None,
-    ):
-        with pytest.raises(ValueError, match="--upstream-grpc-port"):
-            grpc_port_of(document)
-
-
-@given(
-    st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-        lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
-        max_leaves=8,
-    )
-)
-def test_any_get_v2_document_gives_a_port_or_a_clear_error(value: object) -> None:
-    document = json.loads(json.dumps({"grpc_port": value}))
-    valid = type(value) is int and 0 < value < 65536
-    if valid:
-        assert grpc_port_of(document) == value
-    else:
-        with pytest.raises(ValueError, match="grpc_port"):
-            grpc_port_of(document)
-
-
 def test_the_target_name_is_the_one_the_servers_certificate_carries() -> None:
-    assert target_name(make_tls_identity().certificate_der) == CERTIFICATE_COMMON_NAME
+    assert certificate_name(make_tls_identity().certificate_der) == CERTIFICATE_COMMON_NAME
 
 
 def test_refusals_map_to_documented_codes() -> None:

@@ -54,9 +54,9 @@ from blindinfer.client.common import (
     share_call,
     upload_call,
 )
+from blindinfer.client.grpc_pin import announced_port
 from blindinfer.client.grpc_transport import (
     GrpcTransport,
-    announced_port,
     check_grpc_port,
     check_options,
     check_transport,

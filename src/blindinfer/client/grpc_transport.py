@@ -32,18 +32,18 @@ from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
-
 from blindinfer.client.common import BROKEN_RETRIES
 from blindinfer.client.grpc_errors import RETRY_AFTER_KEY, metadata_value, rpc_error
+from blindinfer.client.grpc_pin import (
+    certificate_name,
+    certificate_pem,
+    grpc_target,
+)
 from blindinfer.client.models import ModelMetadata
 from blindinfer.client.retry import RetryPolicy
 from blindinfer.errors import (
     BlindInferError,
     ConnectionFailedError,
-    ProtocolError,
     ServerError,
     UsageError,
 )
@@ -104,47 +104,6 @@ def load_grpc() -> Any:
     return grpc
 
 
-def announced_port(document: Any) -> int:
-    """The `grpc_port` of the attested server's `GET /v2` answer; ProtocolError without one."""
-    port = document.get("grpc_port") if isinstance(document, dict) else None
-    if port is None:
-        raise ProtocolError(
-            "no_grpc_port",
-            "the server announces no gRPC port (is it started with --grpc-port?); pass "
-            "grpc_port= to connect() if it listens on one",
-        )
-    if type(port) is not int or not 1 <= port <= 65535:
-        raise ProtocolError("malformed_answer", "the server's grpc_port is not a port number")
-    return port
-
-
-def certificate_name(certificate_der: bytes) -> str:
-    """A name the certificate carries (its first DNS name, else its common name): the
-    name the gRPC handshake checks, so that it checks the attested certificate only."""
-    certificate = x509.load_der_x509_certificate(certificate_der)
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        dns = names.value.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        dns = []
-    if dns:
-        return str(dns[0])
-    common = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if common and isinstance(common[0].value, str) and common[0].value:
-        return common[0].value
-    raise ProtocolError(
-        "no_certificate_name",
-        "the attested certificate names no host (no DNS name, no common name): gRPC cannot "
-        "check it; use transport='https'",
-    )
-
-
-def grpc_target(url: str, port: int) -> str:
-    """`host:port` of the gRPC port on the attested server's host (IPv6 in brackets)."""
-    host = urlsplit(url).hostname or ""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class GrpcTransport:
     """One TLS channel, pinned to the attested certificate, and its two calls.
 
@@ -176,10 +135,9 @@ class GrpcTransport:
             if not (api_key.isascii() and api_key.isprintable()):
                 raise UsageError("api_key must be printable ASCII to travel as gRPC metadata")
             self._metadata = (("authorization", f"Bearer {api_key}"),)
-        pem = x509.load_der_x509_certificate(certificate_der).public_bytes(
-            serialization.Encoding.PEM
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=certificate_pem(certificate_der)
         )
-        credentials = grpc.ssl_channel_credentials(root_certificates=pem)
         self._channel = grpc.secure_channel(
             target,
             credentials,
@@ -311,7 +269,7 @@ def open_channel(
     """The pinned channel to `port` on the attested server's host, its handshake made
     (`GrpcTransport.probe`): a port that presents another certificate fails here."""
     channel = GrpcTransport(
-        grpc_target(url, port),
+        grpc_target(urlsplit(url).hostname or "", port),
         certificate_der,
         api_key=api_key,
         timeout=timeout,

@@ -43,7 +43,6 @@ is pinned, whatever the port).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hmac
 import logging
@@ -54,9 +53,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 import grpc.aio
 import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
+from blindinfer.client.grpc_pin import (
+    announced_port,
+    certificate_name,
+    certificate_pem,
+    grpc_target,
+)
 from blindinfer.client.transport import pinned_context
 from blindinfer.errors import BlindInferError
 from blindinfer.protocol import strict_json
@@ -149,37 +152,6 @@ def refusal_status(refused: NotAttested) -> tuple[grpc.StatusCode, str, list[tup
     return status, f"{code}: {document.get('error')}", trailing
 
 
-def target_name(certificate_der: bytes) -> str:
-    """The name the attested certificate carries (its first DNS SAN, else its CN): grpc
-    checks the peer's name, so this is what it must check against."""
-    certificate = x509.load_der_x509_certificate(certificate_der)
-    with contextlib.suppress(x509.ExtensionNotFound):
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        dns = names.value.get_values_for_type(x509.DNSName)
-        if dns:
-            return dns[0]
-    common = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    if common and isinstance(common[0].value, str):
-        return common[0].value
-    raise ValueError("the attested certificate names no host (no DNS SAN, no CN)")
-
-
-def _pem(certificate_der: bytes) -> bytes:
-    certificate = x509.load_der_x509_certificate(certificate_der)
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def grpc_port_of(document: object) -> int:
-    """`grpc_port` from the upstream's `GET /v2` document; ValueError when absent."""
-    port = document.get("grpc_port") if isinstance(document, dict) else None
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(
-            "the upstream announces no gRPC port (grpc_port in GET /v2): start it with "
-            "--grpc-port, or give the proxy --upstream-grpc-port"
-        )
-    return port
-
-
 class _Unusable(Exception):
     """The upstream is attested but its gRPC side cannot be used (no port announced)."""
 
@@ -249,15 +221,14 @@ class PinnedChannel:
         current = self.upstream.attestation
         if current is None or current.certificate_der != pin:
             return  # attested again (or failed) meanwhile: the caller starts over
-        host = self.upstream.host
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        target = grpc_target(self.upstream.host, port)
         try:
-            name = target_name(pin)
-        except ValueError as exc:
+            name = certificate_name(pin)
+        except BlindInferError as exc:
             raise _Unusable(
                 grpc.StatusCode.FAILED_PRECONDITION, "upstream_no_grpc", str(exc)
             ) from exc
-        credentials = grpc.ssl_channel_credentials(root_certificates=_pem(pin))
+        credentials = grpc.ssl_channel_credentials(root_certificates=certificate_pem(pin))
         options: list[tuple[str, Any]] = [
             ("grpc.ssl_target_name_override", name),
             ("grpc.use_local_subchannel_pool", 1),  # never share a connection across pins
@@ -296,7 +267,7 @@ class PinnedChannel:
                 if response.status_code != 200:
                     status = response.status_code
                     raise ValueError(f"the upstream answered HTTP {status} to GET /v2")
-            port = grpc_port_of(strict_json.loads(bytes(body)))
+            port = announced_port(strict_json.loads(bytes(body)))
         except httpx.HTTPError as exc:
             raise _Unusable(
                 grpc.StatusCode.UNAVAILABLE,
@@ -305,7 +276,9 @@ class PinnedChannel:
             ) from exc
         except (ValueError, BlindInferError) as exc:
             raise _Unusable(
-                grpc.StatusCode.FAILED_PRECONDITION, "upstream_no_grpc", str(exc)
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "upstream_no_grpc",
+                f"{exc} (or give the proxy --upstream-grpc-port)",
             ) from exc
         self._ports = {pin: port}
         return port
@@ -500,11 +473,9 @@ __all__ = [
     "GrpcListenError",
     "GrpcListener",
     "PinnedChannel",
-    "grpc_port_of",
     "is_allowed",
     "refusal_status",
     "relayed_metadata",
-    "target_name",
     "token_matches",
     "upstream_metadata",
 ]
