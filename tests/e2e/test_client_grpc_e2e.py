@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
@@ -23,17 +22,13 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 import blindinfer
 from blindinfer.client.receipts import verify_proof
 from blindinfer.server.auth import generate_api_key
 from blindinfer.server.config import ServerConfig
 from blindinfer.server.process import ServerProcess, start_server
-from blindinfer.server.tls import CERTIFICATE_COMMON_NAME
+from blindinfer.server.tls import make_tls_identity
 from support import onnx_models as zoo
 
 from .conftest import policy_for
@@ -258,33 +253,6 @@ def test_a_failed_attestation_sends_nothing_over_grpc(
         listener.close()
 
 
-def _other_identity() -> tuple[bytes, bytes]:
-    """A key and certificate with the server's name, made outside the attested server."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CERTIFICATE_COMMON_NAME)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(CERTIFICATE_COMMON_NAME)]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
-
-
 def test_a_grpc_port_with_another_certificate_is_refused_at_the_handshake(
     served: tuple[ServerProcess, int, str],
 ) -> None:
@@ -310,7 +278,8 @@ def test_a_grpc_port_with_another_certificate_is_refused_at_the_handshake(
             ),
         )
     )
-    port = impostor.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([_other_identity()]))
+    other_key = make_tls_identity().pem_key_and_certificate()  # the same name, another key
+    port = impostor.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([other_key]))
     impostor.start()
     try:
         error = _error(lambda: _connect(server.url, api_key=key, transport="grpc", grpc_port=port))

@@ -7,7 +7,6 @@ the answers must be bit-identical to onnxruntime in-process.
 
 from __future__ import annotations
 
-import datetime
 import json
 import warnings
 from collections.abc import Iterator
@@ -20,9 +19,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from tritonclient.utils import InferenceServerException
 
 import blindinfer
@@ -34,7 +31,7 @@ from blindinfer.protocol.receipts import parse_and_verify_jws, tensor_digest
 from blindinfer.server.auth import generate_api_key
 from blindinfer.server.config import Limits, ServerConfig
 from blindinfer.server.process import ServerProcess, start_server
-from blindinfer.server.tls import CERTIFICATE_COMMON_NAME
+from blindinfer.server.tls import CERTIFICATE_COMMON_NAME, make_tls_identity
 from e2e.conftest import policy_for
 from support import onnx_models as zoo
 from support.replicas import free_port
@@ -274,23 +271,7 @@ def test_typed_contents_and_a_receipt_signed_by_the_attested_key(running: Runnin
 
 def _other_certificate(path: Path) -> Path:
     """A self-signed certificate with the server's name but another key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CERTIFICATE_COMMON_NAME)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(CERTIFICATE_COMMON_NAME)]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    path.write_bytes(make_tls_identity().pem_key_and_certificate()[1])
     return path
 
 
