@@ -4,10 +4,13 @@ For each model (a small MLP; MiniLM b1 x 128 tokens if available; a model with M
 output shape and no compute) runs the same inference
 with and without `receipt=True` in alternating blocks on one attested connection, and
 prints the median latency of each and the difference (absolute and relative). Also prints
-the server-side cost alone (tensor digests + ES256 signature). Not a test: asserts nothing.
+each side's receipt work alone (server: tensor digests + ES256 signature; client:
+verification + digests), back to back and after an idle wait of a few ms, which is how a
+request meets it (evicted caches). Not a test: asserts nothing.
 `--baseline-src DIR` also starts a server from another checkout (a `git worktree` of
-HEAD) and interleaves it with this tree's, so before/after come from one run (the client
-is this tree's in both).
+HEAD) and interleaves it with this tree's, so before/after come from one run; the
+baseline's rows also check receipts with that checkout's `client/receipts.py` and
+`protocol/receipts.py` (loaded beside this tree's; the rest of the client is this tree's).
 Run: `.venv/bin/python bench/bench_receipts.py [--quick] [--no-minilm] [--baseline-src DIR]`.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -24,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,7 +41,14 @@ from bench_inference import models  # noqa: E402
 from timing import interleaved, machine  # noqa: E402
 
 import blindinfer  # noqa: E402
-from blindinfer.protocol.receipts import es256_sign, key_id, sign_receipt, tensor_digest  # noqa: E402
+from blindinfer.client import client as client_module  # noqa: E402
+from blindinfer.protocol.receipts import (  # noqa: E402
+    es256_sign,
+    key_id,
+    parse_and_verify_jws,
+    sign_receipt,
+    tensor_digest,
+)
 from blindinfer.server.config import ServerConfig  # noqa: E402
 from blindinfer.server.platforms import simulated_mrenclave  # noqa: E402
 from blindinfer.server.process import start_server  # noqa: E402
@@ -76,6 +88,54 @@ def _server(source: Path | None) -> Iterator[tuple[str, bytes]]:
             os.environ["PYTHONPATH"] = previous
     with server:
         yield server.url, bytes.fromhex(mrenclave)
+
+
+_CHECK = "check_receipt"
+"""The name client.py calls its receipt check by (swapped for the baseline's rows)."""
+
+
+def _receipt_check(source: Path | None) -> Callable[..., object]:
+    """`check_receipt` of this tree, or of the checkout `source`: its client/receipts.py
+    and protocol/receipts.py loaded as modules of their own (the rest from this tree)."""
+    if source is None:
+        this_tree: Callable[..., object] = getattr(client_module, _CHECK)
+        return this_tree
+    protocol = _load(source, "protocol", "baseline_protocol_receipts")
+    saved = sys.modules["blindinfer.protocol.receipts"]
+    sys.modules["blindinfer.protocol.receipts"] = protocol  # what its client module imports
+    try:
+        client = _load(source, "client", "baseline_client_receipts")
+    finally:
+        sys.modules["blindinfer.protocol.receipts"] = saved
+    check: Callable[..., object] = client.check_receipt
+    return check
+
+
+def _load(source: Path, package: str, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(
+        name, source / "src" / "blindinfer" / package / "receipts.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _checking_with(
+    check: Callable[..., object], call: Callable[[], object]
+) -> Callable[[], object]:
+    """`call` with `check` as the client's receipt check."""
+
+    def run() -> object:
+        saved = getattr(client_module, _CHECK)
+        setattr(client_module, _CHECK, check)
+        try:
+            return call()
+        finally:
+            setattr(client_module, _CHECK, saved)
+
+    return run
 
 
 def minilm_shaped() -> tuple[str, bytes, dict[str, np.ndarray]]:
@@ -137,6 +197,7 @@ def main() -> None:
         sources = {"baseline": args.baseline_src, **sources}
     with contextlib.ExitStack() as stack:
         clients: dict[str, blindinfer.Client] = {}
+        checks = {name: _receipt_check(source) for name, source in sources.items()}
         for name, source in sources.items():
             url, mrenclave = stack.enter_context(_server(source))
             with warnings.catch_warnings():
@@ -148,8 +209,9 @@ def main() -> None:
             for name, client in clients.items():
                 sha = client.upload_model(data).sha256
                 for receipt in (False, True):
-                    variants[f"{name}, receipt={receipt}"] = functools.partial(
-                        client.run_model, sha, feed, receipt=receipt
+                    variants[f"{name}, receipt={receipt}"] = _checking_with(
+                        checks[name],
+                        functools.partial(client.run_model, sha, feed, receipt=receipt),
                     )
             results = interleaved(variants, iterations, block)
             print(f"{label}: {iterations} requests per variant, interleaved blocks of {block}")
@@ -162,21 +224,54 @@ def main() -> None:
                     f"cost {delta:+.3f} ms ({delta / base * 100:+.1f}%)"
                 )
             outputs = next(iter(clients.values())).run_model(sha, feed)
-            key = ec.generate_private_key(ec.SECP256R1())
-            kid = key_id(key.public_key())
-            n = 200
+            server_ms, client_ms = _alone(feed, outputs)
+            print(
+                f"  alone, per receipt: server (digests + ES256 signature) {server_ms[0]:.3f} ms, "
+                f"after a {IDLE_MS} ms idle wait {server_ms[1]:.3f} ms; client (verification + "
+                f"digests) {client_ms[0]:.3f} ms, after the wait {client_ms[1]:.3f} ms"
+            )
+
+
+IDLE_MS = 5
+"""An idle wait before each step of `_alone`'s second measure: what a server thread sees
+after a model's run (and a client after waiting for the answer) while other processes
+used its core and evicted its caches."""
+
+
+def _alone(
+    feed: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median ms of each side's receipt work, back to back (hot caches) and each after an
+    idle wait of IDLE_MS (cold: the case of a real request)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    kid = key_id(key.public_key())
+    sign = functools.partial(es256_sign, key)
+
+    def server() -> dict[str, str]:
+        payload = {"inputs_digest": tensor_digest(feed), "outputs_digest": tensor_digest(outputs)}
+        return sign_receipt({"v": 1, **payload}, sign, kid)
+
+    jws = server()
+
+    def client() -> None:
+        parse_and_verify_jws(jws, key.public_key())
+        tensor_digest(feed)
+        tensor_digest(outputs)
+
+    results = []
+    for step in (server, client):
+        hot, cold = [], []
+        for _ in range(100):
             start = time.perf_counter()
-            for _ in range(n):
-                sign_receipt(
-                    {
-                        "inputs_digest": tensor_digest(feed),
-                        "outputs_digest": tensor_digest(outputs),
-                    },
-                    functools.partial(es256_sign, key),
-                    kid,
-                )
-            server_side = (time.perf_counter() - start) / n * 1000
-            print(f"  server-side digests + ES256 signature alone: {server_side:.3f} ms")
+            step()
+            hot.append(time.perf_counter() - start)
+        for _ in range(100):
+            time.sleep(IDLE_MS / 1000)
+            start = time.perf_counter()
+            step()
+            cold.append(time.perf_counter() - start)
+        results.append((_median_ms(hot), _median_ms(cold)))
+    return results[0], results[1]
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
-import hashlib
 import hmac
 import json
 from collections.abc import Mapping, Sequence
@@ -44,6 +43,7 @@ from blindinfer.protocol.evidence import (
 )
 from blindinfer.protocol.receipts import (
     GENERATION_KIND,
+    evidence_digest,
     measurement_of,
     parse_and_verify_jws,
     prompt_digest,
@@ -131,7 +131,7 @@ def check_receipt(
         )
     if not isinstance(payload.get("time"), int) or not isinstance(payload.get("model"), dict):
         raise ProtocolError("invalid_receipt", "the receipt has no time or no model")
-    _same(payload, "evidence_digest", hashlib.sha256(boot_evidence.quote).hexdigest())
+    _same(payload, "evidence_digest", evidence_digest(boot_evidence.quote))
     _same(payload, "measurement", measurement_of(boot_evidence.kind, boot_evidence.quote))
     if inputs is not None:
         _same(payload, "inputs_digest", tensor_digest(inputs))

@@ -53,6 +53,7 @@ party recomputes from a saved transcript with hashlib and json alone:
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import hashlib
 import hmac
@@ -228,8 +229,23 @@ def measurement_of(kind: str, quote: bytes) -> str:
     return "sha256:" + hashlib.sha256(quote).hexdigest()
 
 
+@functools.lru_cache(maxsize=16)
+def evidence_digest(quote: bytes) -> str:
+    """A receipt's `evidence_digest`: the hex SHA-256 of the boot evidence's quote. Cached
+    like `measurement_of`: every receipt names the same quote."""
+    return hashlib.sha256(quote).hexdigest()
+
+
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    """base64url without padding; `binascii` directly (what `base64.urlsafe_b64encode`
+    calls through two Python layers: on a receipt's path after an idle wait, every layer
+    is a cache miss; docs/performance.md, "Receipts on MiniLM")."""
+    return (
+        binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode("ascii")
+    )
 
 
 _B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
@@ -338,8 +354,18 @@ def _unb64(text: str, what: str) -> bytes:
     return raw
 
 
+_CANONICAL: Final = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+"""`json.dumps(d, separators=(",", ":"), sort_keys=True)`, without a new encoder per call."""
+
+
 def _canonical_json(document: Mapping[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return _CANONICAL.encode(document).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=16)
+def _protected(kid: str) -> str:
+    """The protected header segment: the same for every receipt of a key."""
+    return _b64(_canonical_json({"alg": ALGORITHM, "typ": RECEIPT_TYPE, "kid": kid}))
 
 
 def sign_receipt(payload: Mapping[str, Any], sign: Signer, kid: str) -> dict[str, str]:
@@ -349,7 +375,7 @@ def sign_receipt(payload: Mapping[str, Any], sign: Signer, kid: str) -> dict[str
     private key, and the TLS key never leaves `TlsIdentity` (only its `sign`, which is
     `es256_sign`, does); and header and payload must be the documented bytes (sorted keys),
     which joserfc does not sort."""
-    header = _b64(_canonical_json({"alg": ALGORITHM, "typ": RECEIPT_TYPE, "kid": kid}))
+    header = _protected(kid)
     body = _b64(_canonical_json(payload))
     signature = sign(f"{header}.{body}".encode("ascii"))
     return {"protected": header, "payload": body, "signature": _b64(signature)}
@@ -371,7 +397,7 @@ def parse_and_verify_jws(jws: object, public_key: ec.EllipticCurvePublicKey) -> 
     protected = _text(jws, "protected", "protected header")
     body = _text(jws, "payload", "payload")
     signature = _text(jws, "signature", "signature")
-    header = _json_object(_unb64(protected, "protected header"), "protected header")
+    header = _header(protected)
     _check_alphabet(body, "payload")  # joserfc decodes it, as strictly as _unb64
     if header.get("alg") != ALGORITHM or header.get("typ") != RECEIPT_TYPE:
         raise ProtocolError("invalid_receipt", f"the receipt is not an {ALGORITHM} receipt")
@@ -413,6 +439,13 @@ def parse_and_verify_jws(jws: object, public_key: ec.EllipticCurvePublicKey) -> 
     if payload.get("v") != RECEIPT_VERSION:
         raise ProtocolError("invalid_receipt", "unknown receipt version")
     return payload
+
+
+@functools.lru_cache(maxsize=16)
+def _header(protected: str) -> Mapping[str, Any]:
+    """The decoded protected header (read-only: cached, shared). Every receipt of a key
+    has the same one; only a header that decodes is cached, the checks run on each use."""
+    return _json_object(_unb64(protected, "protected header"), "protected header")
 
 
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import threading
@@ -15,7 +14,12 @@ from starlette.requests import Request
 
 from blindinfer.protocol.evidence import NONCE_SIZE, EvidenceDocument
 from blindinfer.protocol.limits import TensorLimits
-from blindinfer.protocol.receipts import RECEIPT_VERSION, measurement_of, sign_receipt
+from blindinfer.protocol.receipts import (
+    RECEIPT_VERSION,
+    evidence_digest,
+    measurement_of,
+    sign_receipt,
+)
 from blindinfer.server.audit import AuditLog, AuditLogError
 from blindinfer.server.auth import Action, Authenticator, Principal, authorize, visible_to
 from blindinfer.server.config import ServerConfig
@@ -76,7 +80,7 @@ class ServerState:
             "time": int(time.time()),
             "model": {"sha256": record.sha256, "model_id": record.model_id},
             "measurement": measurement_of(boot.kind, boot.quote),
-            "evidence_digest": hashlib.sha256(boot.quote).hexdigest(),
+            "evidence_digest": evidence_digest(boot.quote),
             **fields,
         }
         return sign_receipt(payload, self.identity.sign, self.identity.key_id)
