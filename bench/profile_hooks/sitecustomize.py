@@ -89,6 +89,11 @@ def install() -> None:
     _around(workers, "_send", "pipe_send")
     _around(workers, "_recv_header", "pipe_recv_header")
     _around(workers, "_recv_tensors", "pipe_recv_tensors")
+    from blindinfer.runtime import worker_io
+
+    if hasattr(worker_io, "WorkerReader"):  # the worker's own reads (since 2026-12-07)
+        _around(worker_io.WorkerReader, "header", "pipe_recv_header")
+        _around(worker_io.WorkerReader, "tensors", "pipe_recv_tensors")
     # worker: onnxruntime itself
     _around(onnxruntime.InferenceSession, "run", "w.ort_run")
 

@@ -120,8 +120,12 @@ def test_endless_run_is_killed_without_blocking_the_loop(pool: WorkerPool) -> No
 
 
 def test_cancelled_caller_leaves_the_pipe_in_step(pool: WorkerPool) -> None:
+    # ~50 ms of work: the reply is still to come when the caller goes (a small model's
+    # reply may already be read within the send, and the caller then never waits)
+    pool.load("short", hostile.slow_model(iterations=50))
+
     async def cancel_then_run() -> dict[str, np.ndarray]:
-        task = asyncio.ensure_future(pool.run_async("mlp", {"x": MLP_X}))
+        task = asyncio.ensure_future(pool.run_async("short", {"x": SLOW_X}))
         await asyncio.sleep(0)  # the command is written, the reply not yet read
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

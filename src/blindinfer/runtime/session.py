@@ -108,14 +108,20 @@ class ModelSession:
             inputs=tuple(_spec(arg) for arg in self._session.get_inputs()),
             outputs=tuple(_spec(arg) for arg in self._session.get_outputs()),
         )
+        # Read on every run: built once (a run of a small model is a few microseconds, and
+        # rebuilding these was a sizeable part of the worker's own time; docs/performance.md,
+        # "Session 2026-12-07: fixed cost").
+        self._input_names = frozenset(spec.name for spec in self.signature.inputs)
+        self._output_names = self.signature.output_names
+        self._known_outputs = frozenset(self._output_names)
 
     def run(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Runs the model after checking names, dtypes and shapes against the signature."""
         self._check_inputs(inputs)
-        names = list(outputs) if outputs else list(self.signature.output_names)
-        unknown = [n for n in names if n not in self.signature.output_names]
+        names = list(outputs) if outputs else list(self._output_names)
+        unknown = [n for n in names if n not in self._known_outputs]
         if unknown:
             raise InvalidTensorError(
                 "unknown_output",
@@ -132,10 +138,10 @@ class ModelSession:
         return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
 
     def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
-        expected = {spec.name for spec in self.signature.inputs}
-        missing = sorted(expected - inputs.keys())
-        extra = sorted(inputs.keys() - expected)
-        if missing or extra:
+        expected = self._input_names
+        if inputs.keys() != expected:  # the names, as a set: one comparison when they match
+            missing = sorted(expected - inputs.keys())
+            extra = sorted(inputs.keys() - expected)
             raise InvalidTensorError(
                 "wrong_inputs",
                 f"the model takes inputs {sorted(expected)}; missing {missing}, unexpected {extra}",

@@ -55,6 +55,7 @@ import multiprocessing
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import struct
@@ -413,6 +414,15 @@ def _worker_main(
     sessions: dict[str, ModelSession] = {}
     mux = GenerationMux(lambda frame: _send(conn, frame, {}))
     conn.send_bytes(json.dumps({"ok": True, "pid": os.getpid()}).encode())
+    # Idle, the worker waits in poll() for a readable pipe, not in a blocking read: a
+    # reader asleep in recv() on a Unix socket is also woken (for nothing) each time the
+    # server reads the worker's last reply (unix_write_space wakes every sleeper on that
+    # socket), which cost a context switch per request; poll() only wakes for POLLIN.
+    readable = select.poll()
+    readable.register(conn.fileno(), select.POLLIN)
+    # The worker's own reads go straight to the socket (runtime/worker_io.WorkerReader):
+    # the same frames as Connection.recv_bytes, without its BytesIO per frame.
+    reader = worker_io.WorkerReader(conn.fileno())
     while True:
         # While generations run, the pipe is read between two steps: a new request joins
         # the batch, a cancel stops its generation before the next step.
@@ -425,8 +435,9 @@ def _worker_main(
                 if reply.get("recycle"):
                     return
             continue
+        readable.poll()
         try:
-            header = _recv_header(conn)
+            header = reader.header(_MAX_HEADER_BYTES)
         except EOFError:
             return
         try:
@@ -443,7 +454,7 @@ def _worker_main(
                 # A failure while frames are still unread leaves the pipe out of step:
                 # the server replaces this worker then.
                 try:
-                    inputs = _recv_tensors(conn, header, memory_limit, None)
+                    inputs = reader.tensors(_tensor_specs(header, memory_limit))
                 except BaseException as exc:
                     reply = _error_reply(exc) | {"recycle": True}
                 else:
@@ -1260,8 +1271,83 @@ class WorkerPool:
                 worker, executor, self._run_queued, worker, model_key, arrays, wanted, encoding
             )
             return await _awaited(asyncio.wrap_future(queued))
-        command = worker_io.frames(header, arrays)
-        return await _awaited(asyncio.ensure_future(self._run_on_loop(worker, command)))
+        return await self._start_on_loop(worker, worker_io.frames(header, arrays))
+
+    def _start_on_loop(self, worker: _Worker, command: bytes) -> asyncio.Future[dict[str, Array]]:
+        """The exchange of `_call` on the loop, holding the gate `run_async` took, without
+        a task in the common case: the command is sent at once, and a reply that is whole
+        in the read-ahead buffer (a small, successful run) is checked and delivered at once
+        or from the readiness callback. Anything else (a partial or large reply, a failure, a
+        deadline, unloads waiting for the gate) goes on in `_run_on_loop`, a task, exactly
+        as before. The caller awaits the returned future: cancelling it stops the wait,
+        never the exchange (a task, a shield and their loop turns cost ~11 us per request:
+        docs/performance.md, "Session 2026-12-07: fixed cost")."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[dict[str, Array]] = loop.create_future()
+        started = time.monotonic()
+        exchange: worker_io.Exchange | None = None
+
+        def finish_in_task(
+            rest: bytes | memoryview, parsed: tuple[dict[str, Any], dict[str, Array]] | None
+        ) -> None:
+            task = asyncio.ensure_future(self._run_on_loop(worker, exchange, started, rest, parsed))
+            task.add_done_callback(functools.partial(_deliver, done))
+
+        try:
+            exchange = self._new_exchange(worker, started)
+        except OSError:  # the task tries again and answers as before (its worker replaced)
+            finish_in_task(command, None)
+            return done
+        try:
+            rest = exchange.send_now(command)
+        except OSError:
+            rest = memoryview(b"")  # it exited while we wrote: a reply it left is still read
+        if rest:
+            finish_in_task(rest, None)
+            return done
+
+        def ready(readable: bool) -> None:
+            parsed = (
+                exchange.reply_now(_MAX_HEADER_BYTES, self._max_reply_bytes, _tensor_specs)
+                if readable
+                else None
+            )
+            finish(parsed)
+
+        def finish(parsed: tuple[dict[str, Any], dict[str, Array]] | None) -> None:
+            if parsed is None or not parsed[0].get("ok"):
+                finish_in_task(b"", parsed)
+                return
+            try:
+                exchange.close()
+            except OSError:  # (never seen) the task closes it again and answers the error
+                finish_in_task(b"", parsed)
+                return
+            worker.service_s = 0.8 * worker.service_s + 0.2 * (time.monotonic() - started)
+            with self._lock:
+                if worker.drops:  # unloads wait for the gate: they are sent from a thread
+                    finish_in_task(b"", parsed)
+                    return
+                worker.pending -= 1
+                worker.gate.release()
+            if not done.done():  # a caller that went away stopped waiting
+                done.set_result(parsed[1])
+
+        # The worker, woken by the command, often runs at once on this core and has
+        # answered before `send` returns: then no watcher, timer or loop turn at all.
+        parsed = exchange.reply_now(_MAX_HEADER_BYTES, self._max_reply_bytes, _tensor_specs)
+        if parsed is not None:
+            finish(parsed)
+            return done
+        try:
+            exchange.when_readable(ready)
+        except Exception:  # (never seen) the task's own wait meets it, as before
+            finish_in_task(b"", None)
+        return done
+
+    def _new_exchange(self, worker: _Worker, started: float) -> worker_io.Exchange:
+        assert worker.conn is not None
+        return worker_io.Exchange(worker.conn.fileno(), started + self._timeout_s)
 
     def _idle(self, worker: _Worker, model_key: str) -> bool:
         """Whether a run of `model_key` needs nothing but the exchange itself: no unload,
@@ -1276,14 +1362,26 @@ class WorkerPool:
             and worker.process.is_alive()
         )
 
-    async def _run_on_loop(self, worker: _Worker, command: bytes) -> dict[str, Array]:
-        """The exchange of `_call`, on the loop, holding the gate `run_async` took; the
-        same replacements and errors. Whatever blocks (killing and starting a worker,
+    async def _run_on_loop(
+        self,
+        worker: _Worker,
+        exchange: worker_io.Exchange | None,
+        started: float,
+        rest: bytes | memoryview,
+        parsed: tuple[dict[str, Any], dict[str, Array]] | None,
+    ) -> dict[str, Array]:
+        """The rest of `_start_on_loop`'s exchange, in a task: sends `rest` of the command,
+        reads and checks the reply (unless `parsed` already holds it), with the same
+        replacements and errors as `_call`. Whatever blocks (killing and starting a worker,
         unloads) is done on a thread, the gate still held."""
-        started = time.monotonic()
         try:
             try:
-                reply, results = await self._exchange(worker, command, started)
+                if exchange is None:
+                    exchange = self._new_exchange(worker, started)
+                if parsed is None:
+                    parsed = await self._exchange(exchange, rest)
+                else:
+                    exchange.close()
             except TimeoutError as exc:
                 await asyncio.to_thread(self._replace, worker)
                 raise InferenceTimeoutError(
@@ -1299,6 +1397,7 @@ class WorkerPool:
                 raise WorkerCrashedError(
                     "the worker sent a malformed reply; it was replaced"
                 ) from exc
+            reply, results = parsed
             if not reply.get("ok"):
                 raise await asyncio.to_thread(self._failure, worker, reply)
             worker.service_s = 0.8 * worker.service_s + 0.2 * (time.monotonic() - started)
@@ -1307,15 +1406,13 @@ class WorkerPool:
             await self._leave_from_loop(worker)
 
     async def _exchange(
-        self, worker: _Worker, command: bytes, started: float
+        self, exchange: worker_io.Exchange, rest: bytes | memoryview
     ) -> tuple[dict[str, Any], dict[str, Array]]:
-        """Writes the command, reads the reply and its tensors (checked as on the thread
-        path, by `_tensor_specs`), within `timeout_s`."""
-        assert worker.conn is not None
-        exchange = worker_io.Exchange(worker.conn.fileno(), started + self._timeout_s)
+        """Writes the rest of the command, reads the reply and its tensors (checked as on
+        the thread path, by `_tensor_specs`), within the exchange's deadline."""
         try:
             try:
-                await exchange.send(command)
+                await exchange.send(rest)
             except TimeoutError:
                 raise
             except OSError:
@@ -1972,6 +2069,22 @@ class WorkerPool:
             raise _TimedOut
         if worker.conn not in ready and not worker.conn.poll(0):
             raise _Died
+
+
+def _deliver(done: asyncio.Future[_T], task: asyncio.Future[_T]) -> None:
+    """Hands `task`'s outcome to `done`, unless its caller stopped waiting; either way the
+    outcome is collected, so no 'exception never retrieved' is logged."""
+    if task.cancelled():
+        if not done.done():
+            done.cancel()
+        return
+    exc = task.exception()
+    if done.done():
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(task.result())
 
 
 async def _awaited(future: asyncio.Future[_T]) -> _T:
