@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import ssl
 import time
@@ -364,3 +365,19 @@ def test_the_client_hears_too_large_long_before_its_upload_is_sent(served: Serve
 
 def _mlp() -> bytes:
     return zoo.model_bytes(zoo.mlp_model())
+
+
+def test_a_stopping_server_does_not_wait_for_idle_keep_alive_clients() -> None:
+    """SIGTERM with a client's pooled connection idle: the server closes it and exits. The
+    TLS close used to wait for that client's close_notify, which a pool never sends, for
+    --header-timeout-s (here 120 s: far beyond the bound below)."""
+    with (
+        start_server(["--simulation", "--header-timeout-s", "120"]) as server,
+        httpx.Client(base_url=server.url, verify=False) as idle,
+    ):
+        assert idle.get("/v2/health/live").status_code == 200
+        server.process.terminate()
+        # uvicorn re-raises the signal it handled once its graceful shutdown is done
+        assert server.process.wait(timeout=60) == -signal.SIGTERM
+        with pytest.raises(httpx.TransportError):  # its connection was closed, not left
+            idle.get("/v2/health/live")

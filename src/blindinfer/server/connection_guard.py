@@ -376,6 +376,19 @@ def guard_connections(
                 self._g_phase = _IDLE
                 guard.idle(self)
 
+        def shutdown(self) -> None:
+            """The server is stopping. An idle connection is closed at once: the TLS close
+            would wait up to --header-timeout-s for the client's close_notify, which an idle
+            keep-alive client (a pool between requests) never sends, so a stopped server sat
+            out that wait for every such client. The raw socket is closed after what the
+            TLS layer queued (its close_notify), so the client sees an orderly end."""
+            cycle = getattr(self, "cycle", None)
+            idle = cycle is None or cycle.response_complete
+            super().shutdown()
+            raw = self._g_raw
+            if idle and raw is not None and not raw.is_closing():
+                raw.close()
+
     GuardedConnection.__qualname__ = GuardedConnection.__name__ = (
         f"Guarded{protocol_class.__name__}"
     )
