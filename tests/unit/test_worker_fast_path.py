@@ -25,26 +25,16 @@ import numpy as np
 import pytest
 import uvloop
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from blindinfer.runtime import worker_io
 from blindinfer.runtime.errors import InvalidTensorError
 from blindinfer.runtime.workers import WorkerPool, _tensor_specs
 from support import hostile_models as hostile
 from support.onnx_models import mlp_model, model_bytes
+from support.worker_replies import any_reply_bytes, frame, reply
 
 MLP = model_bytes(mlp_model())
 MLP_X = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
-
-
-def _frame(data: bytes) -> bytes:
-    return struct.pack("!i", len(data)) + data
-
-
-def _reply(tensors: Any, *frames: bytes, ok: bool = True) -> bytes:
-    return _frame(json.dumps({"ok": ok, "tensors": tensors}).encode()) + b"".join(
-        _frame(f) for f in frames
-    )
 
 
 def _outcome(raw: bytes, fast: bool) -> tuple[str, Any]:
@@ -86,7 +76,7 @@ def _same(a: tuple[str, Any], b: tuple[str, Any]) -> None:
 def test_small_reply_is_read_by_the_fast_path_exactly() -> None:
     y = np.arange(6, dtype=np.float32).reshape(2, 3)
     empty = np.zeros((0, 4), dtype=np.float16)
-    raw = _reply([["y", "<f4", [2, 3]], ["e", "<f2", [0, 4]]], y.tobytes(), b"")
+    raw = reply([["y", "<f4", [2, 3]], ["e", "<f2", [0, 4]]], y.tobytes(), b"")
     kind, (header, results) = _outcome(raw, fast=True)
     assert kind == "fast"
     assert header["ok"] is True
@@ -99,18 +89,18 @@ def test_small_reply_is_read_by_the_fast_path_exactly() -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        _reply([["y", "|O", [1]]], b"\0" * 8),  # refused dtype
-        _reply([["y", "<f4", [4]]], b"\0" * 8),  # frame of the wrong size
-        _reply([["y", "<i8", [1]]], b"\0" * 8) + b"\0\0\0\1x",  # bytes after the reply
-        _reply([["y", "|u1", [40000]]], b"\1" * 40000),  # larger than the read-ahead
-        _reply([], ok=False),  # a failure: handled by the task, as before
+        reply([["y", "|O", [1]]], b"\0" * 8),  # refused dtype
+        reply([["y", "<f4", [4]]], b"\0" * 8),  # frame of the wrong size
+        reply([["y", "<i8", [1]]], b"\0" * 8) + b"\0\0\0\1x",  # bytes after the reply
+        reply([["y", "|u1", [40000]]], b"\1" * 40000),  # larger than the read-ahead
+        reply([], ok=False),  # a failure: handled by the task, as before
         struct.pack("!i", 1 << 21),  # an oversized header frame
         b"",  # the worker is gone
     ],
 )
-def test_anything_but_a_whole_small_reply_is_left_to_reply(raw: bytes) -> None:
+def test_anything_but_a_whole_small_reply_is_left_toreply(raw: bytes) -> None:
     fast = _outcome(raw, fast=True)
-    if raw.startswith(_frame(json.dumps({"ok": False, "tensors": []}).encode())):
+    if raw.startswith(frame(json.dumps({"ok": False, "tensors": []}).encode())):
         assert fast[0] == "fast"  # read whole; the pool hands a failure to the task
     else:
         assert fast[0] != "fast"
@@ -118,27 +108,7 @@ def test_anything_but_a_whole_small_reply_is_left_to_reply(raw: bytes) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    raw=st.one_of(
-        st.binary(max_size=512),
-        st.builds(
-            lambda tensors, frames, tail: _reply(tensors, *frames) + tail,
-            st.lists(
-                st.lists(
-                    st.one_of(
-                        st.sampled_from(["y", "<f4", "|u1", "|O", "<i8", 3, -1, None]),
-                        st.lists(st.integers(-2, 1 << 62), max_size=3),
-                    ),
-                    min_size=2,
-                    max_size=4,
-                ),
-                max_size=3,
-            ),
-            st.lists(st.binary(max_size=64), max_size=3),
-            st.binary(max_size=8),
-        ),
-    )
-)
+@given(raw=any_reply_bytes)
 def test_fast_path_gives_what_reply_gives_for_any_bytes(raw: bytes) -> None:
     _same(_outcome(raw, fast=True), _outcome(raw, fast=False))
 

@@ -31,13 +31,13 @@ import numpy as np
 import pytest
 import uvloop
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from blindinfer.runtime import worker_io
 from blindinfer.runtime.errors import InferenceTimeoutError
 from blindinfer.runtime.workers import WorkerPool, _tensor_specs
 from support import hostile_models as hostile
 from support.onnx_models import mlp_model, model_bytes
+from support.worker_replies import any_reply_bytes, frame, reply
 
 MLP = model_bytes(mlp_model())
 MLP_X = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
@@ -153,11 +153,7 @@ def test_idle_worker_that_died_is_replaced_first(pool: WorkerPool) -> None:
 # -- the reply, as a hostile worker could write it ---------------------------------------------
 
 
-def _frame(data: bytes) -> bytes:
-    return struct.pack("!i", len(data)) + data
-
-
-async def _read_reply(raw: bytes, max_bytes: int) -> dict[str, np.ndarray]:
+async def _readreply(raw: bytes, max_bytes: int) -> dict[str, np.ndarray]:
     """`WorkerPool._exchange`'s reading of a reply, fed from a socket the test writes."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
@@ -171,16 +167,10 @@ async def _read_reply(raw: bytes, max_bytes: int) -> dict[str, np.ndarray]:
             exchange.close()
 
 
-def _reply(tensors: list[list[Any]], *frames: bytes) -> bytes:
-    return _frame(json.dumps({"ok": True, "tensors": tensors}).encode()) + b"".join(
-        _frame(f) for f in frames
-    )
-
-
 def test_reply_is_read_exactly() -> None:
     y = np.arange(6, dtype=np.float32).reshape(2, 3)
-    raw = _reply([["y", y.dtype.str, [2, 3]]], y.tobytes())
-    outputs = on_uvloop(_read_reply(raw, 1 << 20))
+    raw = reply([["y", y.dtype.str, [2, 3]]], y.tobytes())
+    outputs = on_uvloop(_readreply(raw, 1 << 20))
     np.testing.assert_array_equal(outputs["y"], y)
 
 
@@ -195,58 +185,38 @@ def test_reply_is_read_exactly() -> None:
     ],
 )
 def test_hostile_reply_is_refused(tensors: Any, frames: list[bytes], refusal: str) -> None:
-    raw = _reply(tensors, *frames)
+    raw = reply(tensors, *frames)
     with pytest.raises(ValueError, match=refusal):
-        on_uvloop(_read_reply(raw, 1 << 20))
+        on_uvloop(_readreply(raw, 1 << 20))
 
 
 def test_oversized_header_frame_is_refused() -> None:
     raw = struct.pack("!i", (1 << 20) + 1)
     with pytest.raises(ValueError, match="unexpected size"):
-        on_uvloop(_read_reply(raw, 1 << 20))
+        on_uvloop(_readreply(raw, 1 << 20))
 
 
 def test_closed_worker_socket_is_worker_gone() -> None:
     with pytest.raises(worker_io.WorkerGone):
-        on_uvloop(_read_reply(b"", 1 << 20))
+        on_uvloop(_readreply(b"", 1 << 20))
 
 
 def test_bytes_after_the_reply_are_refused() -> None:
     # read ahead with the reply: the worker sent something unasked, the pipe is out of step
     y = np.arange(3, dtype=np.int64)
-    raw = _reply([["y", y.dtype.str, [3]]], y.tobytes()) + b"\0\0\0\1x"
+    raw = reply([["y", y.dtype.str, [3]]], y.tobytes()) + b"\0\0\0\1x"
     with pytest.raises(ValueError, match="bytes after the reply"):
-        on_uvloop(_read_reply(raw, 1 << 20))
+        on_uvloop(_readreply(raw, 1 << 20))
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    raw=st.one_of(
-        st.binary(max_size=512),
-        st.builds(
-            lambda tensors, frames, tail: _reply(tensors, *frames) + tail,
-            st.lists(
-                st.lists(
-                    st.one_of(
-                        st.sampled_from(["y", "<f4", "|u1", "|O", "<i8", 3, -1, None]),
-                        st.lists(st.integers(-2, 1 << 62), max_size=3),
-                    ),
-                    min_size=2,
-                    max_size=4,
-                ),
-                max_size=3,
-            ),
-            st.lists(st.binary(max_size=64), max_size=3),
-            st.binary(max_size=8),
-        ),
-    )
-)
+@given(raw=any_reply_bytes)
 def test_any_worker_bytes_give_the_existing_errors(raw: bytes) -> None:
     # Whatever a hostile worker writes: a result, or ValueError / WorkerGone (replacing
     # it), never another exception, and never an allocation beyond the limits.
     tracemalloc.start()
     try:
-        on_uvloop(_read_reply(raw, 1 << 16))
+        on_uvloop(_readreply(raw, 1 << 16))
     except (ValueError, worker_io.WorkerGone):
         pass
     finally:
@@ -264,7 +234,7 @@ def test_written_frames_read_back_exactly(sizes: list[int]) -> None:
     tensors = {f"t{i}": rng.integers(0, 255, n, dtype=np.uint8) for i, n in enumerate(sizes)}
     header = {"ok": True, "tensors": [[k, "|u1", [len(v)]] for k, v in tensors.items()]}
     parts = [json.dumps(header).encode(), *(memoryview(v.data) for v in tensors.values())]
-    expected = b"".join(_frame(bytes(part)) for part in parts)
+    expected = b"".join(frame(bytes(part)) for part in parts)
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
