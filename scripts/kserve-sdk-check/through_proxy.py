@@ -22,12 +22,10 @@ import tritonclient.grpc as triton
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests")]
 
-import blindinfer  # noqa: E402
 from blindinfer.proxy.forward import ProxyConfig, RunningProxy  # noqa: E402
 from blindinfer.server.config import ServerConfig  # noqa: E402
-from blindinfer.server.platforms import simulated_mrenclave  # noqa: E402
 from blindinfer.server.process import start_server  # noqa: E402
-from blindinfer.tee.simulation.platform import SIMULATION_MRSIGNER  # noqa: E402
+from e2e.conftest import policy_for  # noqa: E402
 from support import onnx_models as zoo  # noqa: E402
 
 MODEL_NAME = "kserve-sdk-check"
@@ -37,19 +35,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def simulation_policy() -> blindinfer.Policy:
-    """What a user pins after `blindinfer measure` for a default simulated server."""
-    config = ServerConfig(simulation=True)
-    return blindinfer.Policy(
-        sgx=blindinfer.SgxPolicy(
-            mrenclave=(simulated_mrenclave(config),),
-            mrsigner=(SIMULATION_MRSIGNER,),
-            isvprodid=(config.isvprodid,),
-            min_isvsvn=config.isvsvn,
-        )
-    )
 
 
 def main(kserve_python: str) -> int:
@@ -62,7 +47,7 @@ def main(kserve_python: str) -> int:
     with start_server(["--simulation", "--grpc-port", str(free_port())]) as server:
         config = ProxyConfig(
             upstream=server.url,
-            policy=simulation_policy(),
+            policy=policy_for(ServerConfig(simulation=True)),
             simulation=True,
             grpc_listen=("127.0.0.1", 0),
         )
