@@ -30,9 +30,8 @@ from blindinfer.attestation.report import VerifiedAttestation
 from blindinfer.client.attested_keys import (
     DEFAULT_MAX_AGE_SECONDS,
     AttestedKey,
-    check_replicas,
 )
-from blindinfer.client.client import attest_unwarned, replica_set_gate
+from blindinfer.client.client import attest_unwarned, plan_connect
 from blindinfer.client.common import (
     INDEX_CALL,
     Call,
@@ -48,7 +47,6 @@ from blindinfer.client.common import (
     metadata_call,
     model_list,
     needs_input_names,
-    policy_of,
     request_errors,
     share_call,
     upload_call,
@@ -56,14 +54,12 @@ from blindinfer.client.common import (
 from blindinfer.client.grpc_pin import announced_port
 from blindinfer.client.grpc_transport import (
     GrpcTransport,
-    check_options,
     open_channel,
 )
 from blindinfer.client.models import ModelInfo, ModelMetadata
 from blindinfer.client.openai_sdk import openai_client
 from blindinfer.client.replica_gate import KeyGate, attest_first
 from blindinfer.client.retry import DEFAULT_RETRY, RetryPolicy
-from blindinfer.client.simulation import simulation_flag, warn_simulation
 from blindinfer.client.tensors import to_arrays
 from blindinfer.client.transport import check_url
 from blindinfer.protocol.limits import TensorLimits
@@ -125,23 +121,20 @@ async def _connect(
     transport: str = "https",
     grpc_port: int | None = None,
 ) -> AsyncClient:
-    allow_simulation = simulation_flag(simulation)
-    base = check_url(url)
-    loaded = policy_of(policy)
-    check_replicas(replicas)
-    check_options(transport, grpc_port, replicas)
-    if allow_simulation:
-        warn_simulation(stacklevel=stacklevel)
-    if replicas > 1:
-        gate = replica_set_gate(
-            base,
-            loaded,
-            simulation,
-            collateral_url,
-            allow_insecure_http,
-            replicas=replicas,
-            max_attestation_age=max_attestation_age,
-        )
+    plan = plan_connect(
+        url,
+        policy,
+        simulation,
+        collateral_url,
+        allow_insecure_http,
+        replicas=replicas,
+        max_attestation_age=max_attestation_age,
+        transport=transport,
+        grpc_port=grpc_port,
+        stacklevel=stacklevel,
+    )
+    base, loaded, gate = plan.url, plan.policy, plan.gate
+    if gate is not None:
         first = await asyncio.to_thread(attest_first, gate, timeout)
         return AsyncClient(
             base,

@@ -166,6 +166,53 @@ def replica_set_gate(
     return KeyGate(url, keys, verify)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectPlan:
+    """`connect`'s and `connect_async`'s arguments, checked: the URL, the loaded policy,
+    and with `replicas` > 1 the gate every connection passes (None: one pinned key)."""
+
+    url: str
+    policy: Policy
+    gate: KeyGate | None
+
+
+def plan_connect(
+    url: str,
+    policy: Policy | str | Path | dict[str, Any],
+    simulation: bool,
+    collateral_url: str | None,
+    allow_insecure_http: bool,
+    *,
+    replicas: int,
+    max_attestation_age: float,
+    transport: str,
+    grpc_port: int | None,
+    stacklevel: int,
+) -> ConnectPlan:
+    """The checks both `connect`s make before any byte is sent, in one order: the
+    simulation flag (a bool, warned about at the caller's `stacklevel`), the URL, the
+    policy, the replica and transport options; then the replica gate, if any."""
+    allow_simulation = simulation_flag(simulation)
+    base = check_url(url)
+    loaded = policy_of(policy)
+    check_replicas(replicas)
+    check_options(transport, grpc_port, replicas)
+    if allow_simulation:
+        warn_simulation(stacklevel=stacklevel + 1)
+    gate = None
+    if replicas > 1:
+        gate = replica_set_gate(
+            base,
+            loaded,
+            simulation,
+            collateral_url,
+            allow_insecure_http,
+            replicas=replicas,
+            max_attestation_age=max_attestation_age,
+        )
+    return ConnectPlan(base, loaded, gate)
+
+
 def verified_boot_evidence(
     body: bytes, certificate_der: bytes, *, simulation: bool
 ) -> EvidenceDocument:
@@ -302,23 +349,20 @@ def connect(
     `PolicyError` for a malformed policy, `ConnectionFailedError` when the server cannot be
     reached, an `AttestationError` when it cannot be trusted.
     """
-    allow_simulation = simulation_flag(simulation)
-    base = check_url(url)
-    loaded = policy_of(policy)
-    check_replicas(replicas)
-    check_options(transport, grpc_port, replicas)
-    if allow_simulation:
-        warn_simulation(stacklevel=2)
-    if replicas > 1:
-        gate = replica_set_gate(
-            base,
-            loaded,
-            simulation,
-            collateral_url,
-            allow_insecure_http,
-            replicas=replicas,
-            max_attestation_age=max_attestation_age,
-        )
+    plan = plan_connect(
+        url,
+        policy,
+        simulation,
+        collateral_url,
+        allow_insecure_http,
+        replicas=replicas,
+        max_attestation_age=max_attestation_age,
+        transport=transport,
+        grpc_port=grpc_port,
+        stacklevel=2,
+    )
+    base, loaded, gate = plan.url, plan.policy, plan.gate
+    if gate is not None:
         first = attest_first(gate, timeout)
         return Client(
             base,
